@@ -1,0 +1,3 @@
+from tckr.components.report.component import report
+
+__all__ = ["report"]

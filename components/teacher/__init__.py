@@ -1,0 +1,3 @@
+from tckr.components.teacher.component import teacher
+
+__all__ = ["teacher"]

@@ -1,0 +1,20 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from tckr.components import IMAGE
+
+
+@dsl.component(base_image=IMAGE)
+def teacher(config_json: str, seed: int, parent_run_id: str, tracking_uri: str, dataset: Input[Dataset],
+            model: Output[Model], metrics: Output[Metrics]):
+    """Train and register the teacher on the private train split (``tckr.stages.teacher_stage``)."""
+    from pathlib import Path
+
+    from tckr.config import parse_config
+    from tckr.stages import teacher_stage
+    from tckr.tracking import default_tracking_uri
+
+    values = teacher_stage(parse_config(config_json), seed, Path(dataset.path), Path(model.path),
+                           parent_run_id, tracking_uri or default_tracking_uri())
+    for name, value in values.items():
+        metrics.log_metric(name, value)

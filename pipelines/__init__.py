@@ -1,0 +1,1 @@
+"""KFP pipelines (installed as ``tckr.pipelines``); each compiles to the YAML committed beside it."""

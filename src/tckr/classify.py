@@ -1,0 +1,262 @@
+"""Classifier training (the TCKR recipe): used for the teacher, and later the student and shadows.
+
+Images are decoded and resized once per item on the CPU (``ImageSplit``, optionally with AugMix);
+random crop, flip and normalisation run batched on the training device (``BatchAugment``), MixUp
+via timm. The best epoch on the validation split is kept; the test split is only read at the end.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image as PILImage
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from tckr.config import ClassifierConfig
+from tckr.ingest import DatasetInfo
+from tckr.models import create_classifier
+
+
+class ImageSplit(Dataset):
+    """One split of a prepared dataset as uint8 ``[C, S, S]`` tensors at the pipeline resolution."""
+
+    def __init__(self, split, image_size: int, channels: int, augmix: bool = False) -> None:
+        self.images = split.cast_column("image", split.features["image"].__class__(decode=False))
+        self.labels = torch.as_tensor(np.asarray(split["label"]), dtype=torch.long)
+        self.image_size = image_size
+        self.mode = "L" if channels == 1 else "RGB"
+        self.augmix = None
+        if augmix:
+            from torchvision.transforms import v2
+
+            self.augmix = v2.AugMix()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        data = self.images[int(index)]["image"]["bytes"]
+        with PILImage.open(io.BytesIO(data)) as image:
+            image = image.convert(self.mode)
+            if image.size != (self.image_size, self.image_size):
+                image = _resize_center_crop(image, self.image_size)
+            array = np.asarray(image, dtype=np.uint8)
+        tensor = torch.from_numpy(array.copy()).reshape(array.shape[0], array.shape[1], -1).permute(2, 0, 1)
+        if self.augmix is not None:
+            tensor = self.augmix(tensor)
+        return tensor, self.labels[index]
+
+
+def _resize_center_crop(image: PILImage.Image, size: int) -> PILImage.Image:
+    """Bicubic resize of the short side to ``size``, then a centre crop (the reference's eval view)."""
+    width, height = image.size
+    scale = size / min(width, height)
+    resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))),
+                           PILImage.Resampling.BICUBIC)
+    left = (resized.width - size) // 2
+    top = (resized.height - size) // 2
+    return resized.crop((left, top, left + size, top + size))
+
+
+class BatchAugment(nn.Module):
+    """uint8 batch -> normalised float batch; random pad-crop and flip when ``train``."""
+
+    def __init__(self, mean: list[float], std: list[float], crop_padding: int = 0, hflip: bool = False):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255.0)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255.0)
+        self.crop_padding = crop_padding
+        self.hflip = hflip
+
+    def forward(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
+        x = (images.float() - self.mean) / self.std
+        if not train:
+            return x
+        batch, _, height, width = x.shape
+        if self.crop_padding:
+            pad = self.crop_padding
+            # Zero padding after normalisation = padding with the dataset mean, as in the reference.
+            padded = nn.functional.pad(x, (pad, pad, pad, pad))
+            rows = torch.randint(0, 2 * pad + 1, (batch, 1), device=x.device) + torch.arange(height, device=x.device)
+            cols = torch.randint(0, 2 * pad + 1, (batch, 1), device=x.device) + torch.arange(width, device=x.device)
+            index = torch.arange(batch, device=x.device)[:, None, None]
+            x = padded.permute(0, 2, 3, 1)[index, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+        if self.hflip:
+            flip = torch.rand(batch, 1, 1, 1, device=x.device) < 0.5
+            x = torch.where(flip, x.flip(-1), x)
+        return x.contiguous()
+
+
+@dataclass
+class TrainResult:
+    val_accuracy: float
+    test_accuracy: float
+    best_epoch: int
+    epochs_run: int
+    seconds: float
+    images_per_second: float
+    history: list[dict] = field(default_factory=list)
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("runtime.device is 'cuda' but no CUDA GPU is visible: run on a GPU node, or "
+                           "set runtime.device=auto (or cpu) for a CPU run")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, augment: BatchAugment, dataset: ImageSplit, batch_size: int,
+                   device: torch.device, desc: str = "eval") -> torch.Tensor:
+    """Logits for every item of ``dataset`` in order (float32, on the CPU)."""
+    model.eval()
+    outputs = []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    for images, _ in tqdm(loader, desc=desc, leave=False, unit="batch"):
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            outputs.append(model(augment(images.to(device, non_blocking=True))).float().cpu())
+    return torch.cat(outputs)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(1) == labels).float().mean())
+
+
+def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_size: int, out_dir: Path,
+                     device: torch.device, on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train on ``splits['train']``, select on ``splits['validation']``, test on ``splits['test']``.
+
+    Writes ``model.safetensors`` + ``model.json`` (best epoch) and ``checkpoint.pt`` (last epoch)
+    to ``out_dir``; an existing checkpoint of the same recipe is resumed, not restarted.
+    """
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model = create_classifier(cfg.model, info.num_classes, info.channels, cfg.pretrained).to(device)
+    augment = BatchAugment(info.mean, info.std, cfg.crop_padding, cfg.hflip).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    scaler = torch.amp.GradScaler(enabled=cfg.amp and device.type == "cuda")
+    mixup = (Mixup(mixup_alpha=cfg.mixup_alpha, label_smoothing=cfg.label_smoothing,
+                   num_classes=info.num_classes) if cfg.mixup_alpha > 0 else None)
+    criterion = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    train_set = ImageSplit(splits["train"], image_size, info.channels, augmix=cfg.augmix)
+    val_set = ImageSplit(splits["validation"], image_size, info.channels)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                        generator=generator, num_workers=cfg.num_workers,
+                        persistent_workers=cfg.num_workers > 0, pin_memory=device.type == "cuda")
+    if len(loader) == 0:
+        raise ValueError(f"{len(train_set)} training images make no full batch of {cfg.batch_size}")
+
+    recipe = cfg.model_dump_json() + f"|{image_size}|{info.fingerprint}"
+    checkpoint_path = out_dir / "checkpoint.pt"
+    state = {"epoch": 0, "best_val": -1.0, "best_epoch": 0, "history": []}
+    if checkpoint_path.exists():
+        saved = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        if saved["recipe"] == recipe:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            scaler.load_state_dict(saved["scaler"])
+            generator.set_state(saved["generator"])
+            torch.set_rng_state(saved["torch_rng"])
+            state = saved["state"]
+            tqdm.write(f"resuming {out_dir.name} after epoch {state['epoch']}/{cfg.epochs}")
+
+    started = time.perf_counter()
+    trained_images = 0
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        model.train()
+        epoch_start = time.perf_counter()
+        running_loss = 0.0
+        bar = tqdm(loader, desc=f"{out_dir.name} epoch {epoch}/{cfg.epochs}", unit="batch", leave=False)
+        for images, labels in bar:
+            images = augment(images.to(device, non_blocking=True), train=True)
+            labels = labels.to(device, non_blocking=True)
+            if mixup:
+                images, labels = mixup(images, labels)
+            with torch.autocast(device.type, enabled=scaler.is_enabled()):
+                loss = criterion(model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            running_loss += loss.item()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        scheduler.step()
+        trained_images += len(loader) * cfg.batch_size
+        val_logits = predict_logits(model, augment, val_set, cfg.eval_batch_size, device, "validate")
+        record = {"epoch": epoch, "train_loss": running_loss / len(loader),
+                  "val_accuracy": accuracy(val_logits, val_set.labels),
+                  "lr": optimizer.param_groups[0]["lr"],
+                  "epoch_seconds": time.perf_counter() - epoch_start}
+        state["history"].append(record)
+        state["epoch"] = epoch
+        if record["val_accuracy"] > state["best_val"]:
+            state["best_val"], state["best_epoch"] = record["val_accuracy"], epoch
+            _save_weights(model, out_dir, cfg, info, image_size)
+        _atomic_torch_save({"recipe": recipe, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                            "state": state}, checkpoint_path)
+        tqdm.write(f"{out_dir.name} epoch {epoch}/{cfg.epochs}: loss {record['train_loss']:.4f} "
+                   f"val_acc {record['val_accuracy']:.4f} ({record['epoch_seconds']:.1f}s)")
+        if on_epoch:
+            on_epoch(record)
+    seconds = time.perf_counter() - started
+
+    best = load_classifier(out_dir, device)
+    test_set = ImageSplit(splits["test"], image_size, info.channels)
+    test_logits = predict_logits(best, augment, test_set, cfg.eval_batch_size, device, "test")
+    return TrainResult(val_accuracy=state["best_val"], test_accuracy=accuracy(test_logits, test_set.labels),
+                       best_epoch=state["best_epoch"], epochs_run=state["epoch"], seconds=seconds,
+                       images_per_second=trained_images / seconds if seconds > 0 else math.nan,
+                       history=state["history"])
+
+
+def _atomic_torch_save(obj: dict, path: Path) -> None:
+    partial = path.with_suffix(".partial")
+    torch.save(obj, partial)
+    partial.replace(path)
+
+
+def _save_weights(model: nn.Module, out_dir: Path, cfg: ClassifierConfig, info: DatasetInfo,
+                  image_size: int) -> None:
+    """Adapter-free, framework-neutral weights plus what is needed to rebuild and feed the model."""
+    partial = out_dir / "model.safetensors.partial"
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(partial))
+    partial.replace(out_dir / "model.safetensors")
+    card = {"architecture": cfg.model, "num_classes": info.num_classes, "in_chans": info.channels,
+            "image_size": image_size, "mean": info.mean, "std": info.std, "classes": info.classes,
+            "dataset_fingerprint": info.fingerprint}
+    (out_dir / "model.json").write_text(json.dumps(card, indent=2) + "\n")
+
+
+def load_classifier(model_dir: Path, device: torch.device | str = "cpu") -> nn.Module:
+    """Rebuild a classifier saved by :func:`train_classifier` (eval mode)."""
+    card = json.loads((Path(model_dir) / "model.json").read_text())
+    model = create_classifier(card["architecture"], card["num_classes"], card["in_chans"])
+    model.load_state_dict(load_file(str(Path(model_dir) / "model.safetensors")))
+    return model.to(device).eval()
+
+
+def result_dict(result: TrainResult) -> dict:
+    return asdict(result)

@@ -1,0 +1,74 @@
+"""``tckr`` command line: run the pipeline locally, show the resolved config, compile pipelines."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tckr.config import ConfigError, available_profiles, load_config
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", default="demo",
+                        help=f"one of {', '.join(available_profiles())}, or a .yaml path (default: demo)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, e.g. --set teacher.epochs=3 (repeatable)")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from tckr.report import render_table, results_table
+    from tckr.runner import run_local
+
+    cfg = load_config(args.profile, args.overrides)
+    outcome = run_local(cfg, Path(args.runs_dir))
+    print("\n" + render_table(results_table(outcome.metrics)))
+    print(f"\nrun directory: {outcome.run_dir}  (report.md, metrics.json, config.yaml)")
+    if outcome.tracking_uri.startswith("sqlite:///"):
+        print(f"MLflow UI:     mlflow ui --backend-store-uri {outcome.tracking_uri}   (or: make mlflow-ui)")
+    else:
+        print(f"MLflow:        {outcome.tracking_uri}")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    cfg = load_config(args.profile, args.overrides)
+    print(cfg.to_yaml(), end="")
+    return 0
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    from tckr.pipelines.compile import compile_all
+
+    for path in compile_all(Path(args.out_dir) if args.out_dir else None):
+        print(f"compiled {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tckr", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the TCKR pipeline locally (kfp.local, no cluster)")
+    _config_arguments(run)
+    run.add_argument("--runs-dir", default="runs", help="where run directories go (default: runs)")
+    run.set_defaults(handler=_cmd_run)
+
+    show = commands.add_parser("config", help="print the resolved configuration")
+    _config_arguments(show)
+    show.set_defaults(handler=_cmd_config)
+
+    compile_ = commands.add_parser("compile", help="compile the pipelines to YAML")
+    compile_.add_argument("--out-dir", help="default: beside the pipeline sources")
+    compile_.set_defaults(handler=_cmd_compile)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as error:
+        print(f"tckr: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

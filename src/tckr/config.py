@@ -1,0 +1,198 @@
+"""Typed run configuration: profiles (YAML) + dotted CLI overrides, validated by pydantic.
+
+A profile is a YAML file in ``tckr/profiles`` (or any path). It may name a parent with ``extends:``;
+the child is deep-merged over the parent. ``--set a.b=value`` overrides are applied last, values are
+parsed as YAML scalars (``3`` -> int, ``true`` -> bool, ``[1, 2]`` -> list).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A profile, override or value that cannot make a valid configuration."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are typos until proven otherwise: refuse them instead of ignoring them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class IngestConfig(_Strict):
+    """Where the private dataset comes from and how its train split is divided."""
+
+    source: Literal["fashion-mnist", "hub", "disk", "imagefolder"] = Field(
+        description="fashion-mnist: Debian package files; hub: datasets.load_dataset(name); "
+        "disk: datasets.load_from_disk(name); imagefolder: a class-per-folder directory")
+    name: str = Field("", description="hub id, or a local path for disk/imagefolder/fashion-mnist")
+    hub_config: str | None = Field(None, description="second argument of load_dataset, e.g. 'full_size'")
+    train_split: str = "train"
+    test_split: str | None = Field(
+        "test", description="the source's test split; null carves one from train (test_fraction)")
+    image_column: str | None = Field(None, description="null: detect (an Image feature)")
+    label_column: str | None = Field(None, description="null: detect (ClassLabel, or label/class/...)")
+    class_name_fixes: dict[str, str] = Field(default_factory=dict, description="e.g. {cra: crab}")
+    validation_fraction: float = Field(0.05, gt=0, lt=1, description="model selection only")
+    holdout_fraction: float = Field(
+        0.3, ge=0, lt=1, description="never trained on by the target: LiRA's non-member population")
+    public_fraction: float = Field(
+        0.0, ge=0, lt=1, description="disjoint public split (offline stand-in for public pretraining data)")
+    test_fraction: float = Field(0.0, ge=0, lt=1, description="only used when test_split is null")
+    train_limit: int | None = Field(
+        None, gt=0, description="stratified cap on the source train split (quick runs); null: all")
+    test_limit: int | None = Field(None, gt=0, description="stratified cap on the test split; null: all")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fractions_leave_a_train_split(self) -> IngestConfig:
+        taken = self.validation_fraction + self.holdout_fraction + self.public_fraction
+        if taken >= 0.95:
+            raise ValueError(
+                f"validation_fraction + holdout_fraction + public_fraction = {taken:.2f} leaves "
+                "less than 5% of the train split for private training")
+        if self.test_split is None and self.test_fraction <= 0:
+            raise ValueError("test_split is null, so test_fraction must be > 0 to carve a test split")
+        if self.source != "fashion-mnist" and not self.name:
+            raise ValueError(f"source '{self.source}' needs a name (hub id or path)")
+        return self
+
+
+class ClassifierConfig(_Strict):
+    """One classifier and its training recipe (the teacher now; the student and shadows later)."""
+
+    model: str = Field(description="a timm model name, e.g. mobilenetv3_large_100 or tckr_cnn")
+    pretrained: bool = Field(False, description="ImageNet weights from the hub (only when reachable)")
+    epochs: int = Field(gt=0)
+    batch_size: int = Field(96, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(5e-5, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    mixup_alpha: float = Field(0.0, ge=0, description="0 disables MixUp")
+    augmix: bool = False
+    crop_padding: int = Field(0, ge=0, description="random crop after zero padding by this many pixels")
+    hflip: bool = True
+    amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
+    num_workers: int = Field(0, ge=0)
+    eval_batch_size: int = Field(512, gt=0)
+    seed: int = 0
+
+
+class TrackingConfig(_Strict):
+    experiment: str | None = Field(None, description="null: tckr-<dataset>")
+    register_models: bool = True
+
+
+class RuntimeConfig(_Strict):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int = Field(0, ge=0, description="0: torch's default")
+
+
+class TckrConfig(_Strict):
+    profile: str
+    dataset: str = Field(description="short name used for experiments and registered models")
+    image_size: int = Field(gt=7, description="the one resolution every stage shares")
+    ingest: IngestConfig
+    teacher: ClassifierConfig
+    tracking: TrackingConfig = TrackingConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or f"tckr-{self.dataset}"
+
+    def fingerprint(self) -> str:
+        """Short stable hash of every setting: names cached artifacts and tags registered models."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def available_profiles() -> list[str]:
+    folder = resources.files("tckr") / "profiles"
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_profile(profile: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    if profile in seen:
+        raise ConfigError(f"profile inheritance loops: {' -> '.join((*seen, profile))}")
+    path = Path(profile)
+    if path.suffix not in (".yaml", ".yml"):
+        path = Path(str(resources.files("tckr") / "profiles" / f"{profile}.yaml"))
+        if not path.is_file():
+            raise ConfigError(
+                f"unknown profile '{profile}': choose one of {', '.join(available_profiles())} "
+                "or pass a path to a .yaml file")
+    elif not path.is_file():
+        raise ConfigError(f"profile file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"profile {path} must be a YAML mapping")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    return _deep_merge(_read_profile(parent, (*seen, profile)), data)
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _apply_override(data: dict[str, Any], assignment: str) -> None:
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{assignment}' must look like section.key=value")
+    *parents, leaf = key.strip().split(".")
+    node = data
+    for name in parents:
+        child = node.setdefault(name, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{assignment}': '{name}' is a value, not a section")
+        node = child
+    node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def _format_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown setting (typo?)"
+        got = "" if item["type"] in ("missing", "extra_forbidden") else f" (got {item['input']!r})"
+        lines.append(f"  {where}: {message}{got}")
+    return "\n".join(lines)
+
+
+def load_config(profile: str = "demo", overrides: list[str] | tuple[str, ...] = ()) -> TckrConfig:
+    """Resolve a profile plus ``key=value`` overrides into a validated :class:`TckrConfig`."""
+    data = _read_profile(profile)
+    data.setdefault("profile", Path(profile).stem if profile.endswith((".yaml", ".yml")) else profile)
+    for assignment in overrides:
+        _apply_override(data, assignment)
+    return parse_config(data, origin=f"profile '{profile}'")
+
+
+def parse_config(data: dict[str, Any] | str, origin: str = "config") -> TckrConfig:
+    """Validate a mapping (or its JSON text, as components receive it)."""
+    try:
+        if isinstance(data, str):
+            return TckrConfig.model_validate_json(data)
+        return TckrConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(f"invalid {origin}:\n{_format_errors(error)}") from None

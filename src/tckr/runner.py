@@ -1,0 +1,82 @@
+"""Run the pipeline without a cluster: the same KFP graph, executed by ``kfp.local``'s subprocess runner.
+
+Each run gets ``runs/<timestamp>-<profile>/`` holding ``config.yaml``, ``report.md``,
+``metrics.json`` and the KFP artifacts (``kfp/``); ``runs/latest`` points at the newest.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from tckr.config import TckrConfig
+from tckr.tracking import configure, default_tracking_uri
+
+
+@dataclass
+class RunOutcome:
+    run_dir: Path
+    metrics: dict[str, float]
+    tracking_uri: str
+
+
+def pipeline_arguments(cfg: TckrConfig, run_name: str, tracking_uri: str) -> dict:
+    return {"config_json": cfg.model_dump_json(), "run_name": run_name, "tracking_uri": tracking_uri,
+            "ingest_seed": cfg.ingest.seed, "teacher_seed": cfg.teacher.seed}
+
+
+def run_local(cfg: TckrConfig, runs_root: Path = Path("runs"), tracking_uri: str | None = None) -> RunOutcome:
+    from kfp import local
+
+    from tckr.pipelines.tckr_pipeline import tckr_pipeline
+
+    tracking_uri = tracking_uri or default_tracking_uri()
+    configure(tracking_uri)  # fail before any work when the server is down
+    run_name = f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.profile}"
+    run_dir = Path(runs_root).resolve() / run_name
+    run_dir.mkdir(parents=True, exist_ok=False)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(run_dir / "kfp"),
+               raise_on_error=True)
+    started = time.perf_counter()
+    try:
+        task = tckr_pipeline(**pipeline_arguments(cfg, run_name, tracking_uri))
+    except BaseException:
+        _mark_failed(run_name, cfg, tracking_uri)
+        raise
+    report_dir = Path(task.output.path).parent / "report"
+    for name in ("report.md", "metrics.json"):
+        shutil.copyfile(report_dir / name, run_dir / name)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["run.wall_seconds"] = time.perf_counter() - started
+    (run_dir / "metrics.json").write_text(json.dumps(dict(sorted(metrics.items())), indent=2) + "\n")
+    _point_latest(run_dir)
+    return RunOutcome(run_dir, metrics, tracking_uri)
+
+
+def _point_latest(run_dir: Path) -> None:
+    latest = run_dir.parent / "latest"
+    temporary = run_dir.parent / ".latest.tmp"
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(run_dir.name)
+    temporary.replace(latest)
+
+
+def _mark_failed(run_name: str, cfg: TckrConfig, tracking_uri: str) -> None:
+    """A killed or failed local run must not stay RUNNING in the MLflow UI."""
+    import mlflow
+
+    experiment = mlflow.get_experiment_by_name(cfg.experiment_name)
+    if experiment is None:
+        return
+    client = mlflow.MlflowClient(tracking_uri)
+    runs = client.search_runs([experiment.experiment_id],
+                              filter_string=f"tags.`tckr.run_name` = '{run_name}'")
+    for run in runs:
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "FAILED" if run.info.status else "KILLED")

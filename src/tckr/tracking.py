@@ -1,0 +1,144 @@
+"""MLflow tracking: one experiment per dataset, a parent run per pipeline run, a nested run per stage.
+
+Without ``MLFLOW_TRACKING_URI`` everything lives in the working directory: ``mlruns.db`` (sqlite,
+so the model registry works) and ``mlartifacts/``. Browse with ``make mlflow-ui``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from tckr.config import TckrConfig
+
+LOCAL_DB = "mlruns.db"
+LOCAL_ARTIFACTS = "mlartifacts"
+
+
+class TrackingError(RuntimeError):
+    """The tracking server cannot be reached or refused a request."""
+
+
+def default_tracking_uri(workdir: Path | None = None) -> str:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{(Path(workdir or Path.cwd()) / LOCAL_DB).resolve()}"
+
+
+def configure(tracking_uri: str, attempts: int = 5, delay: float = 1.0) -> None:
+    """Point MLflow at ``tracking_uri``; an HTTP server must answer /health within ``attempts`` tries."""
+    import mlflow
+
+    if tracking_uri.startswith(("http://", "https://")):
+        health = tracking_uri.rstrip("/") + "/health"
+        for attempt in range(1, attempts + 1):
+            try:
+                with urllib.request.urlopen(health, timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, OSError) as error:
+                if attempt == attempts:
+                    raise TrackingError(f"MLflow server {tracking_uri} is unreachable after {attempts} "
+                                        f"attempts ({error}); start it (make mlflow-up) or unset "
+                                        "MLFLOW_TRACKING_URI to track locally") from None
+                time.sleep(delay * 2 ** (attempt - 1))
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+
+
+def experiment_id(name: str, tracking_uri: str) -> str:
+    """Get or create the experiment; local sqlite stores keep artifacts beside the database."""
+    import mlflow
+
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        location = (Path(tracking_uri.removeprefix("sqlite:///")).parent / LOCAL_ARTIFACTS / name).as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (MLflow params, metrics.json keys)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def start_pipeline_run(cfg: TckrConfig, tracking_uri: str, run_name: str) -> str:
+    """Create the parent run (left RUNNING; :func:`finish_pipeline_run` closes it)."""
+    import mlflow
+
+    configure(tracking_uri)
+    client = mlflow.MlflowClient()
+    run = client.create_run(
+        experiment_id(cfg.experiment_name, tracking_uri), run_name=run_name,
+        tags={"tckr.profile": cfg.profile, "tckr.dataset": cfg.dataset,
+              "tckr.config_hash": cfg.fingerprint(), "tckr.run_name": run_name})
+    params = flatten(cfg.model_dump(mode="json"))
+    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)[:6000])
+                                               for k, v in params.items()])
+    client.log_text(run.info.run_id, cfg.to_yaml(), "config.yaml")
+    return run.info.run_id
+
+
+def finish_pipeline_run(run_id: str, status: str = "FINISHED") -> None:
+    import mlflow
+
+    mlflow.MlflowClient().set_terminated(run_id, status)
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, parent_run_id: str, tracking_uri: str,
+              params: dict[str, Any] | None = None) -> Iterator[Any]:
+    """A nested run under the pipeline's parent run; FAILED if the stage raises."""
+    import mlflow
+
+    configure(tracking_uri)
+    parent = mlflow.get_run(parent_run_id)
+    with mlflow.start_run(run_name=stage, experiment_id=parent.info.experiment_id,
+                          parent_run_id=parent_run_id, tags={"tckr.stage": stage}) as run:
+        if params:
+            mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
+        yield run
+
+
+def _pinned(*packages: str) -> list[str]:
+    return [f"{name}=={metadata.version(name)}" for name in packages]
+
+
+def log_classifier(model: Any, registered_name: str | None, example_batch: Any,
+                   tags: dict[str, str] | None = None) -> str | None:
+    """Log a PyTorch classifier in the active run and register it; returns the version (or None).
+
+    Pickle serialisation with the tckr package as code: torch.export shape guards reject batch
+    sizes other than the example's. The requirements are pinned explicitly (no slow inference).
+    """
+    import mlflow
+    import tckr
+
+    info = mlflow.pytorch.log_model(
+        model, name="model", registered_model_name=registered_name,
+        serialization_format="pickle", input_example=example_batch,
+        code_paths=[str(Path(tckr.__file__).parent)],
+        pip_requirements=_pinned("torch", "timm", "numpy", "safetensors"))
+    if registered_name is None:
+        return None
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    for key, value in (tags or {}).items():
+        client.set_model_version_tag(registered_name, version, key, value)
+    return version
