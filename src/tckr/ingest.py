@@ -99,16 +99,20 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def _load_fashion_mnist(directory: str):
+def _load_fashion_mnist(cfg: IngestConfig):
+    """Build the splits from the idx files; the stratified caps apply before PNG encoding (speed)."""
     import datasets
 
-    root = fashion_mnist_dir(directory)
+    root = fashion_mnist_dir(cfg.name)
     features = datasets.Features({"image": datasets.Image(),
                                   "label": datasets.ClassLabel(names=FASHION_MNIST_CLASSES)})
     splits = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
         images = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz")
         labels = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz")
+        kept = _stratified_cap(labels, cfg.train_limit if split == "train" else cfg.test_limit, cfg.seed)
+        if kept is not None:
+            images, labels = images[kept], labels[kept]
         encoded = [{"bytes": _png_bytes(image), "path": None} for image in images]
         splits[split] = datasets.Dataset.from_dict(
             {"image": encoded, "label": labels.astype(np.int64)}, features=features)
@@ -126,7 +130,7 @@ def load_source(cfg: IngestConfig):
     import datasets
 
     if cfg.source == "fashion-mnist":
-        return _load_fashion_mnist(cfg.name)
+        return _load_fashion_mnist(cfg)
     if cfg.source == "disk":
         if not Path(cfg.name).exists():
             raise DatasetError(f"no dataset saved at '{cfg.name}' (source: disk)")

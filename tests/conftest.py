@@ -1,0 +1,76 @@
+"""Shared fixtures: small real datasets cut from Fashion-MNIST, an isolated MLflow store."""
+
+from __future__ import annotations
+
+import os
+
+# Before any library import: no hub, no progress-bar noise in test logs.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from tckr.ingest import FASHION_MNIST_CLASSES, _read_idx, fashion_mnist_dir  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def fmnist_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """40 train and 10 test images per class of real Fashion-MNIST."""
+    root = fashion_mnist_dir()
+    out = {}
+    for split, prefix, per_class in (("train", "train", 40), ("test", "t10k", 10)):
+        images = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz")
+        labels = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz")
+        keep = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(10)])
+        out[split] = images[keep], labels[keep].astype(np.int64)
+    return out
+
+
+def write_imagefolder(root: Path, arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
+    for split, (images, labels) in arrays.items():
+        for index, (image, label) in enumerate(zip(images, labels, strict=True)):
+            folder = root / split / FASHION_MNIST_CLASSES[label].replace("/", "-")
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{index:05d}.png")
+    return root
+
+
+@pytest.fixture
+def imagefolder_dir(tmp_path, fmnist_arrays) -> Path:
+    return write_imagefolder(tmp_path / "imagefolder", fmnist_arrays)
+
+
+def make_dataset_dict(arrays, image_column="image", label_column="label", string_labels=False):
+    import datasets
+
+    label_feature = (datasets.Value("string") if string_labels
+                     else datasets.ClassLabel(names=FASHION_MNIST_CLASSES))
+    splits = {}
+    for split, (images, labels) in arrays.items():
+        values = [FASHION_MNIST_CLASSES[i] for i in labels] if string_labels else labels.tolist()
+        splits[split] = datasets.Dataset.from_dict(
+            {image_column: [Image.fromarray(image) for image in images], label_column: values},
+            features=datasets.Features({image_column: datasets.Image(), label_column: label_feature}))
+    return datasets.DatasetDict(splits)
+
+
+@pytest.fixture
+def saved_dataset_dir(tmp_path, fmnist_arrays) -> Path:
+    path = tmp_path / "saved"
+    make_dataset_dict(fmnist_arrays, string_labels=True).save_to_disk(str(path))
+    return path
+
+
+@pytest.fixture
+def tracking_uri(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'mlruns.db'}"
+
+
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,0 +1,106 @@
+"""The smoke profile end to end through the real kfp.local runner and a real MLflow sqlite store."""
+
+import json
+
+import mlflow
+import pytest
+import yaml
+
+from tckr.cli import main
+from tckr.config import load_config
+from tckr.pipelines.compile import compile_all
+from tckr.runner import run_local
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smoke")
+    uri = f"sqlite:///{root / 'mlruns.db'}"
+    cfg = load_config("smoke")
+    return cfg, run_local(cfg, root / "runs", tracking_uri=uri), uri
+
+
+def test_run_directory(smoke_run):
+    cfg, outcome, _ = smoke_run
+    run_dir = outcome.run_dir
+    assert (run_dir.parent / "latest").resolve() == run_dir
+    assert {"config.yaml", "report.md", "metrics.json"} <= {p.name for p in run_dir.iterdir()}
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("teacher.test_accuracy", "teacher.val_accuracy", "stage.ingest.seconds",
+                "stage.teacher.seconds", "run.seconds", "data.train_images"):
+        assert key in metrics, key
+    assert 0.0 <= metrics["teacher.test_accuracy"] <= 1.0
+    assert metrics["data.test_images"] == cfg.ingest.test_limit
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["profile"] == "smoke"
+    report = (run_dir / "report.md").read_text()
+    assert "| teacher" in report and "test_accuracy=" in report and cfg.fingerprint() in report
+
+
+def test_mlflow_parent_and_stage_runs(smoke_run):
+    cfg, outcome, uri = smoke_run
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("tckr-fashion-mnist")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["tckr.config_hash"] == cfg.fingerprint()
+    assert parent.data.params["teacher.model"] == cfg.teacher.model
+    assert parent.data.metrics["teacher.test_accuracy"] == pytest.approx(outcome.metrics["teacher.test_accuracy"])
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"config.yaml", "report.md", "metrics.json"} <= artifacts
+
+    stages = {r.data.tags["tckr.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(stages) == {"ingest", "teacher"}
+    assert all(r.info.status == "FINISHED" for r in stages.values())
+    teacher = stages["teacher"]
+    assert teacher.data.params["epochs"] == str(cfg.teacher.epochs)
+    history = client.get_metric_history(teacher.info.run_id, "val_accuracy")
+    assert [m.step for m in history] == list(range(1, cfg.teacher.epochs + 1))
+
+
+def test_teacher_registered_and_loadable(smoke_run):
+    cfg, _, uri = smoke_run
+    client = mlflow.MlflowClient(uri)
+    versions = client.search_model_versions("name = 'tckr-fashion-mnist-teacher'")
+    assert len(versions) == 1
+    assert versions[0].tags["profile"] == "smoke" and versions[0].tags["config_hash"] == cfg.fingerprint()
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pytorch.load_model("models:/tckr-fashion-mnist-teacher/1")
+    import torch
+
+    assert model(torch.zeros(3, 1, cfg.image_size, cfg.image_size)).shape == (3, 10)
+
+
+def test_unreachable_tracking_server_fails_fast(tmp_path):
+    from tckr.tracking import TrackingError
+
+    with pytest.raises(TrackingError, match="unreachable after 2 attempts"):
+        from tckr.tracking import configure
+
+        configure("http://127.0.0.1:9", attempts=2, delay=0.01)
+
+
+def test_cli_reports_config_errors(capsys):
+    assert main(["config", "--profile", "smoke", "--set", "teacher.epochs=-2"]) == 2
+    assert "teacher.epochs: Input should be greater than 0" in capsys.readouterr().err
+    assert main(["config", "--profile", "smoke", "--set", "teacher.epochs=5"]) == 0
+    assert "epochs: 5" in capsys.readouterr().out
+
+
+def test_compiled_pipeline_matches_committed_snapshot(tmp_path):
+    from pathlib import Path
+
+    import tckr.pipelines
+
+    committed = Path(tckr.pipelines.__file__).parent
+    for fresh in compile_all(tmp_path):
+        assert fresh.read_text() == (committed / fresh.name).read_text(), (
+            f"{fresh.name} is stale: run `make compile` and commit the result")
+        spec = yaml.safe_load(fresh.read_text())
+        images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+        assert len(images) == 1 and images.pop().startswith("ghcr.io/tckr/tckr:")
+        tasks = spec["root"]["dag"]["tasks"]
+        assert tasks["ingest"]["componentRef"] and "teacher" in tasks and "report" in tasks
+        assert {"ingest_seed", "teacher_seed"} <= set(spec["root"]["inputDefinitions"]["parameters"])
