@@ -42,8 +42,8 @@ lint: setup  ## ruff
 compile: setup  ## compile pipelines to the YAML committed beside them
 	$(BIN)/tckr compile
 
-mlflow-ui: setup  ## browse the local tracking store at http://127.0.0.1:$(MLFLOW_PORT)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns.db --host 127.0.0.1 --port $(MLFLOW_PORT)
+mlflow-ui: setup  ## browse runs and registered models at http://127.0.0.1:$(MLFLOW_PORT)
+	MLFLOW_BIN=$(BIN)/mlflow MLFLOW_PORT=$(MLFLOW_PORT) bash mlflow/server.sh
 
 clean:  ## remove runs and the local tracking store (keeps .venv)
 	rm -rf runs mlruns.db mlartifacts

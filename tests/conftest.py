@@ -74,3 +74,11 @@ def tracking_uri(tmp_path) -> str:
 
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_tracking(monkeypatch):
+    """mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI: keep one test's store out of the next."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)

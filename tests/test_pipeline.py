@@ -2,10 +2,11 @@
 
 import json
 
-import mlflow
 import pytest
+import torch
 import yaml
 
+import mlflow
 from tckr.cli import main
 from tckr.config import load_config
 from tckr.pipelines.compile import compile_all
@@ -61,16 +62,25 @@ def test_mlflow_parent_and_stage_runs(smoke_run):
 
 
 def test_teacher_registered_and_loadable(smoke_run):
-    cfg, _, uri = smoke_run
+    cfg, outcome, uri = smoke_run
     client = mlflow.MlflowClient(uri)
     versions = client.search_model_versions("name = 'tckr-fashion-mnist-teacher'")
     assert len(versions) == 1
-    assert versions[0].tags["profile"] == "smoke" and versions[0].tags["config_hash"] == cfg.fingerprint()
+    tags = versions[0].tags
+    assert tags["profile"] == "smoke" and tags["config_hash"] == cfg.fingerprint()
+    assert float(tags["test_accuracy"]) == pytest.approx(outcome.metrics["teacher.test_accuracy"], abs=1e-4)
     mlflow.set_tracking_uri(uri)
     model = mlflow.pytorch.load_model("models:/tckr-fashion-mnist-teacher/1")
-    import torch
+    # The registered model normalises by itself and accepts any batch size: score the real test split.
+    from tckr.classify import ImageSplit
+    from tckr.ingest import load_prepared
 
-    assert model(torch.zeros(3, 1, cfg.image_size, cfg.image_size)).shape == (3, 10)
+    splits, info = load_prepared(next(outcome.run_dir.glob("kfp/*/ingest/dataset")))
+    test = ImageSplit(splits["test"], cfg.image_size, info.channels)
+    images = torch.stack([test[i][0] for i in range(len(test))]).float() / 255
+    accuracy = (model(images).argmax(1) == test.labels).float().mean().item()
+    assert accuracy == pytest.approx(outcome.metrics["teacher.test_accuracy"], abs=1e-4)
+    assert model(images[:3]).shape == (3, 10)
 
 
 def test_unreachable_tracking_server_fails_fast(tmp_path):
@@ -104,3 +114,43 @@ def test_compiled_pipeline_matches_committed_snapshot(tmp_path):
         tasks = spec["root"]["dag"]["tasks"]
         assert tasks["ingest"]["componentRef"] and "teacher" in tasks and "report" in tasks
         assert {"ingest_seed", "teacher_seed"} <= set(spec["root"]["inputDefinitions"]["parameters"])
+
+
+def test_failed_stage_is_reported_and_marked_failed(tmp_path):
+    from tckr.runner import PipelineFailed
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    cfg = load_config("smoke", ["ingest.source=disk", f"ingest.name={tmp_path / 'missing'}"])
+    with pytest.raises(PipelineFailed, match="failed at stage 'ingest'.*marked FAILED"):
+        run_local(cfg, tmp_path / "runs", tracking_uri=uri)
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("tckr-fashion-mnist").experiment_id])
+    statuses = {r.data.tags.get("tckr.stage", "parent"): r.info.status for r in runs}
+    assert statuses == {"parent": "FAILED", "ingest": "FAILED"}
+    assert not (tmp_path / "runs" / "latest").exists()
+
+
+def test_stage_command_runs_one_stage_at_a_time(tmp_path, monkeypatch):
+    """The DVC entry point: each stage on its own, metrics.json beside its outputs."""
+    monkeypatch.chdir(tmp_path)
+    overrides = ["--set", "ingest.train_limit=400", "--set", "ingest.test_limit=100"]
+    assert main(["stage", "ingest", "--profile", "smoke", *overrides, "--out", "data"]) == 0
+    assert json.loads((tmp_path / "data" / "metrics.json").read_text())["data.test_images"] == 100
+    assert main(["stage", "teacher", "--profile", "smoke", *overrides, "--out", "teacher"]) == 2
+    assert main(["stage", "teacher", "--profile", "smoke", *overrides, "--data", "data", "--out", "teacher"]) == 0
+    assert (tmp_path / "teacher" / "model.safetensors").is_file()
+    assert "teacher.test_accuracy" in json.loads((tmp_path / "teacher" / "metrics.json").read_text())
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tckr-fashion-mnist").experiment_id])
+    assert sorted(r.data.tags["tckr.stage"] for r in runs) == ["ingest", "teacher"]
+
+
+def test_dvc_params_are_the_demo_profile():
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    params = load_config(str(repo / "params.yaml"))
+    assert params.model_dump(exclude={"profile"}) == load_config("demo").model_dump(exclude={"profile"})
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    assert all("--profile params.yaml" in stage["cmd"] for stage in stages.values())
+    assert set(stages) == {"ingest", "teacher"}

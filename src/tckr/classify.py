@@ -12,7 +12,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from tckr.config import ClassifierConfig
 from tckr.ingest import DatasetInfo
 from tckr.models import create_classifier
+from tckr.progress import progress
 
 
 class ImageSplit(Dataset):
@@ -125,7 +126,7 @@ def predict_logits(model: nn.Module, augment: BatchAugment, dataset: ImageSplit,
     model.eval()
     outputs = []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for images, _ in tqdm(loader, desc=desc, leave=False, unit="batch"):
+    for images, _ in progress(loader, desc=desc, unit="batch"):
         with torch.autocast(device.type, enabled=device.type == "cuda"):
             outputs.append(model(augment(images.to(device, non_blocking=True))).float().cpu())
     return torch.cat(outputs)
@@ -136,7 +137,8 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_size: int, out_dir: Path,
-                     device: torch.device, on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+                     device: torch.device, on_epoch: Callable[[dict], None] | None = None,
+                     name: str = "classifier") -> TrainResult:
     """Train on ``splits['train']``, select on ``splits['validation']``, test on ``splits['test']``.
 
     Writes ``model.safetensors`` + ``model.json`` (best epoch) and ``checkpoint.pt`` (last epoch)
@@ -179,7 +181,7 @@ def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_siz
             generator.set_state(saved["generator"])
             torch.set_rng_state(saved["torch_rng"])
             state = saved["state"]
-            tqdm.write(f"resuming {out_dir.name} after epoch {state['epoch']}/{cfg.epochs}")
+            tqdm.write(f"resuming {name} after epoch {state['epoch']}/{cfg.epochs}")
 
     started = time.perf_counter()
     trained_images = 0
@@ -187,7 +189,7 @@ def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_siz
         model.train()
         epoch_start = time.perf_counter()
         running_loss = 0.0
-        bar = tqdm(loader, desc=f"{out_dir.name} epoch {epoch}/{cfg.epochs}", unit="batch", leave=False)
+        bar = progress(loader, desc=f"{name} epoch {epoch}/{cfg.epochs}", unit="batch")
         for images, labels in bar:
             images = augment(images.to(device, non_blocking=True), train=True)
             labels = labels.to(device, non_blocking=True)
@@ -217,7 +219,7 @@ def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_siz
                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
                             "state": state}, checkpoint_path)
-        tqdm.write(f"{out_dir.name} epoch {epoch}/{cfg.epochs}: loss {record['train_loss']:.4f} "
+        tqdm.write(f"{name} epoch {epoch}/{cfg.epochs}: loss {record['train_loss']:.4f} "
                    f"val_acc {record['val_accuracy']:.4f} ({record['epoch_seconds']:.1f}s)")
         if on_epoch:
             on_epoch(record)
@@ -256,7 +258,3 @@ def load_classifier(model_dir: Path, device: torch.device | str = "cpu") -> nn.M
     model = create_classifier(card["architecture"], card["num_classes"], card["in_chans"])
     model.load_state_dict(load_file(str(Path(model_dir) / "model.safetensors")))
     return model.to(device).eval()
-
-
-def result_dict(result: TrainResult) -> dict:
-    return asdict(result)

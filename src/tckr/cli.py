@@ -31,6 +31,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_stage(args: argparse.Namespace) -> int:
+    """One stage outside KFP (DVC's entry point): its own MLflow run, metrics.json beside its output."""
+    import json
+
+    from tckr import stages
+    from tckr.tracking import default_tracking_uri
+
+    cfg = load_config(args.profile, args.overrides)
+    out = Path(args.out)
+    uri = default_tracking_uri()
+    if args.name == "ingest":
+        metrics = stages.ingest_stage(cfg, cfg.ingest.seed, out, None, uri)
+    else:
+        if not args.data:
+            raise ConfigError("tckr stage teacher needs --data (the ingest stage's output directory)")
+        metrics = stages.teacher_stage(cfg, cfg.teacher.seed, Path(args.data), out, None, uri)
+    (out / "metrics.json").write_text(json.dumps(dict(sorted(metrics.items())), indent=2) + "\n")
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.profile, args.overrides)
     print(cfg.to_yaml(), end="")
@@ -54,6 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--runs-dir", default="runs", help="where run directories go (default: runs)")
     run.set_defaults(handler=_cmd_run)
 
+    stage = commands.add_parser("stage", help="run one stage on its own (used by dvc.yaml)")
+    stage.add_argument("name", choices=["ingest", "teacher"])
+    _config_arguments(stage)
+    stage.add_argument("--out", required=True, help="the stage's output directory")
+    stage.add_argument("--data", help="prepared dataset directory (stages after ingest)")
+    stage.set_defaults(handler=_cmd_stage)
+
     show = commands.add_parser("config", help="print the resolved configuration")
     _config_arguments(show)
     show.set_defaults(handler=_cmd_config)
@@ -63,11 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     compile_.set_defaults(handler=_cmd_compile)
 
     args = parser.parse_args(argv)
+    from tckr.ingest import DatasetError
+    from tckr.runner import PipelineFailed
+    from tckr.tracking import TrackingError
+
     try:
         return args.handler(args)
     except ConfigError as error:
         print(f"tckr: {error}", file=sys.stderr)
         return 2
+    except (DatasetError, TrackingError, PipelineFailed) as error:
+        print(f"tckr: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image as PILImage
-from tqdm.auto import tqdm
 
 from tckr.config import IngestConfig
+from tckr.progress import progress, quiet_datasets
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -277,7 +277,7 @@ def _scan(dataset, split: str) -> _ScanResult:
     pixels = 0
     grey = True
     raw = dataset.cast_column("image", dataset.features["image"].__class__(decode=False))
-    for start in tqdm(range(0, len(raw), 1024), desc=f"scan {split}", unit="batch", leave=False):
+    for start in progress(range(0, len(raw), 1024), desc=f"scan {split}", unit="batch"):
         batch = raw[start:start + 1024]
         for offset, (item, label) in enumerate(zip(batch["image"], batch["label"], strict=True)):
             if item is None or not item.get("bytes"):
@@ -303,6 +303,7 @@ def prepare(cfg: IngestConfig, out_dir: Path, dataset_name: str, min_train_image
     """Load, validate, split and write the dataset. ``min_train_images`` is the largest batch size."""
     import datasets
 
+    quiet_datasets()
     source = load_source(cfg)
     if cfg.train_split not in source:
         raise DatasetError(f"source has no '{cfg.train_split}' split; splits: {list(source)}")

@@ -54,3 +54,17 @@ def create_classifier(name: str, num_classes: int, in_chans: int, pretrained: bo
             raise ValueError(f"unknown classifier '{name}': use a timm model name "
                              "(e.g. mobilenetv3_large_100) or tckr_cnn") from None
         raise
+
+
+class NormalizedClassifier(nn.Module):
+    """Classifier that takes images in [0, 1] and normalises them itself: what the registry serves,
+    so a consumer needs no knowledge of the training set's statistics."""
+
+    def __init__(self, classifier: nn.Module, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier((images - self.mean) / self.std)

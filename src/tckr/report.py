@@ -40,10 +40,12 @@ def results_table(metrics: dict[str, float]) -> list[tuple[str, str, str]]:
 def render_table(rows: list[tuple[str, str, str]]) -> str:
     header = ("stage", "key metrics", "wall time")
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(3)]
-    line = "| " + " | ".join("{:<%d}" % w for w in widths) + " |"
-    out = [line.format(*header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    out += [line.format(*row) for row in rows]
-    return "\n".join(out)
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "| " + " | ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)) + " |"
+
+    separator = "|" + "|".join("-" * (width + 2) for width in widths) + "|"
+    return "\n".join([line(header), separator, *(line(row) for row in rows)])
 
 
 def write_report(cfg: TckrConfig, metrics: dict[str, float], out_dir: Path, parent_run: Any) -> list[Path]:

@@ -7,14 +7,20 @@ Each run gets ``runs/<timestamp>-<profile>/`` holding ``config.yaml``, ``report.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from tckr.config import TckrConfig
 from tckr.tracking import configure, default_tracking_uri
+
+
+class PipelineFailed(RuntimeError):
+    """A stage failed; its own error was printed by the stage, this says where to look."""
 
 
 @dataclass
@@ -41,14 +47,23 @@ def run_local(cfg: TckrConfig, runs_root: Path = Path("runs"), tracking_uri: str
     run_dir.mkdir(parents=True, exist_ok=False)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
+    # kfp.local warns that a non-Python base image may differ from this venv; here it is the same
+    # package, installed in both.
+    warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses custom")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(run_dir / "kfp"),
                raise_on_error=True)
     started = time.perf_counter()
     try:
         task = tckr_pipeline(**pipeline_arguments(cfg, run_name, tracking_uri))
-    except BaseException:
-        _mark_failed(run_name, cfg, tracking_uri)
+    except KeyboardInterrupt:
+        _mark_unfinished(run_name, cfg, tracking_uri, "KILLED")
         raise
+    except RuntimeError as error:
+        _mark_unfinished(run_name, cfg, tracking_uri, "FAILED")
+        stage = re.search(r"Inner task failed: '([^']+)'", re.sub(r"\x1b\[[0-9;]*m", "", str(error)))
+        raise PipelineFailed(
+            f"the pipeline failed at stage '{stage.group(1) if stage else '?'}' (its error is printed above); "
+            f"MLflow run '{run_name}' is marked FAILED, KFP outputs are in {run_dir / 'kfp'}") from error
     report_dir = Path(task.output.path).parent / "report"
     for name in ("report.md", "metrics.json"):
         shutil.copyfile(report_dir / name, run_dir / name)
@@ -67,7 +82,7 @@ def _point_latest(run_dir: Path) -> None:
     temporary.replace(latest)
 
 
-def _mark_failed(run_name: str, cfg: TckrConfig, tracking_uri: str) -> None:
+def _mark_unfinished(run_name: str, cfg: TckrConfig, tracking_uri: str, status: str) -> None:
     """A killed or failed local run must not stay RUNNING in the MLflow UI."""
     import mlflow
 
@@ -79,4 +94,4 @@ def _mark_failed(run_name: str, cfg: TckrConfig, tracking_uri: str) -> None:
                               filter_string=f"tags.`tckr.run_name` = '{run_name}'")
     for run in runs:
         if run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, "FAILED" if run.info.status else "KILLED")
+            client.set_terminated(run.info.run_id, status)

@@ -102,15 +102,20 @@ def finish_pipeline_run(run_id: str, status: str = "FINISHED") -> None:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, parent_run_id: str, tracking_uri: str,
+def stage_run(stage: str, cfg: TckrConfig, parent_run_id: str | None, tracking_uri: str,
               params: dict[str, Any] | None = None) -> Iterator[Any]:
-    """A nested run under the pipeline's parent run; FAILED if the stage raises."""
+    """A run for one stage: nested under the pipeline's parent run, or top-level when the stage runs
+    on its own (``tckr stage``, DVC). Marked FAILED if the stage raises."""
     import mlflow
 
     configure(tracking_uri)
-    parent = mlflow.get_run(parent_run_id)
-    with mlflow.start_run(run_name=stage, experiment_id=parent.info.experiment_id,
-                          parent_run_id=parent_run_id, tags={"tckr.stage": stage}) as run:
+    if parent_run_id:
+        experiment = mlflow.get_run(parent_run_id).info.experiment_id
+    else:
+        experiment = experiment_id(cfg.experiment_name, tracking_uri)
+    tags = {"tckr.stage": stage, "tckr.profile": cfg.profile, "tckr.config_hash": cfg.fingerprint()}
+    with mlflow.start_run(run_name=stage, experiment_id=experiment, parent_run_id=parent_run_id or None,
+                          tags=tags) as run:
         if params:
             mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
         yield run
@@ -124,17 +129,15 @@ def log_classifier(model: Any, registered_name: str | None, example_batch: Any,
                    tags: dict[str, str] | None = None) -> str | None:
     """Log a PyTorch classifier in the active run and register it; returns the version (or None).
 
-    Pickle serialisation with the tckr package as code: torch.export shape guards reject batch
-    sizes other than the example's. The requirements are pinned explicitly (no slow inference).
+    Saved as torch.export (pt2, no pickle). The example must have batch >= 2: export specialises
+    sizes 0 and 1, and a batch-1 example would pin every later batch to 1. Requirements are given
+    explicitly (inferring them costs seconds per model).
     """
     import mlflow
-    import tckr
 
-    info = mlflow.pytorch.log_model(
-        model, name="model", registered_model_name=registered_name,
-        serialization_format="pickle", input_example=example_batch,
-        code_paths=[str(Path(tckr.__file__).parent)],
-        pip_requirements=_pinned("torch", "timm", "numpy", "safetensors"))
+    info = mlflow.pytorch.log_model(model, name="model", registered_model_name=registered_name,
+                                    serialization_format="pt2", input_example=example_batch,
+                                    pip_requirements=_pinned("torch", "numpy"))
     if registered_name is None:
         return None
     version = str(info.registered_model_version)
