@@ -7,7 +7,6 @@ from tckr.classify import BatchAugment, ImageSplit, load_classifier, predict_log
 from tckr.config import ClassifierConfig, IngestConfig
 from tckr.ingest import load_prepared, prepare
 from tckr.models import create_classifier
-from tests.conftest import requires_gpu
 
 
 @pytest.fixture
@@ -119,7 +118,7 @@ def test_missing_gpu_is_a_clear_error():
     assert resolve_device("auto").type == "cpu"
 
 
-@requires_gpu
+@pytest.mark.gpu
 def test_amp_training_on_gpu(tmp_path, prepared):
     splits, info = prepared
     result = train_classifier(_recipe(epochs=1), splits, info, 16, tmp_path / "g", torch.device("cuda"))

@@ -154,3 +154,49 @@ def test_dvc_params_are_the_demo_profile():
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
     assert all("--profile params.yaml" in stage["cmd"] for stage in stages.values())
     assert set(stages) == {"ingest", "teacher"}
+
+
+def test_mlflow_server_serves_the_local_store(smoke_run, tmp_path):
+    """`make mlflow-ui` (mlflow/server.sh) shows the runs `tckr run` wrote to sqlite."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    _, _, uri = smoke_run
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = Path(__file__).resolve().parents[1] / "mlflow" / "server.sh"
+    env = os.environ | {"MLFLOW_BACKEND_STORE_URI": uri, "MLFLOW_PORT": str(port),
+                        "MLFLOW_BIN": shutil.which("mlflow", path=str(Path(sys.executable).parent))}
+    server = subprocess.Popen(["bash", str(script)], cwd=tmp_path, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise AssertionError("mlflow server did not become healthy") from None
+                time.sleep(1)
+        query = f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tckr-fashion-mnist"
+        with urllib.request.urlopen(query, timeout=10) as response:
+            experiment = json.loads(response.read())["experiment"]
+        request = urllib.request.Request(
+            f"{base}/api/2.0/mlflow/runs/search", method="POST", headers={"Content-Type": "application/json"},
+            data=json.dumps({"experiment_ids": [experiment["experiment_id"]]}).encode())
+        with urllib.request.urlopen(request, timeout=10) as response:
+            names = {run["info"]["run_name"] for run in json.loads(response.read())["runs"]}
+        assert {"ingest", "teacher"} <= names
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
