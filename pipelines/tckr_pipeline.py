@@ -1,8 +1,13 @@
 """The TCKR recipe as a KFP v2 pipeline. Stages land here as they are built:
-ingest -> teacher -> report (caption, LoRA, generation, student and attack follow)."""
+ingest -> {teacher, caption} -> generator -> LoRA fine-tune -> generate -> report
+(the student and the LiRA attack follow)."""
 
 from kfp import dsl
 
+from tckr.components.caption import caption
+from tckr.components.finetune import finetune
+from tckr.components.generate import generate
+from tckr.components.generator import generator
 from tckr.components.ingest import ingest
 from tckr.components.report import report
 from tckr.components.start_run import start_run
@@ -12,15 +17,26 @@ from tckr.components.teacher import teacher
 @dsl.pipeline(name="tckr", description="TCKR: private images -> synthetic data -> distilled student, "
               "with utility and privacy measured")
 def tckr_pipeline(config_json: str, run_name: str, tracking_uri: str = "", ingest_seed: int = 0,
-                  teacher_seed: int = 0) -> dsl.Markdown:
+                  teacher_seed: int = 0, generator_seed: int = 0, finetune_seed: int = 420,
+                  generate_seed: int = 0) -> dsl.Markdown:
     """``config_json``: the resolved ``TckrConfig``; seeds are explicit so cluster caching keys on them."""
-    parent = start_run(config_json=config_json, run_name=run_name, tracking_uri=tracking_uri)
+    common = {"config_json": config_json, "tracking_uri": tracking_uri}
+    parent = start_run(run_name=run_name, **common)
     parent.set_caching_options(False)  # a new parent run per pipeline run
-    data = ingest(config_json=config_json, seed=ingest_seed, parent_run_id=parent.output,
-                  tracking_uri=tracking_uri)
-    trained = teacher(config_json=config_json, seed=teacher_seed, parent_run_id=parent.output,
-                      tracking_uri=tracking_uri, dataset=data.outputs["dataset"])
-    summary = report(config_json=config_json, parent_run_id=parent.output, tracking_uri=tracking_uri,
-                     ingest_metrics=data.outputs["metrics"], teacher_metrics=trained.outputs["metrics"])
+    tracked = common | {"parent_run_id": parent.output}
+    data = ingest(seed=ingest_seed, **tracked)
+    trained = teacher(seed=teacher_seed, dataset=data.outputs["dataset"], **tracked)
+    captioned = caption(dataset=data.outputs["dataset"], **tracked)
+    base = generator(seed=generator_seed, dataset=data.outputs["dataset"], captions=captioned.outputs["captions"],
+                     **tracked)
+    tuned = finetune(seed=finetune_seed, dataset=data.outputs["dataset"], captions=captioned.outputs["captions"],
+                     base_model=base.outputs["base_model"], **tracked)
+    synthetic = generate(seed=generate_seed, dataset=data.outputs["dataset"], captions=captioned.outputs["captions"],
+                         base_model=base.outputs["base_model"], adapter=tuned.outputs["adapter"],
+                         teacher_model=trained.outputs["model"], **tracked)
+    summary = report(ingest_metrics=data.outputs["metrics"], teacher_metrics=trained.outputs["metrics"],
+                     caption_metrics=captioned.outputs["metrics"], generator_metrics=base.outputs["metrics"],
+                     finetune_metrics=tuned.outputs["metrics"], generate_metrics=synthetic.outputs["metrics"],
+                     synthetic=synthetic.outputs["synthetic"], **tracked)
     summary.set_caching_options(False)
     return summary.outputs["summary"]

@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ["TCKR_CACHE"] = __import__("tempfile").mkdtemp(prefix="tckr-cache-")  # never the user's cache
 
 from pathlib import Path  # noqa: E402
 
@@ -89,3 +90,4 @@ def _isolated_tracking(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     yield
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ["TCKR_CACHE"] = __import__("tempfile").mkdtemp(prefix="tckr-cache-")  # never the user's cache

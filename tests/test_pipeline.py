@@ -11,6 +11,7 @@ from tckr.cli import main
 from tckr.config import load_config
 from tckr.pipelines.compile import compile_all
 from tckr.runner import run_local
+from tckr.tracking import configure
 
 
 @pytest.fixture(scope="module")
@@ -25,21 +26,41 @@ def test_run_directory(smoke_run):
     cfg, outcome, _ = smoke_run
     run_dir = outcome.run_dir
     assert (run_dir.parent / "latest").resolve() == run_dir
-    assert {"config.yaml", "report.md", "metrics.json"} <= {p.name for p in run_dir.iterdir()}
+    assert {"config.yaml", "report.md", "metrics.json", "samples.png"} <= {p.name for p in run_dir.iterdir()}
     metrics = json.loads((run_dir / "metrics.json").read_text())
     for key in ("teacher.test_accuracy", "teacher.val_accuracy", "stage.ingest.seconds",
-                "stage.teacher.seconds", "run.seconds", "data.train_images"):
+                "stage.teacher.seconds", "run.seconds", "data.train_images", "caption.train_distinct",
+                "generator.cached", "finetune.final_loss", "synthetic.images", "synthetic.teacher_agreement",
+                "stage.generate.seconds"):
         assert key in metrics, key
     assert 0.0 <= metrics["teacher.test_accuracy"] <= 1.0
     assert metrics["data.test_images"] == cfg.ingest.test_limit
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["profile"] == "smoke"
     report = (run_dir / "report.md").read_text()
     assert "| teacher" in report and "test_accuracy=" in report and cfg.fingerprint() in report
+    assert "![synthetic samples per class](samples.png)" in report
+    # ratio 0.1 x 420 private images = 42 -> 4 per class
+    assert metrics["synthetic.images"] == 40 and 0.0 <= metrics["synthetic.teacher_agreement"] <= 1.0
+    assert metrics["caption.train_images"] == metrics["data.train_images"]
+
+
+def test_base_generator_is_cached(smoke_run, tmp_path):
+    """A second run with the same generator settings and public data reuses the pretrained weights."""
+    from tckr.stages import generator_stage
+
+    cfg, outcome, _ = smoke_run
+    assert outcome.metrics["generator.cached"] == 0
+    kfp_dir = next(outcome.run_dir.glob("kfp/*"))
+    metrics = generator_stage(cfg, cfg.generator.seed, kfp_dir / "ingest" / "dataset", kfp_dir / "caption" / "captions",
+                              tmp_path / "again", None, f"sqlite:///{tmp_path / 'mlruns.db'}")
+    assert metrics["generator.cached"] == 1
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    assert (tmp_path / "again" / weights).read_bytes() == (kfp_dir / "generator" / "base_model" / weights).read_bytes()
 
 
 def test_mlflow_parent_and_stage_runs(smoke_run):
     cfg, outcome, uri = smoke_run
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
     experiment = client.get_experiment_by_name("tckr-fashion-mnist")
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -53,7 +74,7 @@ def test_mlflow_parent_and_stage_runs(smoke_run):
     assert {"config.yaml", "report.md", "metrics.json"} <= artifacts
 
     stages = {r.data.tags["tckr.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(stages) == {"ingest", "teacher"}
+    assert set(stages) == {"ingest", "teacher", "caption", "generator", "finetune", "generate"}
     assert all(r.info.status == "FINISHED" for r in stages.values())
     teacher = stages["teacher"]
     assert teacher.data.params["epochs"] == str(cfg.teacher.epochs)
@@ -63,13 +84,13 @@ def test_mlflow_parent_and_stage_runs(smoke_run):
 
 def test_teacher_registered_and_loadable(smoke_run):
     cfg, outcome, uri = smoke_run
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
     versions = client.search_model_versions("name = 'tckr-fashion-mnist-teacher'")
     assert len(versions) == 1
     tags = versions[0].tags
     assert tags["profile"] == "smoke" and tags["config_hash"] == cfg.fingerprint()
     assert float(tags["test_accuracy"]) == pytest.approx(outcome.metrics["teacher.test_accuracy"], abs=1e-4)
-    mlflow.set_tracking_uri(uri)
+    configure(uri)
     model = mlflow.pytorch.load_model("models:/tckr-fashion-mnist-teacher/1")
     # The registered model normalises by itself and accepts any batch size: score the real test split.
     from tckr.classify import ImageSplit
@@ -123,7 +144,7 @@ def test_failed_stage_is_reported_and_marked_failed(tmp_path):
     cfg = load_config("smoke", ["ingest.source=disk", f"ingest.name={tmp_path / 'missing'}"])
     with pytest.raises(PipelineFailed, match="failed at stage 'ingest'.*marked FAILED"):
         run_local(cfg, tmp_path / "runs", tracking_uri=uri)
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("tckr-fashion-mnist").experiment_id])
     statuses = {r.data.tags.get("tckr.stage", "parent"): r.info.status for r in runs}
     assert statuses == {"parent": "FAILED", "ingest": "FAILED"}
@@ -153,7 +174,9 @@ def test_dvc_params_are_the_demo_profile():
     assert params.model_dump(exclude={"profile"}) == load_config("demo").model_dump(exclude={"profile"})
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
     assert all("--profile params.yaml" in stage["cmd"] for stage in stages.values())
-    assert set(stages) == {"ingest", "teacher"}
+    from tckr.cli import STAGE_INPUTS
+
+    assert set(stages) == set(STAGE_INPUTS)
 
 
 def test_mlflow_server_serves_the_local_store(smoke_run, tmp_path):

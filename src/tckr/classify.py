@@ -47,7 +47,8 @@ class ImageSplit(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        data = self.images[int(index)]["image"]["bytes"]
+        item = self.images[int(index)]["image"]
+        data = item["bytes"] or Path(item["path"]).read_bytes()  # embedded (prepared) or on disk (synthetic)
         with PILImage.open(io.BytesIO(data)) as image:
             image = image.convert(self.mode)
             if image.size != (self.image_size, self.image_size):

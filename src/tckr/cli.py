@@ -31,6 +31,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# What each stage reads, as `tckr stage` options (the outputs of earlier stages).
+STAGE_INPUTS = {"ingest": (), "teacher": ("data",), "caption": ("data",), "generator": ("data", "captions"),
+                "finetune": ("data", "captions", "generator"),
+                "generate": ("data", "captions", "generator", "adapter", "teacher")}
+
+
 def _cmd_stage(args: argparse.Namespace) -> int:
     """One stage outside KFP (DVC's entry point): its own MLflow run, metrics.json beside its output."""
     import json
@@ -39,14 +45,24 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     from tckr.tracking import default_tracking_uri
 
     cfg = load_config(args.profile, args.overrides)
-    out = Path(args.out)
-    uri = default_tracking_uri()
-    if args.name == "ingest":
-        metrics = stages.ingest_stage(cfg, cfg.ingest.seed, out, None, uri)
-    else:
-        if not args.data:
-            raise ConfigError("tckr stage teacher needs --data (the ingest stage's output directory)")
-        metrics = stages.teacher_stage(cfg, cfg.teacher.seed, Path(args.data), out, None, uri)
+    missing = [f"--{name}" for name in STAGE_INPUTS[args.name] if not getattr(args, name)]
+    if missing:
+        raise ConfigError(f"tckr stage {args.name} needs {' '.join(missing)} (earlier stages' output directories)")
+    out, uri = Path(args.out), default_tracking_uri()
+    inputs = {name: Path(getattr(args, name)) for name in STAGE_INPUTS[args.name]}
+    runners = {
+        "ingest": lambda: stages.ingest_stage(cfg, cfg.ingest.seed, out, None, uri),
+        "teacher": lambda: stages.teacher_stage(cfg, cfg.teacher.seed, inputs["data"], out, None, uri),
+        "caption": lambda: stages.caption_stage(cfg, inputs["data"], out, None, uri),
+        "generator": lambda: stages.generator_stage(cfg, cfg.generator.seed, inputs["data"], inputs["captions"],
+                                                    out, None, uri),
+        "finetune": lambda: stages.finetune_stage(cfg, cfg.finetune.seed, inputs["data"], inputs["captions"],
+                                                  inputs["generator"], out, None, uri),
+        "generate": lambda: stages.generate_stage(cfg, cfg.generate.seed, inputs["data"], inputs["captions"],
+                                                  inputs["generator"], inputs["adapter"], inputs["teacher"], out,
+                                                  None, uri),
+    }
+    metrics = runners[args.name]()
     (out / "metrics.json").write_text(json.dumps(dict(sorted(metrics.items())), indent=2) + "\n")
     print(json.dumps(metrics, indent=2))
     return 0
@@ -76,10 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     run.set_defaults(handler=_cmd_run)
 
     stage = commands.add_parser("stage", help="run one stage on its own (used by dvc.yaml)")
-    stage.add_argument("name", choices=["ingest", "teacher"])
+    stage.add_argument("name", choices=list(STAGE_INPUTS))
     _config_arguments(stage)
     stage.add_argument("--out", required=True, help="the stage's output directory")
-    stage.add_argument("--data", help="prepared dataset directory (stages after ingest)")
+    for name, meaning in (("data", "prepared dataset (ingest)"), ("captions", "captions (caption)"),
+                          ("generator", "base generator (generator)"), ("adapter", "LoRA adapter (finetune)"),
+                          ("teacher", "teacher model (teacher)")):
+        stage.add_argument(f"--{name}", help=f"directory of the {meaning}")
     stage.set_defaults(handler=_cmd_stage)
 
     show = commands.add_parser("config", help="print the resolved configuration")

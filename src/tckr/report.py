@@ -14,11 +14,16 @@ STAGE_ROWS: dict[str, tuple[str, ...]] = {
                "data.public_images", "data.test_images", "data.num_classes"),
     "teacher": ("teacher.test_accuracy", "teacher.val_accuracy", "teacher.best_epoch",
                 "teacher.images_per_second"),
+    "caption": ("caption.train_images", "caption.train_distinct", "caption.public_images",
+                "caption.public_distinct"),
+    "generator": ("generator.cached",),
+    "finetune": ("finetune.steps", "finetune.final_loss"),
+    "generate": ("synthetic.images", "synthetic.teacher_agreement", "synthetic.images_per_second"),
 }
 
 
 def _format(value: float) -> str:
-    if float(value).is_integer() and abs(value) >= 1:
+    if float(value).is_integer():
         return f"{int(value)}"
     return f"{value:.4f}" if abs(value) < 100 else f"{value:.0f}"
 
@@ -67,6 +72,11 @@ def write_report(cfg: TckrConfig, metrics: dict[str, float], out_dir: Path, pare
         render_table(results_table(metrics)),
         "",
     ]
+    if (out_dir / "samples.png").is_file():
+        report += ["## Synthetic samples", "",
+                   "One row per class (first ten images of each), generated from the private captions "
+                   f"(teacher agreement {metrics.get('synthetic.teacher_agreement', float('nan')):.3f}).", "",
+                   "![synthetic samples per class](samples.png)", ""]
     report_path = out_dir / "report.md"
     report_path.write_text("\n".join(report))
     return [metrics_path, report_path, config_path]

@@ -32,7 +32,8 @@ class RunOutcome:
 
 def pipeline_arguments(cfg: TckrConfig, run_name: str, tracking_uri: str) -> dict:
     return {"config_json": cfg.model_dump_json(), "run_name": run_name, "tracking_uri": tracking_uri,
-            "ingest_seed": cfg.ingest.seed, "teacher_seed": cfg.teacher.seed}
+            "ingest_seed": cfg.ingest.seed, "teacher_seed": cfg.teacher.seed, "generator_seed": cfg.generator.seed,
+            "finetune_seed": cfg.finetune.seed, "generate_seed": cfg.generate.seed}
 
 
 def run_local(cfg: TckrConfig, runs_root: Path = Path("runs"), tracking_uri: str | None = None) -> RunOutcome:
@@ -65,8 +66,9 @@ def run_local(cfg: TckrConfig, runs_root: Path = Path("runs"), tracking_uri: str
             f"the pipeline failed at stage '{stage.group(1) if stage else '?'}' (its error is printed above); "
             f"MLflow run '{run_name}' is marked FAILED, KFP outputs are in {run_dir / 'kfp'}") from error
     report_dir = Path(task.output.path).parent / "report"
-    for name in ("report.md", "metrics.json"):
-        shutil.copyfile(report_dir / name, run_dir / name)
+    for path in report_dir.iterdir():  # report.md, metrics.json, samples.png, ...
+        if path.name != "config.yaml":
+            shutil.copyfile(path, run_dir / path.name)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     metrics["run.wall_seconds"] = time.perf_counter() - started
     (run_dir / "metrics.json").write_text(json.dumps(dict(sorted(metrics.items())), indent=2) + "\n")

@@ -64,6 +64,140 @@ def teacher_stage(cfg: TckrConfig, seed: int, data_dir: Path, out_dir: Path, par
     return metrics
 
 
+def caption_stage(cfg: TckrConfig, data_dir: Path, out_dir: Path, parent_run_id: str | None,
+                  tracking_uri: str) -> Metrics:
+    """Caption the private train split (and the public split) into ``out_dir/<split>/``."""
+    import mlflow
+    from tckr.caption import caption_dataset
+    from tckr.classify import resolve_device
+
+    with stage_run("caption", cfg, parent_run_id, tracking_uri, params=cfg.caption.model_dump(mode="json")):
+        started = time.perf_counter()
+        summary = caption_dataset(cfg.caption, Path(data_dir), Path(out_dir), resolve_device(cfg.runtime.device))
+        metrics: Metrics = {}
+        for split, part in summary["splits"].items():
+            metrics |= {f"caption.{split}_images": float(part["images"]),
+                        f"caption.{split}_distinct": float(part["distinct_captions"]),
+                        f"caption.{split}_empty": float(part["empty_captions"])}
+        metrics["stage.caption.seconds"] = time.perf_counter() - started
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifact(str(Path(out_dir) / "captions.json"))
+        mlflow.log_artifact(str(Path(out_dir) / "train" / "captions_by_class.json"))
+    return metrics
+
+
+def generator_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Path, out_dir: Path,
+                    parent_run_id: str | None, tracking_uri: str) -> Metrics:
+    """The base generator: reused from the cache when one with the same key exists, else pretrained
+    on the public split (never on private data) and cached."""
+    import mlflow
+    from tckr.classify import resolve_device
+    from tckr.generator import (
+        cache_key,
+        cached_copy,
+        decode_split,
+        digest_files,
+        generator_cache_dir,
+        pretrain_pixel_generator,
+        read_texts,
+    )
+    from tckr.ingest import load_prepared
+
+    generator_cfg = cfg.generator.model_copy(update={"seed": seed})
+    with stage_run("generator", cfg, parent_run_id, tracking_uri, params=generator_cfg.model_dump(mode="json")):
+        started = time.perf_counter()
+        splits, info = load_prepared(Path(data_dir))
+        if "public" not in splits:
+            raise ValueError("the pixel generator is pretrained on the public split, and the prepared dataset "
+                             "has none: set ingest.public_fraction > 0")
+        public_captions = Path(captions_dir) / "public" / "captions.jsonl"
+        key = cache_key(generator_cfg, cfg.image_size, info.fingerprint, digest_files([public_captions]))
+        cached = generator_cache_dir() / key
+        hit = (cached / "generator.json").is_file()
+        if hit:
+            cached_copy(cached, Path(out_dir))
+        else:
+            device = resolve_device(cfg.runtime.device)
+            images = decode_split(splits["public"], cfg.image_size, info.channels)
+            pretrain_pixel_generator(generator_cfg, images, read_texts(public_captions), Path(out_dir), device,
+                                     on_step=lambda step, loss: _log_every(step, 25, {"pretrain_loss": loss}))
+            cached_copy(Path(out_dir), cached)
+        metrics = {"generator.cached": float(hit), "stage.generator.seconds": time.perf_counter() - started}
+        mlflow.log_metrics(metrics)
+        mlflow.set_tag("tckr.generator_cache_key", key)
+        mlflow.log_artifact(str(Path(out_dir) / "generator.json"))
+    return metrics
+
+
+def finetune_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Path, generator_dir: Path,
+                   out_dir: Path, parent_run_id: str | None, tracking_uri: str) -> Metrics:
+    """LoRA on the private train split's (image, caption) pairs; logs the loss curve and a sample grid."""
+    import mlflow
+    from tckr.classify import resolve_device
+    from tckr.finetune import finetune_pixel_generator
+    from tckr.generator import decode_split, read_texts
+    from tckr.ingest import load_prepared
+
+    finetune_cfg = cfg.finetune.model_copy(update={"seed": seed})
+    with stage_run("finetune", cfg, parent_run_id, tracking_uri, params=finetune_cfg.model_dump(mode="json")):
+        started = time.perf_counter()
+        splits, info = load_prepared(Path(data_dir))
+        device = resolve_device(cfg.runtime.device)
+        images = decode_split(splits["train"], cfg.image_size, info.channels)
+        texts = read_texts(Path(captions_dir) / "train" / "captions.jsonl")
+        summary = finetune_pixel_generator(Path(generator_dir), images, texts, finetune_cfg, Path(out_dir), device,
+                                           on_step=lambda step, loss: _log_every(step, 10, {"lora_loss": loss}))
+        metrics = {"finetune.final_loss": summary["final_loss"], "finetune.steps": float(summary["steps"]),
+                   "stage.finetune.seconds": time.perf_counter() - started}
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifact(str(Path(out_dir) / "loss.csv"))
+        mlflow.log_artifact(str(Path(out_dir) / "adapter.json"))
+    return metrics
+
+
+def generate_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Path, generator_dir: Path,
+                   adapter_dir: Path, teacher_dir: Path, out_dir: Path, parent_run_id: str | None,
+                   tracking_uri: str) -> Metrics:
+    """k x synthetic images in shards, then their quality: how often the teacher agrees with the prompt."""
+    import json
+
+    import mlflow
+    from tckr.classify import BatchAugment, ImageSplit, accuracy, load_classifier, predict_logits, resolve_device
+    from tckr.finetune import load_finetuned
+    from tckr.generate import load_synthetic, run_generation, sample_grid
+    from tckr.ingest import load_prepared
+
+    generate_cfg = cfg.generate.model_copy(update={"seed": seed})
+    with stage_run("generate", cfg, parent_run_id, tracking_uri, params=generate_cfg.model_dump(mode="json")):
+        started = time.perf_counter()
+        splits, info = load_prepared(Path(data_dir))
+        device = resolve_device(cfg.runtime.device)
+        generator = load_finetuned(Path(generator_dir), Path(adapter_dir), device)
+        by_class = json.loads((Path(captions_dir) / "train" / "captions_by_class.json").read_text())
+        summary = run_generation(generator, by_class, info.classes, len(splits["train"]), generate_cfg,
+                                 Path(out_dir), device)
+        synthetic = ImageSplit(load_synthetic(Path(out_dir), info.classes), cfg.image_size, info.channels)
+        teacher = load_classifier(Path(teacher_dir), device)
+        logits = predict_logits(teacher, BatchAugment(info.mean, info.std).to(device), synthetic, 512, device,
+                                "teacher on synthetic")
+        grid = sample_grid(Path(out_dir), info.classes, per_class=10)
+        metrics = {"synthetic.images": float(summary["images"]),
+                   "synthetic.teacher_agreement": accuracy(logits, synthetic.labels),
+                   "synthetic.images_per_second": summary["images_per_second"],
+                   "stage.generate.seconds": time.perf_counter() - started}
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifact(str(grid))
+        mlflow.log_artifact(str(Path(out_dir) / "synthetic.json"))
+    return metrics
+
+
+def _log_every(step: int, every: int, values: dict[str, float]) -> None:
+    import mlflow
+
+    if step % every == 0:
+        mlflow.log_metrics(values, step=step)
+
+
 def _register_classifier(model_dir: Path, splits, info, cfg: TckrConfig, role: str, metrics: Metrics) -> None:
     """Register ``tckr-<dataset>-<role>``: takes float images in [0, 1], returns logits."""
     import torch

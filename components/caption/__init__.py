@@ -1,0 +1,3 @@
+from tckr.components.caption.component import caption
+
+__all__ = ["caption"]

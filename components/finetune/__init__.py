@@ -1,0 +1,3 @@
+from tckr.components.finetune.component import finetune
+
+__all__ = ["finetune"]

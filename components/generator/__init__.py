@@ -1,0 +1,3 @@
+from tckr.components.generator.component import generator
+
+__all__ = ["generator"]

@@ -1,0 +1,209 @@
+"""Stage 5: k x synthetic generation, balanced per class, seeded per image, in resumable shards.
+
+The plan is a pure function of (captions, private train size, config): image ``i`` has class
+``i mod K``, cycles through that class's captions, and starts from noise seeded by ``(seed, i)``.
+Shard ``s`` holds images ``[s * shard_size, (s + 1) * shard_size)``; it is written to a temporary
+directory and renamed into place with its ``manifest.jsonl`` last, so a shard is either complete or
+absent. A killed run therefore resumes by skipping complete shards and produces exactly the same
+set; shards are independent, so pods can produce them in parallel (KFP ParallelFor).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tckr.config import GenerateConfig
+from tckr.progress import progress
+
+
+class GenerationError(ValueError):
+    """The inputs cannot make a generation plan, or the shards do not make a complete set."""
+
+
+@dataclass(frozen=True)
+class PlannedImage:
+    index: int
+    label: int
+    class_name: str
+    prompt: str
+    seed: int
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.index:07d}.png"
+
+
+def image_seed(base_seed: int, index: int) -> int:
+    """A distinct 64-bit noise seed per image, stable across shardings and batch sizes."""
+    return (base_seed << 32) + index
+
+
+def plan_generation(captions_by_class: dict[str, list[str]], classes: list[str], num_private: int,
+                    cfg: GenerateConfig) -> list[PlannedImage]:
+    """``ratio x num_private`` images, ``N // K`` per class, prompts cycling each class's captions."""
+    if not captions_by_class:
+        raise GenerationError("the caption file is empty: caption the private train split first")
+    missing = [name for name in classes if not captions_by_class.get(name)]
+    if missing:
+        raise GenerationError(f"classes with no captions to prompt with: {missing}")
+    per_class = int(round(cfg.ratio * num_private)) // len(classes)
+    if per_class < 1:
+        raise GenerationError(f"ratio {cfg.ratio} x {num_private} private images is less than one image per "
+                              f"class ({len(classes)} classes): raise generate.ratio")
+    plan = []
+    for index in range(per_class * len(classes)):
+        label, turn = index % len(classes), index // len(classes)
+        name = classes[label]
+        prompts = captions_by_class[name]
+        plan.append(PlannedImage(index, label, name, prompts[turn % len(prompts)], image_seed(cfg.seed, index)))
+    return plan
+
+
+def shard_ranges(total: int, shard_size: int) -> list[range]:
+    return [range(start, min(start + shard_size, total)) for start in range(0, total, shard_size)]
+
+
+def shard_dir(out_dir: Path, shard: int) -> Path:
+    return Path(out_dir) / "shards" / f"shard-{shard:05d}"
+
+
+def is_complete(out_dir: Path, shard: int) -> bool:
+    return (shard_dir(out_dir, shard) / "manifest.jsonl").is_file()
+
+
+@torch.no_grad()
+def sample_pixel_images(generator, prompts: list[str], seeds: list[int], steps: int, guidance: float,
+                        device: torch.device, prompt_cache: dict[str, torch.Tensor]) -> np.ndarray:
+    """One batched classifier-free-guided DPM-Solver++ run; returns uint8 ``[B, H, W, C]``.
+
+    The conditional and unconditional passes share one UNet call; each image's starting noise comes
+    from its own seed, so an image does not depend on which other images share its batch's seeds.
+    Dynamic thresholding keeps the few-step solver from producing salt-and-pepper pixels.
+    """
+    from diffusers import DPMSolverMultistepScheduler
+
+    scheduler = DPMSolverMultistepScheduler.from_config(
+        generator.scheduler_config, algorithm_type="dpmsolver++", thresholding=True, sample_max_value=1.0)
+    scheduler.set_timesteps(steps, device=device)
+    missing = [text for text in dict.fromkeys(["", *prompts]) if text not in prompt_cache]
+    if missing:
+        prompt_cache.update(zip(missing, generator.text_encoder.encode(missing).cpu(), strict=True))
+    context = torch.stack([prompt_cache[""]] * len(prompts) + [prompt_cache[p] for p in prompts]).to(device)
+    shape = (generator.channels, generator.image_size, generator.image_size)
+    latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for seed in seeds])
+    latents = latents.to(device) * scheduler.init_noise_sigma
+    for timestep in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(torch.cat([latents, latents]), timestep)
+        unconditional, conditional = generator.unet(model_input, timestep, context).sample.chunk(2)
+        guided = unconditional + guidance * (conditional - unconditional)
+        latents = scheduler.step(guided, timestep, latents).prev_sample
+    pixels = ((latents.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    return pixels.permute(0, 2, 3, 1).numpy()
+
+
+def generate_shards(generator, plan: list[PlannedImage], out_dir: Path, cfg: GenerateConfig,
+                    device: torch.device, shards: list[int] | None = None) -> list[int]:
+    """Produce the given shards (default: every incomplete one); returns the shards written now."""
+    ranges = shard_ranges(len(plan), cfg.shard_size)
+    wanted = range(len(ranges)) if shards is None else shards
+    todo = [s for s in wanted if not is_complete(out_dir, s)]
+    prompt_cache: dict[str, torch.Tensor] = {}
+    bar = progress(total=sum(len(ranges[s]) for s in todo), desc="generate", unit="img")
+    for shard in todo:
+        items = [plan[i] for i in ranges[shard]]
+        final = shard_dir(out_dir, shard)
+        partial = final.with_name(final.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)  # leftovers of a killed run are redone, never trusted
+        partial.mkdir(parents=True)
+        for start in range(0, len(items), cfg.batch_size):
+            batch = items[start:start + cfg.batch_size]
+            pixels = sample_pixel_images(generator, [item.prompt for item in batch], [item.seed for item in batch],
+                                         cfg.steps, cfg.guidance, device, prompt_cache)
+            for item, array in zip(batch, pixels, strict=True):
+                Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(partial / item.file_name)
+            bar.update(len(batch))
+        with open(partial / "manifest.jsonl", "w") as handle:
+            for item in items:
+                handle.write(json.dumps(asdict(item) | {"file": f"{final.name}/{item.file_name}"}) + "\n")
+        partial.replace(final)
+    bar.close()
+    return todo
+
+
+def finalize(out_dir: Path, plan: list[PlannedImage], cfg: GenerateConfig) -> dict:
+    """Check the shards form the planned set exactly, then write ``manifest.jsonl`` + ``synthetic.json``."""
+    out_dir = Path(out_dir)
+    ranges = shard_ranges(len(plan), cfg.shard_size)
+    incomplete = [s for s in range(len(ranges)) if not is_complete(out_dir, s)]
+    if incomplete:
+        raise GenerationError(f"{len(incomplete)} of {len(ranges)} shards are missing or incomplete "
+                              f"(first: {incomplete[0]}): run the generate stage again to finish them")
+    rows = []
+    for shard in range(len(ranges)):
+        with open(shard_dir(out_dir, shard) / "manifest.jsonl") as handle:
+            rows += [json.loads(line) for line in handle]
+    indices = [row["index"] for row in rows]
+    if indices != list(range(len(plan))):
+        raise GenerationError("shard manifests do not cover the plan exactly once (gap or duplicate)")
+    for row, item in zip(rows, plan, strict=True):
+        if (row["label"], row["prompt"], row["seed"]) != (item.label, item.prompt, item.seed):
+            raise GenerationError(f"image {item.index} was generated for another plan: delete {out_dir} and rerun")
+    with open(out_dir / "manifest.jsonl", "w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    summary = {"images": len(rows), "shards": len(ranges), "per_class": len(rows) // len({r["label"] for r in rows}),
+               "ratio": cfg.ratio, "steps": cfg.steps, "guidance": cfg.guidance, "seed": cfg.seed}
+    (out_dir / "synthetic.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def load_synthetic(out_dir: Path, classes: list[str]):
+    """The synthetic set as a ``datasets.Dataset`` (``image``, ``label``), like a prepared split."""
+    import datasets
+
+    out_dir = Path(out_dir)
+    with open(out_dir / "manifest.jsonl") as handle:
+        rows = [json.loads(line) for line in handle]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
+    return datasets.Dataset.from_dict(
+        {"image": [str(out_dir / "shards" / row["file"]) for row in rows], "label": [row["label"] for row in rows]},
+        features=features)
+
+
+def run_generation(generator, captions_by_class: dict[str, list[str]], classes: list[str], num_private: int,
+                   cfg: GenerateConfig, out_dir: Path, device: torch.device) -> dict:
+    """Plan, produce every missing shard, and finalize."""
+    started = time.perf_counter()
+    plan = plan_generation(captions_by_class, classes, num_private, cfg)
+    written = generate_shards(generator, plan, out_dir, cfg, device)
+    summary = finalize(out_dir, plan, cfg)
+    seconds = time.perf_counter() - started
+    made = sum(len(r) for s, r in enumerate(shard_ranges(len(plan), cfg.shard_size)) if s in written)
+    return summary | {"seconds": seconds, "images_per_second": made / seconds if made else math.nan,
+                      "shards_written": len(written)}
+
+
+def sample_grid(out_dir: Path, classes: list[str], per_class: int = 10, scale: int = 3) -> Path:
+    """``samples.png``: one row per class, the first ``per_class`` synthetic images of each."""
+    out_dir = Path(out_dir)
+    with open(out_dir / "manifest.jsonl") as handle:
+        rows = [json.loads(line) for line in handle]
+    picked = {label: [r for r in rows if r["label"] == label][:per_class] for label in range(len(classes))}
+    first = Image.open(out_dir / "shards" / rows[0]["file"])
+    width, height = first.size
+    grid = Image.new(first.mode, (width * per_class, height * len(classes)))
+    for label, chosen in picked.items():
+        for column, row in enumerate(chosen):
+            grid.paste(Image.open(out_dir / "shards" / row["file"]), (column * width, label * height))
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
+    path = out_dir / "samples.png"
+    grid.save(path)
+    return path

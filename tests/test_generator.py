@@ -1,0 +1,211 @@
+"""The generator stack on a tiny pixel UNet: pretraining, LoRA round trip, sharded generation."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tckr.config import ConfigError, FinetuneConfig, GenerateConfig, GeneratorConfig, load_config
+from tckr.finetune import ADAPTER_FILE, finetune_pixel_generator, load_finetuned
+from tckr.generate import (
+    GenerationError,
+    finalize,
+    generate_shards,
+    load_synthetic,
+    plan_generation,
+    run_generation,
+    sample_pixel_images,
+)
+from tckr.generator import (
+    DenoiserData,
+    PixelGenerator,
+    PromptBank,
+    TextEncoder,
+    build_noise_scheduler,
+    build_unet,
+    pretrain_pixel_generator,
+    text_encoder_path,
+    train_denoiser,
+)
+from tckr.ingest import FASHION_MNIST_CLASSES
+
+CPU = torch.device("cpu")
+TINY = GeneratorConfig(block_out_channels=[8, 16], attention_head_dim=4, steps=4, batch_size=16, max_text_tokens=12)
+CLASSES = FASHION_MNIST_CLASSES[:3]
+
+
+@pytest.fixture(scope="module")
+def pairs(fmnist_arrays):
+    """60 real images of 3 classes at 8 px, each captioned by class and a per-image word."""
+    images, labels = fmnist_arrays["train"]
+    keep = np.flatnonzero(labels < 3)[:60]
+    pixels = torch.from_numpy(images[keep]).float().unsqueeze(1)
+    pixels = torch.nn.functional.interpolate(pixels, size=8, mode="area").round().to(torch.uint8)
+    words = ["dark", "bright", "large", "small"]
+    texts = [f"{CLASSES[labels[k]]}: a {words[i % 4]} item" for i, k in enumerate(keep)]
+    return pixels, texts, labels[keep]
+
+
+@pytest.fixture(scope="module")
+def base_generator(tmp_path_factory, pairs):
+    pixels, texts, _ = pairs
+    out = tmp_path_factory.mktemp("base")
+    summary = pretrain_pixel_generator(TINY, pixels, texts, out, CPU)
+    assert summary["steps"] == 4 and summary["unique_prompts"] == len(set(texts))
+    return out
+
+
+def test_base_generator_round_trip(base_generator):
+    card = json.loads((base_generator / "generator.json").read_text())
+    assert card["kind"] == "pixel" and card["image_size"] == 8 and card["channels"] == 1
+    assert (base_generator / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not (base_generator / "pretrain-checkpoint.pt").exists()
+    generator = PixelGenerator.load(base_generator, CPU)
+    assert generator.text_encoder.dim == 384  # the real all-MiniLM-L6-v2
+
+
+def test_denoiser_training_resumes_exactly(tmp_path, pairs):
+    pixels, texts, _ = pairs
+    encoder = TextEncoder(text_encoder_path(), 12, CPU)
+    data = DenoiserData(pixels, PromptBank.build(encoder, texts))
+
+    def run(checkpoint, stop_after=None):
+        torch.manual_seed(0)
+        unet = build_unet(TINY, 1, 8, encoder.dim)
+
+        def maybe_stop(step, _loss):
+            if step == stop_after:
+                raise KeyboardInterrupt
+
+        return train_denoiser(unet, list(unet.parameters()), data, build_noise_scheduler(TINY), steps=56,
+                              batch_size=8, grad_accum=2, lr=1e-3, weight_decay=0.0, max_grad_norm=1.0,
+                              caption_dropout=0.1, random_flip=True, seed=5, device=CPU, checkpoint=checkpoint,
+                              on_step=maybe_stop)
+
+    full = run(tmp_path / "a.pt")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b.pt", stop_after=53)  # the checkpoint of step 50 survives
+    resumed = run(tmp_path / "b.pt")
+    assert len(resumed) == 56
+    np.testing.assert_allclose(resumed, full, rtol=1e-5)
+
+
+def test_lora_adapter_round_trip_changes_outputs(tmp_path, base_generator, pairs):
+    pixels, texts, _ = pairs
+    cfg = FinetuneConfig(rank=4, alpha=4, epochs=1, batch_size=16, grad_accum=1, lr=5e-2, seed=1)
+    summary = finetune_pixel_generator(base_generator, pixels, texts, cfg, tmp_path / "lora", CPU)
+    assert summary["steps"] == 4 and summary["trainable_parameters"] > 0
+    from safetensors.torch import load_file
+
+    keys = load_file(str(tmp_path / "lora" / ADAPTER_FILE)).keys()
+    assert keys and all(k.startswith("unet.") and "lora" in k for k in keys)
+    assert not any("base_layer" in k for k in keys)  # adapter only
+    assert (tmp_path / "lora" / "loss.csv").read_text().count("\n") == 5
+
+    base = PixelGenerator.load(base_generator, CPU)
+    tuned = load_finetuned(base_generator, tmp_path / "lora", CPU)
+    again = load_finetuned(base_generator, tmp_path / "lora", CPU)
+    prompts, seeds = ["Trouser: a dark item", "Pullover: a small item"], [1, 2]
+    images = {name: sample_pixel_images(g, prompts, seeds, 4, 2.0, CPU, {}) for name, g in
+              (("base", base), ("tuned", tuned), ("again", again))}
+    assert not np.array_equal(images["base"], images["tuned"])
+    np.testing.assert_array_equal(images["tuned"], images["again"])
+
+
+def test_generation_is_deterministic_per_seed(base_generator):
+    generator = PixelGenerator.load(base_generator, CPU)
+    prompts = ["T-shirt/top: a dark item"] * 3
+    first = sample_pixel_images(generator, prompts, [7, 8, 7], 4, 2.0, CPU, {})
+    second = sample_pixel_images(generator, prompts, [7, 8, 7], 4, 2.0, CPU, {})
+    assert first.dtype == np.uint8 and first.shape == (3, 8, 8, 1)
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_array_equal(first[0], first[2])  # same seed and prompt -> same image
+    assert not np.array_equal(first[0], first[1])
+
+
+CAPTIONS = {name: [f"{name}: a dark item", f"{name}: a bright item"] for name in CLASSES}
+
+
+def test_plan_is_balanced_and_cycles_captions():
+    plan = plan_generation(CAPTIONS, CLASSES, num_private=10, cfg=GenerateConfig(ratio=2.0, seed=3))
+    assert len(plan) == 18  # round(2 x 10) // 3 = 6 per class
+    assert [sum(1 for p in plan if p.label == c) for c in range(3)] == [6, 6, 6]
+    trouser = [p.prompt for p in plan if p.label == 1]
+    assert trouser[:3] == ["Trouser: a dark item", "Trouser: a bright item", "Trouser: a dark item"]
+    assert len({p.seed for p in plan}) == 18
+
+
+@pytest.mark.parametrize(("captions", "ratio", "message"), [
+    ({}, 1.0, "the caption file is empty"),
+    ({**CAPTIONS, "Pullover": []}, 1.0, r"classes with no captions to prompt with: \['Pullover'\]"),
+    (CAPTIONS, 0.1, "less than one image per class"),
+])
+def test_plan_bad_input(captions, ratio, message):
+    with pytest.raises(GenerationError, match=message):
+        plan_generation(captions, CLASSES, num_private=10, cfg=GenerateConfig(ratio=ratio))
+
+
+def test_ratio_must_be_positive():
+    with pytest.raises(ConfigError, match="generate.ratio: Input should be greater than 0"):
+        load_config("smoke", ["generate.ratio=0"])
+
+
+class _KilledAfter:
+    """Wraps a generator; the n-th sampler call raises, as a pod killed mid-shard would."""
+
+    def __init__(self, generator, calls):
+        self.__dict__.update(vars(generator))
+        self.calls = calls
+        self.unet = self._counting(generator.unet)
+
+    def _counting(self, unet):
+        outer = self
+
+        class Counting(torch.nn.Module):
+            def forward(self, *args):
+                outer.calls -= 1
+                if outer.calls < 0:
+                    raise KeyboardInterrupt
+                return unet(*args)
+
+        return Counting()
+
+
+def test_killed_generation_resumes_to_the_same_set(tmp_path, base_generator):
+    cfg = GenerateConfig(ratio=1.0, steps=2, batch_size=4, shard_size=5, seed=11)
+    generator = PixelGenerator.load(base_generator, CPU)
+    reference = run_generation(generator, CAPTIONS, CLASSES, 12, cfg, tmp_path / "ref", CPU)
+    assert reference["images"] == 12 and reference["shards"] == 3
+
+    plan = plan_generation(CAPTIONS, CLASSES, 12, cfg)
+    with pytest.raises(KeyboardInterrupt):  # 2 UNet calls per batch: shard 0 takes 4, the 8th call is in shard 1
+        generate_shards(_KilledAfter(generator, calls=7), plan, tmp_path / "cut", cfg, CPU)
+    assert (tmp_path / "cut" / "shards" / "shard-00000" / "manifest.jsonl").is_file()
+    assert (tmp_path / "cut" / "shards" / "shard-00001.partial").is_dir()
+    with pytest.raises(GenerationError, match="2 of 3 shards are missing"):
+        finalize(tmp_path / "cut", plan, cfg)
+    written = generate_shards(generator, plan, tmp_path / "cut", cfg, CPU)
+    assert written == [1, 2]
+    finalize(tmp_path / "cut", plan, cfg)
+
+    assert (tmp_path / "cut" / "manifest.jsonl").read_text() == (tmp_path / "ref" / "manifest.jsonl").read_text()
+    for row in map(json.loads, (tmp_path / "ref" / "manifest.jsonl").read_text().splitlines()):
+        assert (tmp_path / "cut" / "shards" / row["file"]).read_bytes() == \
+            (tmp_path / "ref" / "shards" / row["file"]).read_bytes()
+    assert not list((tmp_path / "cut" / "shards").glob("*.partial"))
+
+
+def test_manifest_validity_and_loading(tmp_path, base_generator):
+    cfg = GenerateConfig(ratio=1.0, steps=2, batch_size=8, shard_size=4, seed=2)
+    generator = PixelGenerator.load(base_generator, CPU)
+    run_generation(generator, CAPTIONS, CLASSES, 9, cfg, tmp_path / "syn", CPU)
+    rows = [json.loads(line) for line in (tmp_path / "syn" / "manifest.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(9))
+    assert {"file", "label", "class_name", "prompt", "seed"} <= set(rows[0])
+    dataset = load_synthetic(tmp_path / "syn", CLASSES)
+    assert len(dataset) == 9 and dataset[4]["label"] == 1 and dataset[4]["image"].size == (8, 8)
+    # A manifest made for another plan is refused.
+    other = plan_generation(CAPTIONS, CLASSES, 9, GenerateConfig(ratio=1.0, shard_size=4, seed=3))
+    with pytest.raises(GenerationError, match="generated for another plan"):
+        finalize(tmp_path / "syn", other, cfg)
