@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 PROFILE ?= demo
 MLFLOW_PORT ?= 5000
 
-.PHONY: help setup data demo run test lint compile mlflow-ui clean
+.PHONY: help setup data demo run test lint bench compile mlflow-ui clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -38,7 +38,10 @@ test: setup  ## run the test suite
 	$(BIN)/python -m pytest
 
 lint: setup  ## ruff
-	$(BIN)/ruff check src components pipelines tests
+	$(BIN)/ruff check src components pipelines tests bench
+
+bench: setup  ## performance benchmarks (each prints a ratio against a baseline run alongside)
+	$(BIN)/python bench/bench_generation.py
 
 compile: setup  ## compile pipelines to the YAML committed beside them
 	$(BIN)/tckr compile

@@ -203,7 +203,7 @@ def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_siz
             scaler.step(optimizer)
             scaler.update()
             running_loss += loss.item()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         scheduler.step()
         trained_images += len(loader) * cfg.batch_size
         val_logits = predict_logits(model, augment, val_set, cfg.eval_batch_size, device, "validate")

@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     compile_.set_defaults(handler=_cmd_compile)
 
     args = parser.parse_args(argv)
+    from tckr.caption import CaptionError
+    from tckr.generate import GenerationError
     from tckr.ingest import DatasetError
     from tckr.runner import PipelineFailed
     from tckr.tracking import TrackingError
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"tckr: {error}", file=sys.stderr)
         return 2
-    except (DatasetError, TrackingError, PipelineFailed) as error:
+    except (DatasetError, CaptionError, GenerationError, TrackingError, PipelineFailed) as error:
         print(f"tckr: {error}", file=sys.stderr)
         return 1
 

@@ -144,7 +144,6 @@ def train_denoiser(unet: nn.Module, parameters: list[nn.Parameter], data: Denois
         if ema is not None and saved.get("ema") is not None:
             ema.load_state_dict(saved["ema"])
         losses, start = saved["losses"], saved["step"]
-    micro = batch_size * grad_accum
     per_epoch = max(1, len(data) // batch_size)
     trainable_names = {name for name, p in unet.named_parameters() if p.requires_grad}
     bar = progress(range(start, steps), desc=desc, unit="step", initial=start, total=steps)
@@ -169,13 +168,13 @@ def train_denoiser(unet: nn.Module, parameters: list[nn.Parameter], data: Denois
         if ema is not None:
             _ema_update(ema, unet, ema_decay)
         losses.append(step_loss)
-        bar.set_postfix(loss=f"{step_loss:.4f}")
+        bar.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
         if on_step:
             on_step(step + 1, step_loss)
         if (step + 1) % 50 == 0 or step + 1 == steps:
             state = {"trainable": {k: v for k, v in unet.state_dict().items() if k in trainable_names},
                      "optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                     "losses": losses, "step": step + 1, "micro_batch": micro}
+                     "losses": losses, "step": step + 1}
             partial = checkpoint.with_suffix(".partial")
             torch.save(state, partial)
             partial.replace(checkpoint)

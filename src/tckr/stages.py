@@ -104,6 +104,10 @@ def generator_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Pa
     from tckr.ingest import load_prepared
 
     generator_cfg = cfg.generator.model_copy(update={"seed": seed})
+    if generator_cfg.kind != "pixel":
+        raise NotImplementedError(
+            f"generator.kind={generator_cfg.kind!r} (SD2 + LoRA on a GPU) is not built yet; this version runs "
+            "the pixel generator only (generator.kind=pixel, the demo and smoke profiles)")
     with stage_run("generator", cfg, parent_run_id, tracking_uri, params=generator_cfg.model_dump(mode="json")):
         started = time.perf_counter()
         splits, info = load_prepared(Path(data_dir))

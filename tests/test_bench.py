@@ -1,0 +1,15 @@
+"""The benchmarks keep working (their figures are measured with `make bench`, not asserted here)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def test_generation_benchmark_prints_a_ratio():
+    result = subprocess.run([sys.executable, str(BENCH / "bench_generation.py"), "--profile", "smoke",
+                             "--images", "6", "--steps", "2", "--batch-size", "4"],
+                            capture_output=True, text=True, timeout=300, check=True)
+    assert "naive per-prompt loop" in result.stdout
+    assert "speed-up" in result.stdout
