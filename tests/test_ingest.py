@@ -25,7 +25,8 @@ def _check_prepared(out, expected_train_total, classes=FASHION_MNIST_CLASSES):
     pixels = np.stack([np.asarray(item["image"], dtype=np.float64) / 255 for item in splits["train"]])
     assert info.mean[0] == pytest.approx(pixels.mean(), abs=1e-5)
     assert info.std[0] == pytest.approx(pixels.std(), abs=1e-5)
-    assert json.loads((out / "dataset.json").read_text())["num_classes"] == len(classes)
+    stored = json.loads((out / "dataset.json").read_text())
+    assert stored["num_classes"] == len(classes) and set(stored["split_fingerprints"]) == set(splits)
     return splits, info
 
 

@@ -2,11 +2,11 @@
 
 import json
 
+import mlflow
 import pytest
 import torch
 import yaml
 
-import mlflow
 from tckr.cli import main
 from tckr.config import load_config
 from tckr.pipelines.compile import compile_all

@@ -58,6 +58,7 @@ class DatasetInfo:
     splits: dict[str, SplitSummary]
     fingerprint: str
     source: dict[str, Any] = field(default_factory=dict)
+    split_fingerprints: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -361,6 +362,7 @@ def prepare(cfg: IngestConfig, out_dir: Path, dataset_name: str, min_train_image
         splits={name: SplitSummary(len(split), np.bincount(split["label"], minlength=len(classes)).tolist())
                 for name, split in splits.items()},
         fingerprint=fingerprint[:16],
+        split_fingerprints={name: scan.digest[:16] for name, scan in sorted(scans.items())},
         source={"source": cfg.source, "name": cfg.name, "hub_config": cfg.hub_config,
                 "image_column": image, "label_column": label, "seed": cfg.seed})
     info.save(out_dir / "dataset.json")

@@ -16,6 +16,7 @@ Metrics = dict[str, float]
 def ingest_stage(cfg: TckrConfig, seed: int, out_dir: Path, parent_run_id: str | None, tracking_uri: str) -> Metrics:
     """Prepare the private dataset (splits, statistics, fingerprint) into ``out_dir``."""
     import mlflow
+
     from tckr.ingest import prepare
 
     ingest_cfg = cfg.ingest.model_copy(update={"seed": seed})
@@ -34,19 +35,17 @@ def ingest_stage(cfg: TckrConfig, seed: int, out_dir: Path, parent_run_id: str |
 def teacher_stage(cfg: TckrConfig, seed: int, data_dir: Path, out_dir: Path, parent_run_id: str | None,
                   tracking_uri: str) -> Metrics:
     """Train the teacher on the private train split; register it as ``tckr-<dataset>-teacher``."""
-    import torch
 
     import mlflow
-    from tckr.classify import resolve_device, train_classifier
+
+    from tckr.classify import train_classifier
     from tckr.ingest import load_prepared
 
     teacher_cfg = cfg.teacher.model_copy(update={"seed": seed})
     with stage_run("teacher", cfg, parent_run_id, tracking_uri,
                    params=teacher_cfg.model_dump(mode="json") | {"image_size": cfg.image_size}):
         started = time.perf_counter()
-        if cfg.runtime.torch_threads:
-            torch.set_num_threads(cfg.runtime.torch_threads)
-        device = resolve_device(cfg.runtime.device)
+        device = _device(cfg)
         splits, info = load_prepared(Path(data_dir))
         result = train_classifier(
             teacher_cfg, splits, info, cfg.image_size, Path(out_dir), device, name="teacher",
@@ -68,12 +67,12 @@ def caption_stage(cfg: TckrConfig, data_dir: Path, out_dir: Path, parent_run_id:
                   tracking_uri: str) -> Metrics:
     """Caption the private train split (and the public split) into ``out_dir/<split>/``."""
     import mlflow
+
     from tckr.caption import caption_dataset
-    from tckr.classify import resolve_device
 
     with stage_run("caption", cfg, parent_run_id, tracking_uri, params=cfg.caption.model_dump(mode="json")):
         started = time.perf_counter()
-        summary = caption_dataset(cfg.caption, Path(data_dir), Path(out_dir), resolve_device(cfg.runtime.device))
+        summary = caption_dataset(cfg.caption, Path(data_dir), Path(out_dir), _device(cfg))
         metrics: Metrics = {}
         for split, part in summary["splits"].items():
             metrics |= {f"caption.{split}_images": float(part["images"]),
@@ -91,7 +90,7 @@ def generator_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Pa
     """The base generator: reused from the cache when one with the same key exists, else pretrained
     on the public split (never on private data) and cached."""
     import mlflow
-    from tckr.classify import resolve_device
+
     from tckr.generator import (
         cache_key,
         cached_copy,
@@ -115,13 +114,15 @@ def generator_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Pa
             raise ValueError("the pixel generator is pretrained on the public split, and the prepared dataset "
                              "has none: set ingest.public_fraction > 0")
         public_captions = Path(captions_dir) / "public" / "captions.jsonl"
-        key = cache_key(generator_cfg, cfg.image_size, info.fingerprint, digest_files([public_captions]))
+        # Keyed on the public split only: a new private set reuses the same pretrained generator.
+        key = cache_key(generator_cfg, cfg.image_size, info.split_fingerprints["public"],
+                        digest_files([public_captions]))
         cached = generator_cache_dir() / key
         hit = (cached / "generator.json").is_file()
         if hit:
             cached_copy(cached, Path(out_dir))
         else:
-            device = resolve_device(cfg.runtime.device)
+            device = _device(cfg)
             images = decode_split(splits["public"], cfg.image_size, info.channels)
             pretrain_pixel_generator(generator_cfg, images, read_texts(public_captions), Path(out_dir), device,
                                      on_step=lambda step, loss: _log_every(step, 25, {"pretrain_loss": loss}))
@@ -137,7 +138,7 @@ def finetune_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Pat
                    out_dir: Path, parent_run_id: str | None, tracking_uri: str) -> Metrics:
     """LoRA on the private train split's (image, caption) pairs; logs the loss curve and a sample grid."""
     import mlflow
-    from tckr.classify import resolve_device
+
     from tckr.finetune import finetune_pixel_generator
     from tckr.generator import decode_split, read_texts
     from tckr.ingest import load_prepared
@@ -146,7 +147,7 @@ def finetune_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Pat
     with stage_run("finetune", cfg, parent_run_id, tracking_uri, params=finetune_cfg.model_dump(mode="json")):
         started = time.perf_counter()
         splits, info = load_prepared(Path(data_dir))
-        device = resolve_device(cfg.runtime.device)
+        device = _device(cfg)
         images = decode_split(splits["train"], cfg.image_size, info.channels)
         texts = read_texts(Path(captions_dir) / "train" / "captions.jsonl")
         summary = finetune_pixel_generator(Path(generator_dir), images, texts, finetune_cfg, Path(out_dir), device,
@@ -166,7 +167,8 @@ def generate_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Pat
     import json
 
     import mlflow
-    from tckr.classify import BatchAugment, ImageSplit, accuracy, load_classifier, predict_logits, resolve_device
+
+    from tckr.classify import BatchAugment, ImageSplit, accuracy, load_classifier, predict_logits
     from tckr.finetune import load_finetuned
     from tckr.generate import load_synthetic, run_generation, sample_grid
     from tckr.ingest import load_prepared
@@ -175,7 +177,7 @@ def generate_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Pat
     with stage_run("generate", cfg, parent_run_id, tracking_uri, params=generate_cfg.model_dump(mode="json")):
         started = time.perf_counter()
         splits, info = load_prepared(Path(data_dir))
-        device = resolve_device(cfg.runtime.device)
+        device = _device(cfg)
         generator = load_finetuned(Path(generator_dir), Path(adapter_dir), device)
         by_class = json.loads((Path(captions_dir) / "train" / "captions_by_class.json").read_text())
         summary = run_generation(generator, by_class, info.classes, len(splits["train"]), generate_cfg,
@@ -193,6 +195,17 @@ def generate_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Pat
         mlflow.log_artifact(str(grid))
         mlflow.log_artifact(str(Path(out_dir) / "synthetic.json"))
     return metrics
+
+
+def _device(cfg: TckrConfig):
+    """The stage's torch device (refusing a requested but absent GPU) and thread count."""
+    import torch
+
+    from tckr.classify import resolve_device
+
+    if cfg.runtime.torch_threads:
+        torch.set_num_threads(cfg.runtime.torch_threads)
+    return resolve_device(cfg.runtime.device)
 
 
 def _log_every(step: int, every: int, values: dict[str, float]) -> None:
@@ -224,6 +237,7 @@ def report_stage(cfg: TckrConfig, stage_metrics: list[Metrics], out_dir: Path, p
                  tracking_uri: str) -> Metrics:
     """Merge the stages' metrics, write ``metrics.json`` + ``report.md`` and close the parent run."""
     import mlflow
+
     from tckr.report import write_report
     from tckr.tracking import configure, finish_pipeline_run
 
