@@ -1,5 +1,5 @@
 """The TCKR recipe as a KFP v2 pipeline. Stages land here as they are built:
-ingest -> {teacher, caption} -> generator -> LoRA fine-tune -> generate -> report
+ingest -> {teacher, caption} -> generator -> LoRA fine-tune -> generate (ParallelFor over shards) -> report
 (the student and the LiRA attack follow)."""
 
 from kfp import dsl
@@ -7,6 +7,8 @@ from kfp import dsl
 from tckr.components.caption import caption
 from tckr.components.finetune import finetune
 from tckr.components.generate import generate
+from tckr.components.generate_shard import generate_shard
+from tckr.components.generation_plan import generation_plan
 from tckr.components.generator import generator
 from tckr.components.ingest import ingest
 from tckr.components.report import report
@@ -31,9 +33,14 @@ def tckr_pipeline(config_json: str, run_name: str, tracking_uri: str = "", inges
                      **tracked)
     tuned = finetune(seed=finetune_seed, dataset=data.outputs["dataset"], captions=captioned.outputs["captions"],
                      base_model=base.outputs["base_model"], **tracked)
-    synthetic = generate(seed=generate_seed, dataset=data.outputs["dataset"], captions=captioned.outputs["captions"],
-                         base_model=base.outputs["base_model"], adapter=tuned.outputs["adapter"],
-                         teacher_model=trained.outputs["model"], **tracked)
+    inputs = {"dataset": data.outputs["dataset"], "captions": captioned.outputs["captions"],
+              "base_model": base.outputs["base_model"], "adapter": tuned.outputs["adapter"]}
+    plan = generation_plan(config_json=config_json, seed=generate_seed, dataset=data.outputs["dataset"],
+                           captions=captioned.outputs["captions"])
+    with dsl.ParallelFor(plan.output, name="shards") as shard:  # one task (pod) per shard
+        shard_task = generate_shard(config_json=config_json, seed=generate_seed, shard=shard, **inputs)
+    synthetic = generate(seed=generate_seed, teacher_model=trained.outputs["model"],
+                         shards=dsl.Collected(shard_task.outputs["images"]), **inputs, **tracked)
     summary = report(ingest_metrics=data.outputs["metrics"], teacher_metrics=trained.outputs["metrics"],
                      caption_metrics=captioned.outputs["metrics"], generator_metrics=base.outputs["metrics"],
                      finetune_metrics=tuned.outputs["metrics"], generate_metrics=synthetic.outputs["metrics"],

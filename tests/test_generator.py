@@ -11,10 +11,10 @@ from tckr.finetune import ADAPTER_FILE, finetune_pixel_generator, load_finetuned
 from tckr.generate import (
     GenerationError,
     finalize,
+    gather_shards,
     generate_shards,
     load_synthetic,
     plan_generation,
-    run_generation,
     sample_pixel_images,
 )
 from tckr.generator import (
@@ -151,6 +151,12 @@ def test_ratio_must_be_positive():
         load_config("smoke", ["generate.ratio=0"])
 
 
+def run_generation(generator, captions, classes, num_private, cfg, out_dir):
+    plan = plan_generation(captions, classes, num_private, cfg)
+    generate_shards(generator, plan, out_dir, cfg, CPU)
+    return finalize(out_dir, plan, cfg)
+
+
 class _KilledAfter:
     """Wraps a generator; the n-th sampler call raises, as a pod killed mid-shard would."""
 
@@ -175,7 +181,7 @@ class _KilledAfter:
 def test_killed_generation_resumes_to_the_same_set(tmp_path, base_generator):
     cfg = GenerateConfig(ratio=1.0, steps=2, batch_size=4, shard_size=5, seed=11)
     generator = PixelGenerator.load(base_generator, CPU)
-    reference = run_generation(generator, CAPTIONS, CLASSES, 12, cfg, tmp_path / "ref", CPU)
+    reference = run_generation(generator, CAPTIONS, CLASSES, 12, cfg, tmp_path / "ref")
     assert reference["images"] == 12 and reference["shards"] == 3
 
     plan = plan_generation(CAPTIONS, CLASSES, 12, cfg)
@@ -199,7 +205,7 @@ def test_killed_generation_resumes_to_the_same_set(tmp_path, base_generator):
 def test_manifest_validity_and_loading(tmp_path, base_generator):
     cfg = GenerateConfig(ratio=1.0, steps=2, batch_size=8, shard_size=4, seed=2)
     generator = PixelGenerator.load(base_generator, CPU)
-    run_generation(generator, CAPTIONS, CLASSES, 9, cfg, tmp_path / "syn", CPU)
+    run_generation(generator, CAPTIONS, CLASSES, 9, cfg, tmp_path / "syn")
     rows = [json.loads(line) for line in (tmp_path / "syn" / "manifest.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == list(range(9))
     assert {"file", "label", "class_name", "prompt", "seed"} <= set(rows[0])
@@ -209,3 +215,19 @@ def test_manifest_validity_and_loading(tmp_path, base_generator):
     other = plan_generation(CAPTIONS, CLASSES, 9, GenerateConfig(ratio=1.0, shard_size=4, seed=3))
     with pytest.raises(GenerationError, match="generated for another plan"):
         finalize(tmp_path / "syn", other, cfg)
+
+
+def test_shards_made_by_parallel_workers_are_gathered(tmp_path, base_generator):
+    """The fan-out: each worker writes its own shard directory; the gatherer assembles the planned set."""
+    cfg = GenerateConfig(ratio=1.0, steps=2, batch_size=4, shard_size=4, seed=4)
+    generator = PixelGenerator.load(base_generator, CPU)
+    plan = plan_generation(CAPTIONS, CLASSES, 12, cfg)
+    for shard in (0, 2):  # two "pods"; shard 1 is left for the gatherer to make itself
+        generate_shards(generator, plan, tmp_path / f"pod{shard}", cfg, CPU, shards=[shard])
+    assert gather_shards([tmp_path / "pod0", tmp_path / "pod2"], tmp_path / "all") == [0, 2]
+    assert generate_shards(generator, plan, tmp_path / "all", cfg, CPU) == [1]
+    finalize(tmp_path / "all", plan, cfg)
+    reference = tmp_path / "ref"
+    run_generation(generator, CAPTIONS, CLASSES, 12, cfg, reference)
+    assert (tmp_path / "all" / "manifest.jsonl").read_text() == (reference / "manifest.jsonl").read_text()
+    assert gather_shards([tmp_path / "pod0"], tmp_path / "all") == []  # already complete: untouched

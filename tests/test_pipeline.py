@@ -41,6 +41,9 @@ def test_run_directory(smoke_run):
     assert "![synthetic samples per class](samples.png)" in report
     # ratio 0.1 x 420 private images = 42 -> 4 per class
     assert metrics["synthetic.images"] == 40 and 0.0 <= metrics["synthetic.teacher_agreement"] <= 1.0
+    # 40 images in shards of 16: three ParallelFor tasks made them, the gathering stage none.
+    assert metrics["synthetic.shards"] == metrics["synthetic.shards_gathered"] == 3
+    assert metrics["synthetic.shards_generated_here"] == 0
     assert metrics["caption.train_images"] == metrics["data.train_images"]
 
 
@@ -134,7 +137,9 @@ def test_compiled_pipeline_matches_committed_snapshot(tmp_path):
         assert len(images) == 1 and images.pop().startswith("ghcr.io/tckr/tckr:")
         tasks = spec["root"]["dag"]["tasks"]
         assert tasks["ingest"]["componentRef"] and "teacher" in tasks and "report" in tasks
-        assert {"ingest_seed", "teacher_seed"} <= set(spec["root"]["inputDefinitions"]["parameters"])
+        assert {"ingest_seed", "teacher_seed", "generate_seed"} <= set(spec["root"]["inputDefinitions"]["parameters"])
+        fan_out = [t for t in tasks.values() if "parameterIterator" in t]
+        assert len(fan_out) == 1 and "generation-plan" in str(fan_out[0]["parameterIterator"])
 
 
 def test_failed_stage_is_reported_and_marked_failed(tmp_path):

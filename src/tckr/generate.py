@@ -11,9 +11,7 @@ set; shards are independent, so pods can produce them in parallel (KFP ParallelF
 from __future__ import annotations
 
 import json
-import math
 import shutil
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -139,6 +137,22 @@ def generate_shards(generator, plan: list[PlannedImage], out_dir: Path, cfg: Gen
     return todo
 
 
+def gather_shards(sources: list[Path], out_dir: Path) -> list[int]:
+    """Move complete shards produced elsewhere (one directory per fan-out task) into ``out_dir``."""
+    gathered = []
+    for source in sources:
+        for shard in sorted((Path(source) / "shards").glob("shard-?????")):
+            number = int(shard.name.removeprefix("shard-"))
+            if (shard / "manifest.jsonl").is_file() and not is_complete(out_dir, number):
+                final = shard_dir(out_dir, number)
+                partial = final.with_name(final.name + ".partial")
+                shutil.rmtree(partial, ignore_errors=True)
+                shutil.copytree(shard, partial)  # then one rename: complete or absent, as when generated
+                partial.replace(final)
+                gathered.append(number)
+    return sorted(gathered)
+
+
 def finalize(out_dir: Path, plan: list[PlannedImage], cfg: GenerateConfig) -> dict:
     """Check the shards form the planned set exactly, then write ``manifest.jsonl`` + ``synthetic.json``."""
     out_dir = Path(out_dir)
@@ -176,19 +190,6 @@ def load_synthetic(out_dir: Path, classes: list[str]):
     return datasets.Dataset.from_dict(
         {"image": [str(out_dir / "shards" / row["file"]) for row in rows], "label": [row["label"] for row in rows]},
         features=features)
-
-
-def run_generation(generator, captions_by_class: dict[str, list[str]], classes: list[str], num_private: int,
-                   cfg: GenerateConfig, out_dir: Path, device: torch.device) -> dict:
-    """Plan, produce every missing shard, and finalize."""
-    started = time.perf_counter()
-    plan = plan_generation(captions_by_class, classes, num_private, cfg)
-    written = generate_shards(generator, plan, out_dir, cfg, device)
-    summary = finalize(out_dir, plan, cfg)
-    seconds = time.perf_counter() - started
-    made = sum(len(r) for s, r in enumerate(shard_ranges(len(plan), cfg.shard_size)) if s in written)
-    return summary | {"seconds": seconds, "images_per_second": made / seconds if made else math.nan,
-                      "shards_written": len(written)}
 
 
 def sample_grid(out_dir: Path, classes: list[str], per_class: int = 10, scale: int = 3) -> Path:

@@ -18,7 +18,7 @@ STAGE_ROWS: dict[str, tuple[str, ...]] = {
                 "caption.public_distinct"),
     "generator": ("generator.cached",),
     "finetune": ("finetune.steps", "finetune.final_loss"),
-    "generate": ("synthetic.images", "synthetic.teacher_agreement", "synthetic.images_per_second"),
+    "generate": ("synthetic.images", "synthetic.teacher_agreement", "synthetic.shards"),
 }
 
 

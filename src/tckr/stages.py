@@ -160,36 +160,67 @@ def finetune_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Pat
     return metrics
 
 
-def generate_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Path, generator_dir: Path,
-                   adapter_dir: Path, teacher_dir: Path, out_dir: Path, parent_run_id: str | None,
-                   tracking_uri: str) -> Metrics:
-    """k x synthetic images in shards, then their quality: how often the teacher agrees with the prompt."""
+def _generation_plan(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Path):
     import json
 
+    from tckr.generate import plan_generation
+    from tckr.ingest import DatasetInfo
+
+    info = DatasetInfo.load(Path(data_dir) / "dataset.json")
+    by_class = json.loads((Path(captions_dir) / "train" / "captions_by_class.json").read_text())
+    generate_cfg = cfg.generate.model_copy(update={"seed": seed})
+    return plan_generation(by_class, info.classes, info.splits["train"].count, generate_cfg), generate_cfg, info
+
+
+def generation_shards(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Path) -> list[int]:
+    """The shard numbers of the generation plan: what the pipeline fans out over."""
+    from tckr.generate import shard_ranges
+
+    plan, generate_cfg, _ = _generation_plan(cfg, seed, data_dir, captions_dir)
+    return list(range(len(shard_ranges(len(plan), generate_cfg.shard_size))))
+
+
+def generate_shard_stage(cfg: TckrConfig, seed: int, shard: int, data_dir: Path, captions_dir: Path,
+                         generator_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
+    """One shard of the plan into ``out_dir`` (one pod of the fan-out); resumable like any shard."""
+    from tckr.finetune import load_finetuned
+    from tckr.generate import generate_shards
+
+    plan, generate_cfg, _ = _generation_plan(cfg, seed, data_dir, captions_dir)
+    generator = load_finetuned(Path(generator_dir), Path(adapter_dir), _device(cfg))
+    generate_shards(generator, plan, Path(out_dir), generate_cfg, _device(cfg), shards=[int(shard)])
+    return Path(out_dir)
+
+
+def generate_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Path, generator_dir: Path,
+                   adapter_dir: Path, teacher_dir: Path, out_dir: Path, parent_run_id: str | None,
+                   tracking_uri: str, shard_dirs: list[Path] = ()) -> Metrics:
+    """The synthetic set: shards made elsewhere (``shard_dirs``, the fan-out) are gathered, any missing
+    shard is generated here, the whole is checked against the plan and scored by the teacher's
+    agreement with the prompts' classes."""
     import mlflow
 
     from tckr.classify import BatchAugment, ImageSplit, accuracy, load_classifier, predict_logits
     from tckr.finetune import load_finetuned
-    from tckr.generate import load_synthetic, run_generation, sample_grid
-    from tckr.ingest import load_prepared
+    from tckr.generate import finalize, gather_shards, generate_shards, load_synthetic, sample_grid
 
-    generate_cfg = cfg.generate.model_copy(update={"seed": seed})
-    with stage_run("generate", cfg, parent_run_id, tracking_uri, params=generate_cfg.model_dump(mode="json")):
+    with stage_run("generate", cfg, parent_run_id, tracking_uri, params=cfg.generate.model_dump(mode="json")):
         started = time.perf_counter()
-        splits, info = load_prepared(Path(data_dir))
+        plan, generate_cfg, info = _generation_plan(cfg, seed, data_dir, captions_dir)
         device = _device(cfg)
+        gathered = gather_shards([Path(d) for d in shard_dirs], Path(out_dir))
         generator = load_finetuned(Path(generator_dir), Path(adapter_dir), device)
-        by_class = json.loads((Path(captions_dir) / "train" / "captions_by_class.json").read_text())
-        summary = run_generation(generator, by_class, info.classes, len(splits["train"]), generate_cfg,
-                                 Path(out_dir), device)
+        made_here = generate_shards(generator, plan, Path(out_dir), generate_cfg, device)
+        summary = finalize(Path(out_dir), plan, generate_cfg)
         synthetic = ImageSplit(load_synthetic(Path(out_dir), info.classes), cfg.image_size, info.channels)
         teacher = load_classifier(Path(teacher_dir), device)
         logits = predict_logits(teacher, BatchAugment(info.mean, info.std).to(device), synthetic, 512, device,
                                 "teacher on synthetic")
         grid = sample_grid(Path(out_dir), info.classes, per_class=10)
-        metrics = {"synthetic.images": float(summary["images"]),
+        metrics = {"synthetic.images": float(summary["images"]), "synthetic.shards": float(summary["shards"]),
+                   "synthetic.shards_gathered": float(len(gathered)),
+                   "synthetic.shards_generated_here": float(len(made_here)),
                    "synthetic.teacher_agreement": accuracy(logits, synthetic.labels),
-                   "synthetic.images_per_second": summary["images_per_second"],
                    "stage.generate.seconds": time.perf_counter() - started}
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(str(grid))
