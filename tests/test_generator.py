@@ -208,6 +208,8 @@ def test_manifest_validity_and_loading(tmp_path, base_generator):
     run_generation(generator, CAPTIONS, CLASSES, 9, cfg, tmp_path / "syn")
     rows = [json.loads(line) for line in (tmp_path / "syn" / "manifest.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == list(range(9))
+    summary = json.loads((tmp_path / "syn" / "synthetic.json").read_text())
+    assert summary["images"] == 9 and summary["shards"] == 3 and summary["generation_seconds"] > 0
     assert {"file", "label", "class_name", "prompt", "seed"} <= set(rows[0])
     dataset = load_synthetic(tmp_path / "syn", CLASSES)
     assert len(dataset) == 9 and dataset[4]["label"] == 1 and dataset[4]["image"].size == (8, 8)

@@ -44,6 +44,7 @@ def test_run_directory(smoke_run):
     # 40 images in shards of 16: three ParallelFor tasks made them, the gathering stage none.
     assert metrics["synthetic.shards"] == metrics["synthetic.shards_gathered"] == 3
     assert metrics["synthetic.shards_generated_here"] == 0
+    assert metrics["stage.generate_shards.seconds"] > 0 and "| generate_shards" in report
     assert metrics["caption.train_images"] == metrics["data.train_images"]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -122,6 +123,7 @@ def generate_shards(generator, plan: list[PlannedImage], out_dir: Path, cfg: Gen
         partial = final.with_name(final.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)  # leftovers of a killed run are redone, never trusted
         partial.mkdir(parents=True)
+        started = time.perf_counter()
         for start in range(0, len(items), cfg.batch_size):
             batch = items[start:start + cfg.batch_size]
             pixels = sample_pixel_images(generator, [item.prompt for item in batch], [item.seed for item in batch],
@@ -129,6 +131,8 @@ def generate_shards(generator, plan: list[PlannedImage], out_dir: Path, cfg: Gen
             for item, array in zip(batch, pixels, strict=True):
                 Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(partial / item.file_name)
             bar.update(len(batch))
+        (partial / "shard.json").write_text(json.dumps({"images": len(items),
+                                                        "seconds": time.perf_counter() - started}) + "\n")
         with open(partial / "manifest.jsonl", "w") as handle:
             for item in items:
                 handle.write(json.dumps(asdict(item) | {"file": f"{final.name}/{item.file_name}"}) + "\n")
@@ -162,9 +166,11 @@ def finalize(out_dir: Path, plan: list[PlannedImage], cfg: GenerateConfig) -> di
         raise GenerationError(f"{len(incomplete)} of {len(ranges)} shards are missing or incomplete "
                               f"(first: {incomplete[0]}): run the generate stage again to finish them")
     rows = []
+    seconds = 0.0  # compute spent on the shards, wherever (and however in parallel) they were made
     for shard in range(len(ranges)):
         with open(shard_dir(out_dir, shard) / "manifest.jsonl") as handle:
             rows += [json.loads(line) for line in handle]
+        seconds += json.loads((shard_dir(out_dir, shard) / "shard.json").read_text())["seconds"]
     indices = [row["index"] for row in rows]
     if indices != list(range(len(plan))):
         raise GenerationError("shard manifests do not cover the plan exactly once (gap or duplicate)")
@@ -174,7 +180,8 @@ def finalize(out_dir: Path, plan: list[PlannedImage], cfg: GenerateConfig) -> di
     with open(out_dir / "manifest.jsonl", "w") as handle:
         handle.writelines(json.dumps(row) + "\n" for row in rows)
     summary = {"images": len(rows), "shards": len(ranges), "per_class": len(rows) // len({r["label"] for r in rows}),
-               "ratio": cfg.ratio, "steps": cfg.steps, "guidance": cfg.guidance, "seed": cfg.seed}
+               "ratio": cfg.ratio, "steps": cfg.steps, "guidance": cfg.guidance, "seed": cfg.seed,
+               "generation_seconds": seconds}
     (out_dir / "synthetic.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -18,7 +18,9 @@ STAGE_ROWS: dict[str, tuple[str, ...]] = {
                 "caption.public_distinct"),
     "generator": ("generator.cached",),
     "finetune": ("finetune.steps", "finetune.final_loss"),
-    "generate": ("synthetic.images", "synthetic.teacher_agreement", "synthetic.shards"),
+    # The shards' compute (ParallelFor tasks, summed), then the gathering and scoring step.
+    "generate_shards": ("synthetic.shards", "synthetic.images_per_second"),
+    "generate": ("synthetic.images", "synthetic.teacher_agreement"),
 }
 
 

@@ -221,6 +221,8 @@ def generate_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Pat
                    "synthetic.shards_gathered": float(len(gathered)),
                    "synthetic.shards_generated_here": float(len(made_here)),
                    "synthetic.teacher_agreement": accuracy(logits, synthetic.labels),
+                   "synthetic.images_per_second": summary["images"] / summary["generation_seconds"],
+                   "stage.generate_shards.seconds": summary["generation_seconds"],
                    "stage.generate.seconds": time.perf_counter() - started}
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(str(grid))
