@@ -30,6 +30,7 @@ from PIL import Image as PILImage
 from PIL import ImageOps
 from tqdm.auto import tqdm
 
+from tckr.atomic import write_text
 from tckr.config import CaptionConfig
 from tckr.progress import progress
 
@@ -275,7 +276,7 @@ def caption_split(captioner: Captioner, split, classes: list[str], out_dir: Path
     run_path, jsonl_path = out_dir / "run.json", out_dir / "captions.jsonl"
     if run_path.exists() and json.loads(run_path.read_text()) != run:
         jsonl_path.unlink(missing_ok=True)  # made by another captioner, template or dataset: start over
-    _write_atomic(run_path, json.dumps(run, indent=2) + "\n")
+    write_text(run_path, json.dumps(run, indent=2) + "\n")
     records = _completed_records(jsonl_path, labels)
     if records:
         tqdm.write(f"resuming captions after {len(records)}/{len(split)} images")
@@ -312,20 +313,14 @@ def caption_split(captioner: Captioner, split, classes: list[str], out_dir: Path
     by_class: dict[str, list[str]] = {name: [] for name in classes}
     for record in records:
         by_class[record["class_name"]].append(record["text"])
-    _write_atomic(out_dir / "captions_by_class.json", json.dumps(by_class, indent=1, ensure_ascii=False) + "\n")
-    _write_atomic(image_dir / "metadata.jsonl", "".join(
+    write_text(out_dir / "captions_by_class.json", json.dumps(by_class, indent=1, ensure_ascii=False) + "\n")
+    write_text(image_dir / "metadata.jsonl", "".join(
         json.dumps({"file_name": f"{r['index']:06d}.png", "text": r["text"], "label": r["label"]},
                    ensure_ascii=False) + "\n" for r in records))
     done = len(records) - resumed_from
     return {"images": len(records), "distinct_captions": len({r["caption"] for r in records}),
             "empty_captions": sum(not r["caption"] for r in records), "resumed_from": resumed_from,
             "seconds": seconds, "images_per_second": done / seconds if done and seconds > 0 else 0.0}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(path)
 
 
 def caption_dataset(cfg: CaptionConfig, data_dir: Path, out_dir: Path, device: torch.device) -> dict[str, Any]:
@@ -347,5 +342,5 @@ def caption_dataset(cfg: CaptionConfig, data_dir: Path, out_dir: Path, device: t
         tqdm.write(f"captioning split '{name}' ({len(splits[name])} images) with {captioner.name}")
         summary["splits"][name] = caption_split(captioner, splits[name], info.classes, out_dir / name,
                                                 cfg.template, cfg.batch_size)
-    _write_atomic(out_dir / "captions.json", json.dumps(summary, indent=2) + "\n")
+    write_text(out_dir / "captions.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from tckr.atomic import torch_save
 from tckr.config import ClassifierConfig
 from tckr.ingest import DatasetInfo
 from tckr.models import create_classifier
@@ -216,7 +217,7 @@ def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_siz
         if record["val_accuracy"] > state["best_val"]:
             state["best_val"], state["best_epoch"] = record["val_accuracy"], epoch
             _save_weights(model, out_dir, cfg, info, image_size)
-        _atomic_torch_save({"recipe": recipe, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        torch_save({"recipe": recipe, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
                             "state": state}, checkpoint_path)
@@ -233,12 +234,6 @@ def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_siz
                        best_epoch=state["best_epoch"], epochs_run=state["epoch"], seconds=seconds,
                        images_per_second=trained_images / seconds if seconds > 0 else math.nan,
                        history=state["history"])
-
-
-def _atomic_torch_save(obj: dict, path: Path) -> None:
-    partial = path.with_suffix(".partial")
-    torch.save(obj, partial)
-    partial.replace(path)
 
 
 def _save_weights(model: nn.Module, out_dir: Path, cfg: ClassifierConfig, info: DatasetInfo,

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tckr.atomic import copy_tree
 from tckr.config import GenerateConfig
 from tckr.progress import progress
 
@@ -148,11 +149,7 @@ def gather_shards(sources: list[Path], out_dir: Path) -> list[int]:
         for shard in sorted((Path(source) / "shards").glob("shard-?????")):
             number = int(shard.name.removeprefix("shard-"))
             if (shard / "manifest.jsonl").is_file() and not is_complete(out_dir, number):
-                final = shard_dir(out_dir, number)
-                partial = final.with_name(final.name + ".partial")
-                shutil.rmtree(partial, ignore_errors=True)
-                shutil.copytree(shard, partial)  # then one rename: complete or absent, as when generated
-                partial.replace(final)
+                copy_tree(shard, shard_dir(out_dir, number))
                 gathered.append(number)
     return sorted(gathered)
 

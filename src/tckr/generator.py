@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tckr.atomic import torch_save
 from tckr.config import GeneratorConfig
 from tckr.progress import progress
 
@@ -145,6 +145,7 @@ def train_denoiser(unet: nn.Module, parameters: list[nn.Parameter], data: Denois
             ema.load_state_dict(saved["ema"])
         losses, start = saved["losses"], saved["step"]
     per_epoch = max(1, len(data) // batch_size)
+    order_epoch, order = -1, torch.empty(0, dtype=torch.long)
     trainable_names = {name for name, p in unet.named_parameters() if p.requires_grad}
     bar = progress(range(start, steps), desc=desc, unit="step", initial=start, total=steps)
     unet.train()
@@ -154,7 +155,9 @@ def train_denoiser(unet: nn.Module, parameters: list[nn.Parameter], data: Denois
         for accum in range(grad_accum):
             batch_number = step * grad_accum + accum
             epoch, offset = divmod(batch_number, per_epoch)
-            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+            if epoch != order_epoch:  # one permutation per epoch, not per micro-batch
+                order_epoch = epoch
+                order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
             rows = order[offset * batch_size:(offset + 1) * batch_size]
             noise_rng = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + batch_number)
             loss = _denoising_loss(unet, data, rows, noise_scheduler, caption_dropout, random_flip, noise_rng,
@@ -175,9 +178,7 @@ def train_denoiser(unet: nn.Module, parameters: list[nn.Parameter], data: Denois
             state = {"trainable": {k: v for k, v in unet.state_dict().items() if k in trainable_names},
                      "optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                      "losses": losses, "step": step + 1}
-            partial = checkpoint.with_suffix(".partial")
-            torch.save(state, partial)
-            partial.replace(checkpoint)
+            torch_save(state, checkpoint)
     unet.eval()
     return losses
 
@@ -307,16 +308,6 @@ def pretrain_pixel_generator(cfg: GeneratorConfig, images: torch.Tensor, texts: 
     generator.save(out_dir, {"pretraining": summary})
     (out_dir / "pretrain-checkpoint.pt").unlink(missing_ok=True)
     return summary
-
-
-def cached_copy(source: Path, target: Path) -> None:
-    """Copy a generator directory atomically (a cache entry is either complete or absent)."""
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(source, partial)
-    if target.exists():
-        shutil.rmtree(target)
-    partial.replace(target)
 
 
 def steps_for_epochs(num_examples: int, epochs: int, batch_size: int, grad_accum: int) -> int:

@@ -91,9 +91,9 @@ def generator_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Pa
     on the public split (never on private data) and cached."""
     import mlflow
 
+    from tckr.atomic import copy_tree
     from tckr.generator import (
         cache_key,
-        cached_copy,
         decode_split,
         digest_files,
         generator_cache_dir,
@@ -120,13 +120,13 @@ def generator_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Pa
         cached = generator_cache_dir() / key
         hit = (cached / "generator.json").is_file()
         if hit:
-            cached_copy(cached, Path(out_dir))
+            copy_tree(cached, Path(out_dir))
         else:
             device = _device(cfg)
             images = decode_split(splits["public"], cfg.image_size, info.channels)
             pretrain_pixel_generator(generator_cfg, images, read_texts(public_captions), Path(out_dir), device,
                                      on_step=lambda step, loss: _log_every(step, 25, {"pretrain_loss": loss}))
-            cached_copy(Path(out_dir), cached)
+            copy_tree(Path(out_dir), cached)
         metrics = {"generator.cached": float(hit), "stage.generator.seconds": time.perf_counter() - started}
         mlflow.log_metrics(metrics)
         mlflow.set_tag("tckr.generator_cache_key", key)
@@ -136,7 +136,7 @@ def generator_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Pa
 
 def finetune_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Path, generator_dir: Path,
                    out_dir: Path, parent_run_id: str | None, tracking_uri: str) -> Metrics:
-    """LoRA on the private train split's (image, caption) pairs; logs the loss curve and a sample grid."""
+    """LoRA on the private train split's (image, caption) pairs; logs the loss curve."""
     import mlflow
 
     from tckr.finetune import finetune_pixel_generator
@@ -187,8 +187,9 @@ def generate_shard_stage(cfg: TckrConfig, seed: int, shard: int, data_dir: Path,
     from tckr.generate import generate_shards
 
     plan, generate_cfg, _ = _generation_plan(cfg, seed, data_dir, captions_dir)
-    generator = load_finetuned(Path(generator_dir), Path(adapter_dir), _device(cfg))
-    generate_shards(generator, plan, Path(out_dir), generate_cfg, _device(cfg), shards=[int(shard)])
+    device = _device(cfg)
+    generator = load_finetuned(Path(generator_dir), Path(adapter_dir), device)
+    generate_shards(generator, plan, Path(out_dir), generate_cfg, device, shards=[int(shard)])
     return Path(out_dir)
 
 
@@ -204,7 +205,8 @@ def generate_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Pat
     from tckr.finetune import load_finetuned
     from tckr.generate import finalize, gather_shards, generate_shards, load_synthetic, sample_grid
 
-    with stage_run("generate", cfg, parent_run_id, tracking_uri, params=cfg.generate.model_dump(mode="json")):
+    with stage_run("generate", cfg, parent_run_id, tracking_uri,
+                   params=cfg.generate.model_dump(mode="json") | {"seed": seed}):
         started = time.perf_counter()
         plan, generate_cfg, info = _generation_plan(cfg, seed, data_dir, captions_dir)
         device = _device(cfg)
