@@ -1,9 +1,10 @@
-"""The TCKR recipe as a KFP v2 pipeline. Stages land here as they are built:
-ingest -> {teacher, caption} -> generator -> LoRA fine-tune -> generate (ParallelFor over shards) -> report
-(the student and the LiRA attack follow)."""
+"""The TCKR recipe as a KFP v2 pipeline:
+ingest -> {teacher, caption} -> generator -> LoRA fine-tune -> generate (ParallelFor over shards)
+-> student (GKD) -> attack (LiRA, ParallelFor over shadow groups) -> register (AOP, champion) -> report."""
 
 from kfp import dsl
 
+from tckr.components.attack import attack
 from tckr.components.caption import caption
 from tckr.components.finetune import finetune
 from tckr.components.generate import generate
@@ -11,8 +12,12 @@ from tckr.components.generate_shard import generate_shard
 from tckr.components.generation_plan import generation_plan
 from tckr.components.generator import generator
 from tckr.components.ingest import ingest
+from tckr.components.register import register
 from tckr.components.report import report
+from tckr.components.shadow_group import shadow_group
+from tckr.components.shadow_plan import shadow_plan
 from tckr.components.start_run import start_run
+from tckr.components.student import student
 from tckr.components.teacher import teacher
 
 
@@ -20,7 +25,7 @@ from tckr.components.teacher import teacher
               "with utility and privacy measured")
 def tckr_pipeline(config_json: str, run_name: str, tracking_uri: str = "", ingest_seed: int = 0,
                   teacher_seed: int = 0, generator_seed: int = 0, finetune_seed: int = 420,
-                  generate_seed: int = 0) -> dsl.Markdown:
+                  generate_seed: int = 0, student_seed: int = 0, attack_seed: int = 0) -> dsl.Markdown:
     """``config_json``: the resolved ``TckrConfig``; seeds are explicit so cluster caching keys on them."""
     common = {"config_json": config_json, "tracking_uri": tracking_uri}
     parent = start_run(run_name=run_name, **common)
@@ -41,9 +46,24 @@ def tckr_pipeline(config_json: str, run_name: str, tracking_uri: str = "", inges
         shard_task = generate_shard(config_json=config_json, seed=generate_seed, shard=shard, **inputs)
     synthetic = generate(seed=generate_seed, teacher_model=trained.outputs["model"],
                          shards=dsl.Collected(shard_task.outputs["images"]), **inputs, **tracked)
+    distilled = student(seed=student_seed, dataset=data.outputs["dataset"], synthetic=synthetic.outputs["synthetic"],
+                        teacher_model=trained.outputs["model"], **tracked)
+    groups = shadow_plan(config_json=config_json)
+    with dsl.ParallelFor(groups.output, name="shadow-groups") as group:  # one task (pod) per group of shadows
+        shadow_task = shadow_group(config_json=config_json, seed=attack_seed, group=group,
+                                   dataset=data.outputs["dataset"])
+    attacked = attack(seed=attack_seed, dataset=data.outputs["dataset"], teacher_model=trained.outputs["model"],
+                      student_model=distilled.outputs["model"], shadows=dsl.Collected(shadow_task.outputs["shadows"]),
+                      **tracked)
+    registered = register(teacher_model=trained.outputs["model"], student_model=distilled.outputs["model"],
+                          teacher_metrics=trained.outputs["metrics"], student_metrics=distilled.outputs["metrics"],
+                          attack_metrics=attacked.outputs["metrics"], **tracked)
+    registered.set_caching_options(False)  # registering twice makes two versions: only on purpose
     summary = report(ingest_metrics=data.outputs["metrics"], teacher_metrics=trained.outputs["metrics"],
                      caption_metrics=captioned.outputs["metrics"], generator_metrics=base.outputs["metrics"],
                      finetune_metrics=tuned.outputs["metrics"], generate_metrics=synthetic.outputs["metrics"],
-                     synthetic=synthetic.outputs["synthetic"], **tracked)
+                     student_metrics=distilled.outputs["metrics"], attack_metrics=attacked.outputs["metrics"],
+                     register_metrics=registered.outputs["metrics"], synthetic=synthetic.outputs["synthetic"],
+                     attack_results=attacked.outputs["results"], **tracked)
     summary.set_caching_options(False)
     return summary.outputs["summary"]

@@ -34,6 +34,14 @@ def fmnist_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
+@pytest.fixture(scope="session")
+def fmnist_head() -> tuple[np.ndarray, np.ndarray]:
+    """The first 1,500 real Fashion-MNIST train images in file order (classes mixed, as drawn)."""
+    root = fashion_mnist_dir()
+    return (_read_idx(root / "train-images-idx3-ubyte.gz")[:1500],
+            _read_idx(root / "train-labels-idx1-ubyte.gz")[:1500].astype(np.int64))
+
+
 def write_imagefolder(root: Path, arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
     for split, (images, labels) in arrays.items():
         for index, (image, label) in enumerate(zip(images, labels, strict=True)):

@@ -1,4 +1,5 @@
-"""Classifier training (the TCKR recipe): used for the teacher, and later the student and shadows.
+"""Classifier training (the TCKR recipe): the teacher, the student (with a distillation objective) and,
+through :class:`Recipe`, the attack's shadow models.
 
 Images are decoded and resized once per item on the CPU (``ImageSplit``, optionally with AugMix);
 random crop, flip and normalisation run batched on the training device (``BatchAugment``), MixUp
@@ -138,28 +139,61 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(1) == labels).float().mean())
 
 
+Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(logits, augmented images, targets) -> loss``: how a batch is scored (labels, or a teacher's outputs)."""
+
+
+@dataclass
+class Recipe:
+    """The optimiser, schedule, MixUp and loss of a :class:`ClassifierConfig`: shared by every trainer
+    (one model here, a stack of shadow models in :mod:`tckr.shadows`) so they cannot drift apart."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    mixup: Callable | None
+    objective: Objective
+
+    @classmethod
+    def build(cls, cfg: ClassifierConfig, parameters, num_classes: int, device: torch.device,
+              objective: Objective | None = None) -> Recipe:
+        from timm.data import Mixup
+        from timm.loss import SoftTargetCrossEntropy
+
+        optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        mixup = (Mixup(mixup_alpha=cfg.mixup_alpha, label_smoothing=cfg.label_smoothing, num_classes=num_classes)
+                 if cfg.mixup_alpha > 0 else None)
+        if objective is None:
+            objective = _label_objective(
+                SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing))
+        return cls(optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs),
+                   torch.amp.GradScaler(enabled=cfg.amp and device.type == "cuda"), mixup, objective)
+
+
+def _label_objective(criterion: nn.Module) -> Objective:
+    def objective(logits: torch.Tensor, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return criterion(logits, targets)
+
+    return objective
+
+
 def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_size: int, out_dir: Path,
                      device: torch.device, on_epoch: Callable[[dict], None] | None = None,
-                     name: str = "classifier") -> TrainResult:
+                     name: str = "classifier", objective: Objective | None = None,
+                     resume_key: str = "") -> TrainResult:
     """Train on ``splits['train']``, select on ``splits['validation']``, test on ``splits['test']``.
 
-    Writes ``model.safetensors`` + ``model.json`` (best epoch) and ``checkpoint.pt`` (last epoch)
-    to ``out_dir``; an existing checkpoint of the same recipe is resumed, not restarted.
+    ``objective`` replaces the label loss (the student's distillation from a teacher). Writes
+    ``model.safetensors`` + ``model.json`` (best epoch) and ``checkpoint.pt`` (last epoch) to
+    ``out_dir``; an existing checkpoint of the same recipe (and ``resume_key``) is resumed, not restarted.
     """
-    from timm.data import Mixup
-    from timm.loss import SoftTargetCrossEntropy
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model = create_classifier(cfg.model, info.num_classes, info.channels, cfg.pretrained).to(device)
     augment = BatchAugment(info.mean, info.std, cfg.crop_padding, cfg.hflip).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    scaler = torch.amp.GradScaler(enabled=cfg.amp and device.type == "cuda")
-    mixup = (Mixup(mixup_alpha=cfg.mixup_alpha, label_smoothing=cfg.label_smoothing,
-                   num_classes=info.num_classes) if cfg.mixup_alpha > 0 else None)
-    criterion = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    recipe = Recipe.build(cfg, model.parameters(), info.num_classes, device, objective)
+    optimizer, scheduler, scaler, mixup = recipe.optimizer, recipe.scheduler, recipe.scaler, recipe.mixup
 
     train_set = ImageSplit(splits["train"], image_size, info.channels, augmix=cfg.augmix)
     val_set = ImageSplit(splits["validation"], image_size, info.channels)
@@ -170,12 +204,12 @@ def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_siz
     if len(loader) == 0:
         raise ValueError(f"{len(train_set)} training images make no full batch of {cfg.batch_size}")
 
-    recipe = cfg.model_dump_json() + f"|{image_size}|{info.fingerprint}"
+    recipe_key = cfg.model_dump_json() + f"|{image_size}|{info.fingerprint}|{resume_key}"
     checkpoint_path = out_dir / "checkpoint.pt"
     state = {"epoch": 0, "best_val": -1.0, "best_epoch": 0, "history": []}
     if checkpoint_path.exists():
         saved = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        if saved["recipe"] == recipe:
+        if saved["recipe"] == recipe_key:
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
@@ -198,7 +232,7 @@ def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_siz
             if mixup:
                 images, labels = mixup(images, labels)
             with torch.autocast(device.type, enabled=scaler.is_enabled()):
-                loss = criterion(model(images), labels)
+                loss = recipe.objective(model(images), images, labels)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -217,7 +251,7 @@ def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_siz
         if record["val_accuracy"] > state["best_val"]:
             state["best_val"], state["best_epoch"] = record["val_accuracy"], epoch
             _save_weights(model, out_dir, cfg, info, image_size)
-        torch_save({"recipe": recipe, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        torch_save({"recipe": recipe_key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
                             "state": state}, checkpoint_path)

@@ -17,13 +17,14 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from tckr.report import render_table, results_table
+    from tckr.report import render_privacy_table, render_table, results_table
     from tckr.runner import run_local
 
     cfg = load_config(args.profile, args.overrides)
     outcome = run_local(cfg, Path(args.runs_dir))
     print("\n" + render_table(results_table(outcome.metrics)))
-    print(f"\nrun directory: {outcome.run_dir}  (report.md, metrics.json, config.yaml)")
+    print("\nteacher vs student, in % (TCKR Table 2 layout):\n" + render_privacy_table(outcome.metrics))
+    print(f"\nreport:        {outcome.run_dir / 'report.md'}  (metrics.json, config.yaml, roc.png, samples.png)")
     if outcome.tracking_uri.startswith("sqlite:///"):
         print(f"MLflow UI:     mlflow ui --backend-store-uri {outcome.tracking_uri}   (or: make mlflow-ui)")
     else:
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     from tckr.caption import CaptionError
     from tckr.generate import GenerationError
     from tckr.ingest import DatasetError
+    from tckr.lira import AttackError
     from tckr.runner import PipelineFailed
     from tckr.tracking import TrackingError
 
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"tckr: {error}", file=sys.stderr)
         return 2
-    except (DatasetError, CaptionError, GenerationError, TrackingError, PipelineFailed) as error:
+    except (DatasetError, CaptionError, GenerationError, AttackError, TrackingError, PipelineFailed) as error:
         print(f"tckr: {error}", file=sys.stderr)
         return 1
 

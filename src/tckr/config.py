@@ -66,7 +66,7 @@ class IngestConfig(_Strict):
 
 
 class ClassifierConfig(_Strict):
-    """One classifier and its training recipe (the teacher now; the student and shadows later)."""
+    """One classifier and its training recipe: the teacher, the student and the attack's shadows."""
 
     model: str = Field(description="a timm model name, e.g. mobilenetv3_large_100 or tckr_cnn")
     pretrained: bool = Field(False, description="ImageNet weights from the hub (only when reachable)")
@@ -167,6 +167,42 @@ class GenerateConfig(_Strict):
     seed: int = 0
 
 
+class DistillConfig(_Strict):
+    """Stage 6: the student learns from the synthetic set only, through the frozen teacher's outputs."""
+
+    loss: Literal["gkd", "kl"] = Field(
+        "gkd", description="gkd: cross-entropy (student.label_smoothing) against softmax(teacher) on the same "
+        "augmented batch (the reference); kl: KL(teacher/T || student/T) x T^2")
+    temperature: float = Field(4.0, gt=0, description="kl only")
+
+
+class AttackConfig(_Strict):
+    """Stage 7: LiRA against the teacher and the student, with shadows of the teacher's recipe.
+
+    The population is the private train split (the targets' members) plus the holdout split
+    (non-members); each shadow trains on a random half of it, every example IN for half the shadows.
+    ``variant`` and ``variance`` are declared here, before the run: only that variant is reported.
+    """
+
+    shadows: int = Field(16, ge=2, description="shadow models (even)")
+    variant: Literal["online", "offline"] = "online"
+    variance: Literal["global", "per_example"] = Field(
+        "global", description="global: one pooled within-example spread (LiRA's choice for few shadows)")
+    population_limit: int | None = Field(
+        None, gt=1, description="cap on members and on non-members each (balanced sample); null: all of both")
+    shadows_per_group: int = Field(4, ge=1, description="shadows trained together in one task (the fan-out unit)")
+    vectorize: Literal["auto", "on", "off"] = Field(
+        "auto", description="train a group as one vmap-ed stack (on), one model after another (off), or "
+        "vmap on CUDA only (auto: on CPU a stack is slower, see bench/bench_shadows.py)")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _shadows_split_evenly(self) -> AttackConfig:
+        if self.shadows % 2:
+            raise ValueError(f"shadows must be even, so every example is IN for exactly half (got {self.shadows})")
+        return self
+
+
 class TrackingConfig(_Strict):
     experiment: str | None = Field(None, description="null: tckr-<dataset>")
     register_models: bool = True
@@ -187,8 +223,16 @@ class TckrConfig(_Strict):
     generator: GeneratorConfig = GeneratorConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     generate: GenerateConfig = GenerateConfig()
+    student: ClassifierConfig | None = Field(
+        None, description="null: the teacher's architecture and recipe without MixUp (as the reference)")
+    distill: DistillConfig = DistillConfig()
+    attack: AttackConfig = AttackConfig()
     tracking: TrackingConfig = TrackingConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+
+    @property
+    def student_recipe(self) -> ClassifierConfig:
+        return self.student or self.teacher.model_copy(update={"mixup_alpha": 0.0})
 
     @property
     def experiment_name(self) -> str:

@@ -33,7 +33,8 @@ class RunOutcome:
 def pipeline_arguments(cfg: TckrConfig, run_name: str, tracking_uri: str) -> dict:
     return {"config_json": cfg.model_dump_json(), "run_name": run_name, "tracking_uri": tracking_uri,
             "ingest_seed": cfg.ingest.seed, "teacher_seed": cfg.teacher.seed, "generator_seed": cfg.generator.seed,
-            "finetune_seed": cfg.finetune.seed, "generate_seed": cfg.generate.seed}
+            "finetune_seed": cfg.finetune.seed, "generate_seed": cfg.generate.seed,
+            "student_seed": cfg.student_recipe.seed, "attack_seed": cfg.attack.seed}
 
 
 def run_local(cfg: TckrConfig, runs_root: Path = Path("runs"), tracking_uri: str | None = None) -> RunOutcome:

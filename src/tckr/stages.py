@@ -34,8 +34,7 @@ def ingest_stage(cfg: TckrConfig, seed: int, out_dir: Path, parent_run_id: str |
 
 def teacher_stage(cfg: TckrConfig, seed: int, data_dir: Path, out_dir: Path, parent_run_id: str | None,
                   tracking_uri: str) -> Metrics:
-    """Train the teacher on the private train split; register it as ``tckr-<dataset>-teacher``."""
-
+    """Train the teacher on the private train split and log it (registered after the attack)."""
     import mlflow
 
     from tckr.classify import train_classifier
@@ -58,8 +57,7 @@ def teacher_stage(cfg: TckrConfig, seed: int, data_dir: Path, out_dir: Path, par
                    "stage.teacher.seconds": time.perf_counter() - started}
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(str(Path(out_dir) / "model.json"))
-        if cfg.tracking.register_models:
-            _register_classifier(Path(out_dir), splits, info, cfg, "teacher", metrics)
+        _log_classifier(Path(out_dir), splits, info, cfg)
     return metrics
 
 
@@ -250,22 +248,168 @@ def _log_every(step: int, every: int, values: dict[str, float]) -> None:
         mlflow.log_metrics(values, step=step)
 
 
-def _register_classifier(model_dir: Path, splits, info, cfg: TckrConfig, role: str, metrics: Metrics) -> None:
-    """Register ``tckr-<dataset>-<role>``: takes float images in [0, 1], returns logits."""
+def _log_classifier(model_dir: Path, splits, info, cfg: TckrConfig) -> None:
+    """Log the classifier in ``model_dir`` to the active run in its served form (float images in
+    [0, 1] -> logits) and note its URI in ``model_dir/logged_model.json`` for the register stage."""
+    import json
+
     import torch
 
     from tckr.classify import ImageSplit, load_classifier
     from tckr.models import NormalizedClassifier
     from tckr.tracking import log_classifier
 
+    if not cfg.tracking.register_models:
+        return
     model = NormalizedClassifier(load_classifier(model_dir), info.mean, info.std).eval()
     test = ImageSplit(splits["test"], cfg.image_size, info.channels)
     example = torch.stack([test[0][0], test[1][0]]).float().div(255).numpy()  # batch >= 2 for pt2
-    tags = {"dataset": cfg.dataset, "profile": cfg.profile, "config_hash": cfg.fingerprint(),
-            "dataset_fingerprint": info.fingerprint, "classes": ",".join(info.classes),
-            "input": f"float32 [N, {info.channels}, {cfg.image_size}, {cfg.image_size}] in [0, 1]"}
-    tags |= {key.split(".", 1)[1]: f"{value:.4f}" for key, value in metrics.items() if key.startswith(f"{role}.")}
-    log_classifier(model, f"tckr-{cfg.dataset}-{role}", example, tags=tags)
+    (Path(model_dir) / "logged_model.json").write_text(json.dumps({"model_uri": log_classifier(model, example)}))
+
+
+def student_stage(cfg: TckrConfig, seed: int, data_dir: Path, synthetic_dir: Path, teacher_dir: Path,
+                  out_dir: Path, parent_run_id: str | None, tracking_uri: str) -> Metrics:
+    """Distil the teacher into the student on the synthetic set only (GKD); select and test on real data."""
+    import mlflow
+
+    from tckr.distill import train_student
+    from tckr.generate import load_synthetic
+    from tckr.generator import digest_files
+    from tckr.ingest import load_prepared
+
+    student_cfg = cfg.student_recipe.model_copy(update={"seed": seed})
+    params = student_cfg.model_dump(mode="json") | {f"distill.{k}": v for k, v in cfg.distill.model_dump().items()}
+    with stage_run("student", cfg, parent_run_id, tracking_uri, params=params):
+        started = time.perf_counter()
+        device = _device(cfg)
+        splits, info = load_prepared(Path(data_dir))
+        synthetic = load_synthetic(Path(synthetic_dir), info.classes)
+        sources = digest_files([Path(synthetic_dir) / "manifest.jsonl", Path(teacher_dir) / "model.safetensors"])
+        result = train_student(
+            student_cfg, cfg.distill, synthetic, splits, info, cfg.image_size, Path(teacher_dir), Path(out_dir), device,
+            sources_key=sources, on_epoch=lambda record: mlflow.log_metrics(
+                {k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"]))
+        metrics = {"student.test_accuracy": result.test_accuracy, "student.val_accuracy": result.val_accuracy,
+                   "student.best_epoch": float(result.best_epoch),
+                   "student.images_per_second": result.images_per_second,
+                   "student.synthetic_images": float(len(synthetic)),
+                   "stage.student.seconds": time.perf_counter() - started}
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifact(str(Path(out_dir) / "model.json"))
+        _log_classifier(Path(out_dir), splits, info, cfg)
+    return metrics
+
+
+def shadow_group_numbers(cfg: TckrConfig) -> list[int]:
+    """The shadow groups: what the pipeline fans out over."""
+    from tckr.shadows import shadow_groups
+
+    return list(range(len(shadow_groups(cfg.attack))))
+
+
+def shadow_group_stage(cfg: TckrConfig, seed: int, group: int, data_dir: Path, out_dir: Path) -> Path:
+    """Train one group of shadow models into ``out_dir`` (one pod of the fan-out); resumable."""
+    from tckr.attack import load_population, train_shadows
+
+    attack_cfg = cfg.model_copy(update={"attack": cfg.attack.model_copy(update={"seed": seed})})
+    population, validation, info = load_population(attack_cfg, Path(data_dir))
+    train_shadows(attack_cfg, population, validation, info, Path(out_dir), _device(cfg), groups=[int(group)])
+    return Path(out_dir)
+
+
+def attack_stage(cfg: TckrConfig, seed: int, data_dir: Path, teacher_dir: Path, student_dir: Path, out_dir: Path,
+                 parent_run_id: str | None, tracking_uri: str, shadow_dirs: list[Path] = ()) -> Metrics:
+    """LiRA on teacher and student: shadows made elsewhere (the fan-out) are used, missing ones are
+    trained here; each shadow becomes a nested MLflow run under the attack's."""
+    import mlflow
+
+    from tckr.attack import attack, collect_shadows, load_population, train_shadows
+
+    attack_cfg = cfg.model_copy(update={"attack": cfg.attack.model_copy(update={"seed": seed})})
+    with stage_run("attack", cfg, parent_run_id, tracking_uri,
+                   params=attack_cfg.attack.model_dump(mode="json")) as run:
+        started = time.perf_counter()
+        device = _device(cfg)
+        shadows_dir = Path(out_dir) / "shadows"
+        population, validation, info = load_population(attack_cfg, Path(data_dir))
+        trained_here = train_shadows(attack_cfg, population, validation, info, shadows_dir, device,
+                                     done_elsewhere=[Path(d) for d in shadow_dirs])
+        logits, summaries = collect_shadows([shadows_dir, *map(Path, shadow_dirs)], cfg.attack.shadows)
+        results = attack(attack_cfg, population, info, logits, {"teacher": Path(teacher_dir),
+                                                                "student": Path(student_dir)}, Path(out_dir), device)
+        _log_shadow_runs(run.info.experiment_id, run.info.run_id, summaries)
+        metrics: Metrics = {}
+        for name, result in results.items():
+            metrics |= result.metrics(f"{name}.mia")
+        metrics |= {"attack.shadows": float(len(summaries)), "attack.shadows_trained_here": float(len(trained_here)),
+                    "attack.shadow_val_accuracy": sum(s["val_accuracy"] for s in summaries) / len(summaries),
+                    "attack.population": float(len(population)),
+                    "stage.attack.seconds": time.perf_counter() - started}
+        mlflow.log_metrics(metrics)
+        for name in ("attack.json", "roc.png", "roc-teacher.csv", "roc-student.csv", "scores.csv"):
+            mlflow.log_artifact(str(Path(out_dir) / name))
+    return metrics
+
+
+def _log_shadow_runs(experiment_id: str, attack_run_id: str, summaries: list[dict]) -> None:
+    """One finished nested run per shadow: its half of the population, selection and fit."""
+    import mlflow
+    from mlflow.entities import Metric, Param
+
+    client = mlflow.MlflowClient()
+    now = int(time.time() * 1000)
+    for summary in summaries:
+        run = client.create_run(experiment_id, run_name=f"shadow-{summary['index']:03d}",
+                                tags={"mlflow.parentRunId": attack_run_id, "tckr.stage": "shadow"})
+        history = [Metric("val_accuracy", r["val_accuracy"], now, r["epoch"]) for r in summary["history"]]
+        final = [Metric(key, float(summary[key]), now, 0) for key in ("in_accuracy", "out_accuracy")]
+        client.log_batch(run.info.run_id, metrics=history + final,
+                         params=[Param("index", str(summary["index"])), Param("members", str(summary["members"])),
+                                 Param("best_epoch", str(summary["best_epoch"]))])
+        client.set_terminated(run.info.run_id)
+
+
+def register_stage(cfg: TckrConfig, model_dirs: dict[str, Path], stage_metrics: list[Metrics],
+                   parent_run_id: str | None, tracking_uri: str) -> Metrics:
+    """AOP for teacher and student, then both registered with what they leak; the student becomes
+    ``champion`` only if its AOP beats the current champion's (and ``candidate`` either way)."""
+    import json
+
+    import mlflow
+
+    from tckr.lira import aop
+    from tckr.tracking import champion_score, register_model
+
+    merged: Metrics = {}
+    for part in stage_metrics:
+        merged.update(part)
+    with stage_run("register", cfg, parent_run_id, tracking_uri):
+        metrics: Metrics = {}
+        for role in model_dirs:
+            metrics[f"{role}.aop"] = aop(merged[f"{role}.test_accuracy"], merged[f"{role}.mia.auc"])
+        if "student.aop" in metrics and "teacher.aop" in metrics:
+            metrics["student.accuracy_ratio"] = merged["student.test_accuracy"] / merged["teacher.test_accuracy"]
+        if cfg.tracking.register_models:
+            for role, model_dir in model_dirs.items():
+                name = f"tckr-{cfg.dataset}-{role}"
+                card = json.loads((Path(model_dir) / "model.json").read_text())
+                tags = {"dataset": cfg.dataset, "profile": cfg.profile, "config_hash": cfg.fingerprint(),
+                        "dataset_fingerprint": card["dataset_fingerprint"], "classes": ",".join(card["classes"]),
+                        "input": f"float32 [N, {card['in_chans']}, {cfg.image_size}, {cfg.image_size}] in [0, 1]",
+                        "accuracy": f"{merged[f'{role}.test_accuracy']:.4f}",
+                        "auc_mia": f"{merged[f'{role}.mia.auc']:.4f}",
+                        "tpr_at_1pct_fpr": f"{merged[f'{role}.mia.tpr_at_1pct_fpr']:.4f}",
+                        "aop": f"{metrics[f'{role}.aop']:.4f}"}
+                aliases: tuple[str, ...] = ()
+                if role == "student":
+                    current = champion_score(name, "aop")
+                    promoted = current is None or metrics["student.aop"] > current
+                    metrics["student.champion"] = float(promoted)
+                    aliases = ("candidate", "champion") if promoted else ("candidate",)
+                uri = json.loads((Path(model_dir) / "logged_model.json").read_text())["model_uri"]
+                metrics[f"{role}.registry_version"] = float(register_model(uri, name, tags, aliases))
+        mlflow.log_metrics(metrics)
+    return metrics
 
 
 def report_stage(cfg: TckrConfig, stage_metrics: list[Metrics], out_dir: Path, parent_run_id: str,

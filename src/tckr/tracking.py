@@ -125,9 +125,9 @@ def _pinned(*packages: str) -> list[str]:
     return [f"{name}=={metadata.version(name)}" for name in packages]
 
 
-def log_classifier(model: Any, registered_name: str | None, example_batch: Any,
-                   tags: dict[str, str] | None = None) -> str | None:
-    """Log a PyTorch classifier in the active run and register it; returns the version (or None).
+def log_classifier(model: Any, example_batch: Any) -> str:
+    """Log a PyTorch classifier in the active run; returns its ``runs:/`` URI (registered later, once
+    the attack has measured what it leaks).
 
     Saved as torch.export (pt2, no pickle). The example must have batch >= 2: export specialises
     sizes 0 and 1, and a batch-1 example would pin every later batch to 1. Requirements are given
@@ -135,13 +135,29 @@ def log_classifier(model: Any, registered_name: str | None, example_batch: Any,
     """
     import mlflow
 
-    info = mlflow.pytorch.log_model(model, name="model", registered_model_name=registered_name,
-                                    serialization_format="pt2", input_example=example_batch,
-                                    pip_requirements=_pinned("torch", "numpy"))
-    if registered_name is None:
-        return None
-    version = str(info.registered_model_version)
+    mlflow.pytorch.log_model(model, name="model", serialization_format="pt2", input_example=example_batch,
+                             pip_requirements=_pinned("torch", "numpy"))
+    return f"runs:/{mlflow.active_run().info.run_id}/model"
+
+
+def register_model(model_uri: str, name: str, tags: dict[str, str], aliases: tuple[str, ...] = ()) -> str:
+    """Register a logged model as a new version of ``name`` with ``tags`` and ``aliases``."""
+    import mlflow
+
+    version = mlflow.register_model(model_uri, name, tags=tags).version
     client = mlflow.MlflowClient()
-    for key, value in (tags or {}).items():
-        client.set_model_version_tag(registered_name, version, key, value)
-    return version
+    for alias in aliases:
+        client.set_registered_model_alias(name, alias, version)
+    return str(version)
+
+
+def champion_score(name: str, tag: str) -> float | None:
+    """The ``tag`` value of the version that holds the ``champion`` alias, if there is one."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = mlflow.MlflowClient().get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        return None
+    return float(version.tags[tag]) if tag in version.tags else None

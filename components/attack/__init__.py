@@ -1,0 +1,3 @@
+from tckr.components.attack.component import attack
+
+__all__ = ["attack"]

@@ -1,0 +1,3 @@
+from tckr.components.student.component import student
+
+__all__ = ["student"]
