@@ -43,7 +43,7 @@ def load_pipeline(model: str, revision: str | None, variant: str | None,
 
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            model, revision=revision, variant=variant, torch_dtype=dtype, safety_checker=None, feature_extractor=None,
+            model, revision=revision, variant=variant, dtype=dtype, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False)
     except (OSError, ValueError) as error:  # offline and not cached, no such directory, or no such variant
         raise GeneratorUnavailableError(
