@@ -13,7 +13,7 @@ from tckr import generator as generator_module
 from tckr.config import FinetuneConfig, GenerateConfig, GeneratorConfig, load_config
 from tckr.finetune import ADAPTER_FILE, finetune_generator, load_finetuned
 from tckr.generate import finalize, generate_shards, load_synthetic, plan_generation
-from tckr.generator import read_card
+from tckr.generator import DenoiserData, PromptBank, read_card
 from tckr.ingest import FASHION_MNIST_CLASSES
 from tckr.stable_diffusion import GeneratorUnavailableError, StableDiffusionGenerator, save_card
 
@@ -153,6 +153,15 @@ def test_lora_learns_the_velocity(monkeypatch, tmp_path, base_dir, pairs):
     monkeypatch.setattr(generator_module, "denoising_target", spy)
     finetune_generator(base_dir, *pairs, LORA.model_copy(update={"grad_accum": 6}), tmp_path, CPU)
     assert is_velocity == [True] * 6  # one step of 6 micro-batches
+
+
+def test_random_flip_picks_the_precomputed_mirror_latents():
+    """A flipped image's latent is encoded from the flipped pixels, not mirrored in latent space."""
+    latents, mirrored = torch.randn(4, 4, 2, 2).half(), torch.randn(4, 4, 2, 2).half()
+    data = DenoiserData(latents, PromptBank(torch.zeros(1, 1, 1), torch.zeros(4, dtype=torch.long)), mirrored)
+    batch = data.batch(torch.tensor([3, 1]), flip=torch.tensor([True, False]).view(2, 1, 1, 1))
+    assert batch.dtype == torch.float32
+    torch.testing.assert_close(batch, torch.stack([mirrored[3], latents[1]]).float())
 
 
 def test_adapter_only_in_diffusers_format(adapter_dir):

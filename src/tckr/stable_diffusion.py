@@ -38,7 +38,8 @@ def weights_dtype(device: torch.device, half: bool = True) -> torch.dtype:
 
 def load_pipeline(model: str, revision: str | None, variant: str | None,
                   dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """``StableDiffusionPipeline.from_pretrained`` without the safety checker, which would blank images."""
+    """``StableDiffusionPipeline.from_pretrained`` without a safety checker: SD2 ships none, and a false
+    positive would silently blank a synthetic image."""
     from diffusers import StableDiffusionPipeline
 
     try:
@@ -77,6 +78,7 @@ def save_card(cfg: GeneratorConfig, image_size: int, out_dir: Path) -> dict:
 
 
 def load_card_pipeline(card: dict, device: torch.device, dtype: torch.dtype) -> StableDiffusionPipeline:
+    """The pipeline a base generator's card names, on ``device``."""
     return load_pipeline(card["model"], card["revision"], card["variant"], dtype).to(device)
 
 
@@ -91,7 +93,7 @@ def encode_latents(vae, images: torch.Tensor, seed: int, mirror: bool) -> torch.
     latents = []
     for start in progress(range(0, len(images), ENCODE_BATCH_SIZE), desc="encode latents", unit="batch"):
         pixels = images[start:start + ENCODE_BATCH_SIZE]
-        pixels = (pixels.flip(-1) if mirror else pixels).to(vae.device, vae.dtype).div(127.5).sub(1.0)
+        pixels = (pixels.flip(-1) if mirror else pixels).float().div(127.5).sub(1.0).to(vae.device, vae.dtype)
         sample = vae.encode(pixels).latent_dist.sample(generator=rng)
         latents.append((sample * vae.config.scaling_factor).half().cpu())
     return torch.cat(latents)
@@ -101,7 +103,7 @@ class PipelinePromptEncoder:
     """Prompts encoded by the pipeline's own ``encode_prompt`` (CLIP, padded to the tokenizer's length,
     no attention mask), so the adapter is trained on exactly the conditioning generation gives it."""
 
-    def __init__(self, pipe) -> None:
+    def __init__(self, pipe: StableDiffusionPipeline) -> None:
         self.pipe = pipe
 
     @torch.no_grad()
@@ -130,8 +132,8 @@ class StableDiffusionGenerator:
         return cls(pipe, card["image_size"])
 
     def sample(self, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> np.ndarray:
-        """uint8 ``[B, S, S, 3]``; each image's starting latent comes from its own CPU generator, so it
-        depends on its seed only (not on its batch, nor on the GPU model)."""
+        """uint8 ``[B, S, S, 3]``; each image's starting latent comes from its own CPU generator: it does
+        not depend on the image's batch, and is the same on any device."""
         images = self.pipe(prompts, height=self.image_size, width=self.image_size, num_inference_steps=steps,
                            guidance_scale=guidance, output_type="np",
                            generator=[torch.Generator().manual_seed(seed) for seed in seeds]).images
