@@ -153,7 +153,7 @@ def test_ratio_must_be_positive():
 
 def run_generation(generator, captions, classes, num_private, cfg, out_dir):
     plan = plan_generation(captions, classes, num_private, cfg)
-    generate_shards(generator, plan, out_dir, cfg, CPU)
+    generate_shards(generator, plan, out_dir, cfg)
     return finalize(out_dir, plan, cfg)
 
 
@@ -161,21 +161,14 @@ class _KilledAfter:
     """Wraps a generator; the n-th sampler call raises, as a pod killed mid-shard would."""
 
     def __init__(self, generator, calls):
-        self.__dict__.update(vars(generator))
+        self.generator = generator
         self.calls = calls
-        self.unet = self._counting(generator.unet)
 
-    def _counting(self, unet):
-        outer = self
-
-        class Counting(torch.nn.Module):
-            def forward(self, *args):
-                outer.calls -= 1
-                if outer.calls < 0:
-                    raise KeyboardInterrupt
-                return unet(*args)
-
-        return Counting()
+    def sample(self, *args):
+        self.calls -= 1
+        if self.calls < 0:
+            raise KeyboardInterrupt
+        return self.generator.sample(*args)
 
 
 def test_killed_generation_resumes_to_the_same_set(tmp_path, base_generator):
@@ -185,13 +178,13 @@ def test_killed_generation_resumes_to_the_same_set(tmp_path, base_generator):
     assert reference["images"] == 12 and reference["shards"] == 3
 
     plan = plan_generation(CAPTIONS, CLASSES, 12, cfg)
-    with pytest.raises(KeyboardInterrupt):  # 2 UNet calls per batch: shard 0 takes 4, the 8th call is in shard 1
-        generate_shards(_KilledAfter(generator, calls=7), plan, tmp_path / "cut", cfg, CPU)
+    with pytest.raises(KeyboardInterrupt):  # batches of 4: shard 0 takes 2 calls, the 3rd call is in shard 1
+        generate_shards(_KilledAfter(generator, calls=2), plan, tmp_path / "cut", cfg)
     assert (tmp_path / "cut" / "shards" / "shard-00000" / "manifest.jsonl").is_file()
     assert (tmp_path / "cut" / "shards" / "shard-00001.partial").is_dir()
     with pytest.raises(GenerationError, match="2 of 3 shards are missing"):
         finalize(tmp_path / "cut", plan, cfg)
-    written = generate_shards(generator, plan, tmp_path / "cut", cfg, CPU)
+    written = generate_shards(generator, plan, tmp_path / "cut", cfg)
     assert written == [1, 2]
     finalize(tmp_path / "cut", plan, cfg)
 
@@ -225,9 +218,9 @@ def test_shards_made_by_parallel_workers_are_gathered(tmp_path, base_generator):
     generator = PixelGenerator.load(base_generator, CPU)
     plan = plan_generation(CAPTIONS, CLASSES, 12, cfg)
     for shard in (0, 2):  # two "pods"; shard 1 is left for the gatherer to make itself
-        generate_shards(generator, plan, tmp_path / f"pod{shard}", cfg, CPU, shards=[shard])
+        generate_shards(generator, plan, tmp_path / f"pod{shard}", cfg, shards=[shard])
     assert gather_shards([tmp_path / "pod0", tmp_path / "pod2"], tmp_path / "all") == [0, 2]
-    assert generate_shards(generator, plan, tmp_path / "all", cfg, CPU) == [1]
+    assert generate_shards(generator, plan, tmp_path / "all", cfg) == [1]
     finalize(tmp_path / "all", plan, cfg)
     reference = tmp_path / "ref"
     run_generation(generator, CAPTIONS, CLASSES, 12, cfg, reference)

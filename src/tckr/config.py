@@ -118,10 +118,15 @@ class GeneratorConfig(_Strict):
 
     kind: Literal["pixel", "stable-diffusion"] = "pixel"
     model: str = Field("stabilityai/stable-diffusion-2", description="stable-diffusion: hub id or directory")
+    revision: str | None = Field(
+        None, description="stable-diffusion: hub branch, tag or commit to pin the weights to; null: main")
+    variant: str | None = Field(
+        None, description="stable-diffusion: weight files variant, e.g. fp16 (half the download); null: full")
     block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
     layers_per_block: int = Field(1, ge=1)
     attention_head_dim: int = Field(8, ge=1)
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    prediction_type: Literal["epsilon", "v_prediction"] = Field(
+        "epsilon", description="pixel: the training target; stable-diffusion: must match the model's scheduler")
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
     max_text_tokens: int = Field(32, ge=4)
     steps: int = Field(1000, ge=1, description="pretraining optimiser steps")

@@ -3,6 +3,8 @@
 The recipe follows diffusers' ``train_text_to_image_lora.py``: a peft ``LoraConfig`` on the UNet's
 attention projections only, the base frozen, the adapter kept in fp32 even when the forward pass
 runs in fp16, and only the adapter saved (diffusers format, ``pytorch_lora_weights.safetensors``).
+Both kinds of generator train through the same loop: the pixel UNet on pixels, Stable Diffusion's
+UNet on VAE latents computed once up front.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from tckr import stable_diffusion
 from tckr.config import FinetuneConfig
-from tckr.generator import DenoiserData, PixelGenerator, PromptBank, steps_for_epochs, train_denoiser
+from tckr.generate import ImageGenerator
+from tckr.generator import DenoiserData, PixelGenerator, PromptBank, read_card, steps_for_epochs, train_denoiser
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
 
@@ -50,10 +54,23 @@ def save_adapter(unet: nn.Module, out_dir: Path) -> Path:
     return Path(out_dir) / ADAPTER_FILE
 
 
-def load_adapter(unet: nn.Module, adapter_dir: Path) -> None:
+def _require_adapter(adapter_dir: Path) -> None:
     if not (Path(adapter_dir) / ADAPTER_FILE).is_file():
         raise FileNotFoundError(f"no LoRA adapter ({ADAPTER_FILE}) in {adapter_dir}")
+
+
+def load_adapter(unet: nn.Module, adapter_dir: Path) -> None:
+    _require_adapter(adapter_dir)
     unet.load_lora_adapter(str(adapter_dir), weight_name=ADAPTER_FILE, prefix="unet", adapter_name="tckr")
+
+
+def finetune_generator(generator_dir: Path, images: torch.Tensor, texts: list[str], cfg: FinetuneConfig,
+                       out_dir: Path, device: torch.device,
+                       on_step: Callable[[int, float], None] | None = None) -> dict:
+    """LoRA for whichever kind of base generator ``generator_dir`` holds (its card says)."""
+    if read_card(generator_dir)["kind"] == stable_diffusion.KIND:
+        return finetune_stable_diffusion(generator_dir, images, texts, cfg, out_dir, device, on_step)
+    return finetune_pixel_generator(generator_dir, images, texts, cfg, out_dir, device, on_step)
 
 
 def finetune_pixel_generator(generator_dir: Path, images: torch.Tensor, texts: list[str], cfg: FinetuneConfig,
@@ -62,35 +79,73 @@ def finetune_pixel_generator(generator_dir: Path, images: torch.Tensor, texts: l
     """Train a LoRA adapter for the saved base generator on (image, caption) pairs; resumable."""
     from diffusers import DDPMScheduler
 
-    if len(images) != len(texts):
-        raise ValueError(f"{len(images)} images but {len(texts)} captions")
+    _check_pairs(images, texts)
+    generator = PixelGenerator.load(generator_dir, device)
+    data = DenoiserData(images, PromptBank.build(generator.text_encoder, texts))
+    return train_adapter(generator.unet, data, DDPMScheduler.from_config(generator.scheduler_config), cfg, out_dir,
+                         device, on_step)
+
+
+def finetune_stable_diffusion(generator_dir: Path, images: torch.Tensor, texts: list[str], cfg: FinetuneConfig,
+                              out_dir: Path, device: torch.device,
+                              on_step: Callable[[int, float], None] | None = None) -> dict:
+    """LoRA on a Stable Diffusion UNet in latent space (diffusers' ``train_text_to_image_lora.py``).
+
+    ``images`` are uint8 RGB at the pipeline resolution (resized and centre-cropped when decoded).
+    Latents of the images and of their mirror images, and the states of each distinct caption, are
+    computed once, so each step runs the UNet only; random flip picks a precomputed latent per sample.
+    """
+    from diffusers import DDPMScheduler
+
+    _check_pairs(images, texts)
+    pipe = stable_diffusion.load_card_pipeline(read_card(generator_dir), device,
+                                               stable_diffusion.weights_dtype(device, cfg.mixed_precision))
+    mirrored = stable_diffusion.encode_latents(pipe.vae, images, cfg.seed, mirror=True) if cfg.random_flip else None
+    data = DenoiserData(stable_diffusion.encode_latents(pipe.vae, images, cfg.seed, mirror=False),
+                        PromptBank.build(stable_diffusion.PipelinePromptEncoder(pipe), texts), mirrored)
+    return train_adapter(pipe.unet, data, DDPMScheduler.from_config(pipe.scheduler.config), cfg, out_dir, device,
+                         on_step)
+
+
+def train_adapter(unet: nn.Module, data: DenoiserData, noise_scheduler, cfg: FinetuneConfig, out_dir: Path,
+                  device: torch.device, on_step: Callable[[int, float], None] | None = None) -> dict:
+    """Attach a LoRA to ``unet``, train it on ``data`` (resumable), save the adapter, loss curve and summary."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    generator = PixelGenerator.load(generator_dir, device)
-    parameters = add_lora(generator.unet, cfg)
-    data = DenoiserData(images, PromptBank.build(generator.text_encoder, texts))
-    steps = steps_for_epochs(len(images), cfg.epochs, cfg.batch_size, cfg.grad_accum)
+    torch.manual_seed(cfg.seed)  # the adapter's initial weights
+    parameters = add_lora(unet, cfg)
+    steps = steps_for_epochs(len(data), cfg.epochs, cfg.batch_size, cfg.grad_accum)
     started = time.perf_counter()
     losses = train_denoiser(
-        generator.unet, parameters, data, DDPMScheduler.from_config(generator.scheduler_config), steps=steps,
-        batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr, weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm, caption_dropout=0.0, random_flip=cfg.random_flip, seed=cfg.seed,
-        device=device, checkpoint=out_dir / "lora-checkpoint.pt", mixed_precision=cfg.mixed_precision,
-        desc="LoRA fine-tune", on_step=on_step)
-    save_adapter(generator.unet, out_dir)
+        unet, parameters, data, noise_scheduler, steps=steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+        lr=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, caption_dropout=0.0,
+        random_flip=cfg.random_flip, seed=cfg.seed, device=device, checkpoint=out_dir / "lora-checkpoint.pt",
+        mixed_precision=cfg.mixed_precision, desc="LoRA fine-tune", on_step=on_step)
+    save_adapter(unet, out_dir)
     with open(out_dir / "loss.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["step", "loss"])
         writer.writerows(enumerate(losses, start=1))
     summary = {"steps": steps, "final_loss": float(np.mean(losses[-20:])), "seconds": time.perf_counter() - started,
-               "trainable_parameters": sum(p.numel() for p in parameters), "train_images": len(images)}
+               "trainable_parameters": sum(p.numel() for p in parameters), "train_images": len(data)}
     (out_dir / "adapter.json").write_text(json.dumps({"finetune": cfg.model_dump(mode="json")} | summary, indent=2))
     (out_dir / "lora-checkpoint.pt").unlink(missing_ok=True)
     return summary
 
 
-def load_finetuned(generator_dir: Path, adapter_dir: Path, device: torch.device) -> PixelGenerator:
+def _check_pairs(images: torch.Tensor, texts: list[str]) -> None:
+    if len(images) != len(texts):
+        raise ValueError(f"{len(images)} images but {len(texts)} captions")
+
+
+def load_finetuned(generator_dir: Path, adapter_dir: Path, device: torch.device) -> ImageGenerator:
+    """The base generator (of the card's kind) with the trained adapter loaded, ready to sample."""
+    card = read_card(generator_dir)
+    if card["kind"] == stable_diffusion.KIND:
+        generator = stable_diffusion.StableDiffusionGenerator.load(card, device)
+        _require_adapter(adapter_dir)
+        generator.pipe.load_lora_weights(str(adapter_dir), weight_name=ADAPTER_FILE, adapter_name="tckr")
+        return generator
     generator = PixelGenerator.load(generator_dir, device)
     load_adapter(generator.unet, adapter_dir)
     generator.unet.eval()

@@ -15,6 +15,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -110,13 +111,20 @@ def sample_pixel_images(generator, prompts: list[str], seeds: list[int], steps: 
     return pixels.permute(0, 2, 3, 1).numpy()
 
 
-def generate_shards(generator, plan: list[PlannedImage], out_dir: Path, cfg: GenerateConfig,
-                    device: torch.device, shards: list[int] | None = None) -> list[int]:
+class ImageGenerator(Protocol):
+    """What generation needs of a loaded generator, whatever its kind (pixel UNet or Stable Diffusion)."""
+
+    def sample(self, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> np.ndarray:
+        """uint8 ``[B, H, W, C]``; image ``i`` depends only on ``(prompts[i], seeds[i])``, not on its batch."""
+        ...
+
+
+def generate_shards(generator: ImageGenerator, plan: list[PlannedImage], out_dir: Path, cfg: GenerateConfig,
+                    shards: list[int] | None = None) -> list[int]:
     """Produce the given shards (default: every incomplete one); returns the shards written now."""
     ranges = shard_ranges(len(plan), cfg.shard_size)
     wanted = range(len(ranges)) if shards is None else shards
     todo = [s for s in wanted if not is_complete(out_dir, s)]
-    prompt_cache: dict[str, torch.Tensor] = {}
     bar = progress(total=sum(len(ranges[s]) for s in todo), desc="generate", unit="img")
     for shard in todo:
         items = [plan[i] for i in ranges[shard]]
@@ -127,8 +135,8 @@ def generate_shards(generator, plan: list[PlannedImage], out_dir: Path, cfg: Gen
         started = time.perf_counter()
         for start in range(0, len(items), cfg.batch_size):
             batch = items[start:start + cfg.batch_size]
-            pixels = sample_pixel_images(generator, [item.prompt for item in batch], [item.seed for item in batch],
-                                         cfg.steps, cfg.guidance, device, prompt_cache)
+            pixels = generator.sample([item.prompt for item in batch], [item.seed for item in batch], cfg.steps,
+                                      cfg.guidance)
             for item, array in zip(batch, pixels, strict=True):
                 Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(partial / item.file_name)
             bar.update(len(batch))

@@ -18,8 +18,9 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -64,6 +65,12 @@ class TextEncoder:
         return torch.cat(states) if states else torch.zeros(0, self.max_tokens, self.dim)
 
 
+class PromptEncoder(Protocol):
+    """Prompts -> token states ``[N, T, D]``, as the UNet cross-attends to them."""
+
+    def encode(self, texts: list[str]) -> torch.Tensor: ...
+
+
 @dataclass
 class PromptBank:
     """Unique prompts encoded once; ``index[i]`` is the row of sample i's prompt in ``states``.
@@ -77,7 +84,7 @@ class PromptBank:
     index: torch.Tensor
 
     @classmethod
-    def build(cls, encoder: TextEncoder, texts: list[str]) -> PromptBank:
+    def build(cls, encoder: PromptEncoder, texts: list[str]) -> PromptBank:
         unique = sorted(set(texts))
         rows = {text: row + 1 for row, text in enumerate(unique)}
         states = encoder.encode(["", *unique]).half()  # fp16 storage: large caption sets stay small
@@ -110,13 +117,28 @@ def build_noise_scheduler(cfg: GeneratorConfig):
 # ----------------------------------------------------------------------------------- training loop
 @dataclass
 class DenoiserData:
-    """Training pairs in memory: images as uint8 ``[N, C, S, S]`` and their prompts."""
+    """Training pairs in memory: what the UNet denoises, and the prompts.
 
-    images: torch.Tensor
+    ``samples`` are uint8 pixels ``[N, C, S, S]`` (scaled to [-1, 1] per batch) or float VAE latents.
+    ``mirrored`` holds the samples of the horizontally flipped images for random flip; it is needed
+    for latents only, since the latent of a flipped image is not the flipped latent — pixels without
+    it are mirrored on the fly.
+    """
+
+    samples: torch.Tensor
     prompts: PromptBank
+    mirrored: torch.Tensor | None = None
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.samples)
+
+    def batch(self, rows: torch.Tensor, flip: torch.Tensor | None) -> torch.Tensor:
+        """Float model inputs of ``rows``, the mirrored view where ``flip`` ([B, 1, 1, 1] bool) is set."""
+        samples = self.samples[rows]
+        if flip is not None:
+            mirrored = samples.flip(-1) if self.mirrored is None else self.mirrored[rows]
+            samples = torch.where(flip, mirrored, samples)
+        return samples.float().div(127.5).sub(1.0) if samples.dtype == torch.uint8 else samples.float()
 
 
 def train_denoiser(unet: nn.Module, parameters: list[nn.Parameter], data: DenoiserData, noise_scheduler, *,
@@ -185,25 +207,28 @@ def train_denoiser(unet: nn.Module, parameters: list[nn.Parameter], data: Denois
 
 def _denoising_loss(unet, data: DenoiserData, rows: torch.Tensor, noise_scheduler, caption_dropout: float,
                     random_flip: bool, rng: torch.Generator, device: torch.device, autocast: bool) -> torch.Tensor:
-    images = data.images[rows].float().div(127.5).sub(1.0)
-    if random_flip:
-        flip = torch.rand(len(rows), 1, 1, 1, generator=rng) < 0.5
-        images = torch.where(flip, images.flip(-1), images)
+    flip = torch.rand(len(rows), 1, 1, 1, generator=rng) < 0.5 if random_flip else None
+    samples = data.batch(rows, flip)
     prompt_rows = data.prompts.index[rows]
     if caption_dropout > 0:
         prompt_rows = torch.where(torch.rand(len(rows), generator=rng) < caption_dropout, 0, prompt_rows)
-    noise = torch.randn(images.shape, generator=rng)
+    noise = torch.randn(samples.shape, generator=rng)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(rows),), generator=rng)
-    images, noise, timesteps = images.to(device), noise.to(device), timesteps.to(device)
-    noisy = noise_scheduler.add_noise(images, noise, timesteps)
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(images, noise, timesteps)
-    else:
-        target = noise
+    samples, noise, timesteps = samples.to(device), noise.to(device), timesteps.to(device)
+    noisy = noise_scheduler.add_noise(samples, noise, timesteps)
+    target = denoising_target(noise_scheduler, samples, noise, timesteps)
     states = data.prompts.states[prompt_rows].to(device).float()
     with torch.autocast(device.type, dtype=torch.float16, enabled=autocast):
         prediction = unet(noisy, timesteps, states).sample
     return nn.functional.mse_loss(prediction.float(), target.float())
+
+
+def denoising_target(noise_scheduler, samples: torch.Tensor, noise: torch.Tensor,
+                     timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict: the velocity for v-prediction models (SD2), else the noise."""
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(samples, noise, timesteps)
+    return noise
 
 
 def _load_trainable(unet: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -222,6 +247,14 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 # -------------------------------------------------------------------------------- pretrain + cache
+def read_card(directory: Path) -> dict:
+    """A saved generator's ``generator.json``: its kind, and what loading it needs."""
+    card_path = Path(directory) / "generator.json"
+    if not card_path.is_file():
+        raise FileNotFoundError(f"{directory} holds no tckr generator (no generator.json)")
+    return json.loads(card_path.read_text())
+
+
 @dataclass
 class PixelGenerator:
     """A loaded demo generator: UNet + frozen text encoder + its training scheduler's config."""
@@ -231,6 +264,14 @@ class PixelGenerator:
     scheduler_config: dict
     image_size: int
     channels: int
+    prompt_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # encoded once per prompt
+
+    def sample(self, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> np.ndarray:
+        """uint8 ``[B, H, W, C]``, one image per (prompt, seed): the interface generation draws through."""
+        from tckr.generate import sample_pixel_images
+
+        return sample_pixel_images(self, prompts, seeds, steps, guidance, self.text_encoder.device,
+                                   self.prompt_cache)
 
     def save(self, directory: Path, metadata: dict) -> None:
         directory = Path(directory)
@@ -246,10 +287,7 @@ class PixelGenerator:
         from diffusers import UNet2DConditionModel
 
         directory = Path(directory)
-        card_path = directory / "generator.json"
-        if not card_path.is_file():
-            raise FileNotFoundError(f"{directory} holds no tckr generator (no generator.json)")
-        card = json.loads(card_path.read_text())
+        card = read_card(directory)
         unet = UNet2DConditionModel.from_pretrained(directory / "unet").to(device).eval()
         scheduler_config = json.loads((directory / "scheduler" / "scheduler_config.json").read_text())
         encoder = TextEncoder(text_encoder_path(), card["max_text_tokens"], device)
@@ -261,8 +299,9 @@ def generator_cache_dir() -> Path:
 
 
 def cache_key(cfg: GeneratorConfig, image_size: int, data_fingerprint: str, captions_digest: str) -> str:
-    """Everything that determines a pretrained generator, hashed."""
-    payload = json.dumps({"generator": cfg.model_dump(mode="json"), "image_size": image_size,
+    """Everything that determines a pretrained generator, hashed (unset options left out, so adding one
+    keeps existing caches valid)."""
+    payload = json.dumps({"generator": cfg.model_dump(mode="json", exclude_none=True), "image_size": image_size,
                           "data": data_fingerprint, "captions": captions_digest}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tckr.config import TckrConfig
+from tckr.config import GeneratorConfig, TckrConfig
 from tckr.tracking import stage_run
 
 Metrics = dict[str, float]
@@ -85,8 +85,31 @@ def caption_stage(cfg: TckrConfig, data_dir: Path, out_dir: Path, parent_run_id:
 
 def generator_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Path, out_dir: Path,
                     parent_run_id: str | None, tracking_uri: str) -> Metrics:
-    """The base generator: reused from the cache when one with the same key exists, else pretrained
-    on the public split (never on private data) and cached."""
+    """The base generator. Pixel: reused from the cache when one with the same key exists, else
+    pretrained on the public split (never on private data) and cached. Stable Diffusion: nothing to
+    pretrain (SD2 was pretrained on public data); the pipeline is loaded once to check it is reachable
+    and matches the configuration, and a card naming it is written for the later stages."""
+    import mlflow
+
+    from tckr import stable_diffusion
+
+    generator_cfg = cfg.generator.model_copy(update={"seed": seed})
+    with stage_run("generator", cfg, parent_run_id, tracking_uri, params=generator_cfg.model_dump(mode="json")):
+        started = time.perf_counter()
+        if generator_cfg.kind == stable_diffusion.KIND:
+            card = stable_diffusion.save_card(generator_cfg, cfg.image_size, Path(out_dir))
+            mlflow.set_tag("tckr.generator_model", card["model"])
+            metrics: Metrics = {}
+        else:
+            metrics = _pixel_base_generator(cfg, generator_cfg, Path(data_dir), Path(captions_dir), Path(out_dir))
+        metrics["stage.generator.seconds"] = time.perf_counter() - started
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifact(str(Path(out_dir) / "generator.json"))
+    return metrics
+
+
+def _pixel_base_generator(cfg: TckrConfig, generator_cfg: GeneratorConfig, data_dir: Path, captions_dir: Path,
+                          out_dir: Path) -> Metrics:
     import mlflow
 
     from tckr.atomic import copy_tree
@@ -100,36 +123,24 @@ def generator_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Pa
     )
     from tckr.ingest import load_prepared
 
-    generator_cfg = cfg.generator.model_copy(update={"seed": seed})
-    if generator_cfg.kind != "pixel":
-        raise NotImplementedError(
-            f"generator.kind={generator_cfg.kind!r} (SD2 + LoRA on a GPU) is not built yet; this version runs "
-            "the pixel generator only (generator.kind=pixel, the demo and smoke profiles)")
-    with stage_run("generator", cfg, parent_run_id, tracking_uri, params=generator_cfg.model_dump(mode="json")):
-        started = time.perf_counter()
-        splits, info = load_prepared(Path(data_dir))
-        if "public" not in splits:
-            raise ValueError("the pixel generator is pretrained on the public split, and the prepared dataset "
-                             "has none: set ingest.public_fraction > 0")
-        public_captions = Path(captions_dir) / "public" / "captions.jsonl"
-        # Keyed on the public split only: a new private set reuses the same pretrained generator.
-        key = cache_key(generator_cfg, cfg.image_size, info.split_fingerprints["public"],
-                        digest_files([public_captions]))
-        cached = generator_cache_dir() / key
-        hit = (cached / "generator.json").is_file()
-        if hit:
-            copy_tree(cached, Path(out_dir))
-        else:
-            device = _device(cfg)
-            images = decode_split(splits["public"], cfg.image_size, info.channels)
-            pretrain_pixel_generator(generator_cfg, images, read_texts(public_captions), Path(out_dir), device,
-                                     on_step=lambda step, loss: _log_every(step, 25, {"pretrain_loss": loss}))
-            copy_tree(Path(out_dir), cached)
-        metrics = {"generator.cached": float(hit), "stage.generator.seconds": time.perf_counter() - started}
-        mlflow.log_metrics(metrics)
-        mlflow.set_tag("tckr.generator_cache_key", key)
-        mlflow.log_artifact(str(Path(out_dir) / "generator.json"))
-    return metrics
+    splits, info = load_prepared(data_dir)
+    if "public" not in splits:
+        raise ValueError("the pixel generator is pretrained on the public split, and the prepared dataset "
+                         "has none: set ingest.public_fraction > 0")
+    public_captions = captions_dir / "public" / "captions.jsonl"
+    # Keyed on the public split only: a new private set reuses the same pretrained generator.
+    key = cache_key(generator_cfg, cfg.image_size, info.split_fingerprints["public"], digest_files([public_captions]))
+    cached = generator_cache_dir() / key
+    hit = (cached / "generator.json").is_file()
+    if hit:
+        copy_tree(cached, out_dir)
+    else:
+        images = decode_split(splits["public"], cfg.image_size, info.channels)
+        pretrain_pixel_generator(generator_cfg, images, read_texts(public_captions), out_dir, _device(cfg),
+                                 on_step=lambda step, loss: _log_every(step, 25, {"pretrain_loss": loss}))
+        copy_tree(out_dir, cached)
+    mlflow.set_tag("tckr.generator_cache_key", key)
+    return {"generator.cached": float(hit)}
 
 
 def finetune_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Path, generator_dir: Path,
@@ -137,19 +148,20 @@ def finetune_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Pat
     """LoRA on the private train split's (image, caption) pairs; logs the loss curve."""
     import mlflow
 
-    from tckr.finetune import finetune_pixel_generator
-    from tckr.generator import decode_split, read_texts
+    from tckr.finetune import finetune_generator
+    from tckr.generator import decode_split, read_card, read_texts
     from tckr.ingest import load_prepared
 
     finetune_cfg = cfg.finetune.model_copy(update={"seed": seed})
     with stage_run("finetune", cfg, parent_run_id, tracking_uri, params=finetune_cfg.model_dump(mode="json")):
         started = time.perf_counter()
-        splits, info = load_prepared(Path(data_dir))
+        splits, _ = load_prepared(Path(data_dir))
         device = _device(cfg)
-        images = decode_split(splits["train"], cfg.image_size, info.channels)
+        # The channels the generator models: the dataset's for the pixel UNet, RGB for Stable Diffusion's VAE.
+        images = decode_split(splits["train"], cfg.image_size, read_card(Path(generator_dir))["channels"])
         texts = read_texts(Path(captions_dir) / "train" / "captions.jsonl")
-        summary = finetune_pixel_generator(Path(generator_dir), images, texts, finetune_cfg, Path(out_dir), device,
-                                           on_step=lambda step, loss: _log_every(step, 10, {"lora_loss": loss}))
+        summary = finetune_generator(Path(generator_dir), images, texts, finetune_cfg, Path(out_dir), device,
+                                     on_step=lambda step, loss: _log_every(step, 10, {"lora_loss": loss}))
         metrics = {"finetune.final_loss": summary["final_loss"], "finetune.steps": float(summary["steps"]),
                    "stage.finetune.seconds": time.perf_counter() - started}
         mlflow.log_metrics(metrics)
@@ -187,7 +199,7 @@ def generate_shard_stage(cfg: TckrConfig, seed: int, shard: int, data_dir: Path,
     plan, generate_cfg, _ = _generation_plan(cfg, seed, data_dir, captions_dir)
     device = _device(cfg)
     generator = load_finetuned(Path(generator_dir), Path(adapter_dir), device)
-    generate_shards(generator, plan, Path(out_dir), generate_cfg, device, shards=[int(shard)])
+    generate_shards(generator, plan, Path(out_dir), generate_cfg, shards=[int(shard)])
     return Path(out_dir)
 
 
@@ -210,7 +222,7 @@ def generate_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Pat
         device = _device(cfg)
         gathered = gather_shards([Path(d) for d in shard_dirs], Path(out_dir))
         generator = load_finetuned(Path(generator_dir), Path(adapter_dir), device)
-        made_here = generate_shards(generator, plan, Path(out_dir), generate_cfg, device)
+        made_here = generate_shards(generator, plan, Path(out_dir), generate_cfg)
         summary = finalize(Path(out_dir), plan, generate_cfg)
         synthetic = ImageSplit(load_synthetic(Path(out_dir), info.classes), cfg.image_size, info.channels)
         teacher = load_classifier(Path(teacher_dir), device)
