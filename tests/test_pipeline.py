@@ -26,26 +26,47 @@ def test_run_directory(smoke_run):
     cfg, outcome, _ = smoke_run
     run_dir = outcome.run_dir
     assert (run_dir.parent / "latest").resolve() == run_dir
-    assert {"config.yaml", "report.md", "metrics.json", "samples.png"} <= {p.name for p in run_dir.iterdir()}
+    assert {"config.yaml", "report.md", "metrics.json", "samples.png", "roc.png"} <= {p.name for p in run_dir.iterdir()}
     metrics = json.loads((run_dir / "metrics.json").read_text())
     for key in ("teacher.test_accuracy", "teacher.val_accuracy", "stage.ingest.seconds",
                 "stage.teacher.seconds", "run.seconds", "data.train_images", "caption.train_distinct",
                 "generator.cached", "finetune.final_loss", "synthetic.images", "synthetic.teacher_agreement",
-                "stage.generate.seconds"):
+                "stage.generate.seconds", "student.test_accuracy", "teacher.mia.auc", "student.mia.auc",
+                "teacher.mia.tpr_at_1pct_fpr", "student.mia.tpr_at_0.1pct_fpr", "teacher.aop", "student.aop",
+                "stage.student.seconds", "stage.attack.seconds"):
         assert key in metrics, key
     assert 0.0 <= metrics["teacher.test_accuracy"] <= 1.0
     assert metrics["data.test_images"] == cfg.ingest.test_limit
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["profile"] == "smoke"
     report = (run_dir / "report.md").read_text()
     assert "| teacher" in report and "test_accuracy=" in report and cfg.fingerprint() in report
-    assert "![synthetic samples per class](samples.png)" in report
-    # ratio 0.1 x 420 private images = 42 -> 4 per class
-    assert metrics["synthetic.images"] == 40 and 0.0 <= metrics["synthetic.teacher_agreement"] <= 1.0
-    # 40 images in shards of 16: three ParallelFor tasks made them, the gathering stage none.
-    assert metrics["synthetic.shards"] == metrics["synthetic.shards_gathered"] == 3
+    assert "![synthetic samples per class](samples.png)" in report and "![LiRA ROC, log-log](roc.png)" in report
+    assert "| model             | Accuracy | AUC_MIA | TPR@0.1%FPR | TPR@1%FPR | AOP" in report
+    # ratio 0.1 x 300 private images = 30 -> 3 per class
+    assert metrics["synthetic.images"] == 30 and 0.0 <= metrics["synthetic.teacher_agreement"] <= 1.0
+    # 30 images in shards of 16: two ParallelFor tasks made them, the gathering stage none.
+    assert metrics["synthetic.shards"] == metrics["synthetic.shards_gathered"] == 2
     assert metrics["synthetic.shards_generated_here"] == 0
     assert metrics["stage.generate_shards.seconds"] > 0 and "| generate_shards" in report
     assert metrics["caption.train_images"] == metrics["data.train_images"]
+    # 4 shadows in groups of 2: the two ParallelFor tasks trained them all, the attack none.
+    assert metrics["attack.shadows"] == 4 and metrics["attack.shadows_trained_here"] == 0
+    assert metrics["attack.population"] == 2 * min(metrics["data.train_images"], metrics["data.holdout_images"])
+    for role in ("teacher", "student"):
+        auc = metrics[f"{role}.mia.auc"]
+        assert metrics[f"{role}.aop"] == pytest.approx(metrics[f"{role}.test_accuracy"] * (0.5 / auc) ** 2)
+
+
+def test_attack_outputs(smoke_run):
+    _, outcome, _ = smoke_run
+    attack_dir = next(outcome.run_dir.glob("kfp/*/attack/results"))
+    summary = json.loads((attack_dir / "attack.json").read_text())
+    assert summary["variant"] == "online" and summary["members"] == summary["non_members"]
+    assert summary["targets"]["student"]["auc"] == pytest.approx(outcome.metrics["student.mia.auc"])
+    rows = (attack_dir / "scores.csv").read_text().splitlines()
+    assert rows[0] == "split,row,label,member,teacher,student" and len(rows) == 1 + summary["members"] * 2
+    roc = (attack_dir / "roc-teacher.csv").read_text().splitlines()
+    assert roc[0] == "fpr,tpr" and roc[1] == "0.0,0.0" and roc[-1] == "1.0,1.0"
 
 
 def test_base_generator_is_cached(smoke_run, tmp_path):
@@ -78,34 +99,68 @@ def test_mlflow_parent_and_stage_runs(smoke_run):
     assert {"config.yaml", "report.md", "metrics.json"} <= artifacts
 
     stages = {r.data.tags["tckr.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(stages) == {"ingest", "teacher", "caption", "generator", "finetune", "generate"}
+    assert set(stages) == {"ingest", "teacher", "caption", "generator", "finetune", "generate", "student", "attack",
+                           "register"}
     assert all(r.info.status == "FINISHED" for r in stages.values())
     teacher = stages["teacher"]
     assert teacher.data.params["epochs"] == str(cfg.teacher.epochs)
     history = client.get_metric_history(teacher.info.run_id, "val_accuracy")
     assert [m.step for m in history] == list(range(1, cfg.teacher.epochs + 1))
+    shadows = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == stages["attack"].info.run_id]
+    assert sorted(r.info.run_name for r in shadows) == [f"shadow-{i:03d}" for i in range(cfg.attack.shadows)]
+    assert all(r.info.status == "FINISHED" and "out_accuracy" in r.data.metrics for r in shadows)
 
 
-def test_teacher_registered_and_loadable(smoke_run):
+def test_teacher_and_student_registered_and_loadable(smoke_run):
     cfg, outcome, uri = smoke_run
     client = mlflow.MlflowClient(uri, registry_uri=uri)
-    versions = client.search_model_versions("name = 'tckr-fashion-mnist-teacher'")
-    assert len(versions) == 1
-    tags = versions[0].tags
-    assert tags["profile"] == "smoke" and tags["config_hash"] == cfg.fingerprint()
-    assert float(tags["test_accuracy"]) == pytest.approx(outcome.metrics["teacher.test_accuracy"], abs=1e-4)
     configure(uri)
-    model = mlflow.pytorch.load_model("models:/tckr-fashion-mnist-teacher/1")
-    # The registered model normalises by itself and accepts any batch size: score the real test split.
     from tckr.classify import ImageSplit
     from tckr.ingest import load_prepared
 
     splits, info = load_prepared(next(outcome.run_dir.glob("kfp/*/ingest/dataset")))
     test = ImageSplit(splits["test"], cfg.image_size, info.channels)
     images = torch.stack([test[i][0] for i in range(len(test))]).float() / 255
-    accuracy = (model(images).argmax(1) == test.labels).float().mean().item()
-    assert accuracy == pytest.approx(outcome.metrics["teacher.test_accuracy"], abs=1e-4)
-    assert model(images[:3]).shape == (3, 10)
+    for role in ("teacher", "student"):
+        versions = client.search_model_versions(f"name = 'tckr-fashion-mnist-{role}'")
+        assert len(versions) == 1
+        tags = versions[0].tags
+        assert tags["profile"] == "smoke" and tags["config_hash"] == cfg.fingerprint()
+        for tag, metric in (("accuracy", "test_accuracy"), ("auc_mia", "mia.auc"), ("aop", "aop"),
+                            ("tpr_at_1pct_fpr", "mia.tpr_at_1pct_fpr")):
+            assert float(tags[tag]) == pytest.approx(outcome.metrics[f"{role}.{metric}"], abs=1e-4)
+        # The registered model normalises by itself and accepts any batch size: score the real test split.
+        model = mlflow.pytorch.load_model(f"models:/tckr-fashion-mnist-{role}/1")
+        accuracy = (model(images).argmax(1) == test.labels).float().mean().item()
+        assert accuracy == pytest.approx(outcome.metrics[f"{role}.test_accuracy"], abs=1e-4)
+        assert model(images[:3]).shape == (3, 10)
+    # The first student is the champion (there was none); it is also the candidate.
+    assert outcome.metrics["student.champion"] == 1
+    assert str(client.get_model_version_by_alias("tckr-fashion-mnist-student", "champion").version) == "1"
+    assert str(client.get_model_version_by_alias("tckr-fashion-mnist-student", "candidate").version) == "1"
+
+
+def test_champion_moves_only_to_a_better_student(smoke_run):
+    from tckr.stages import register_stage
+
+    cfg, outcome, uri = smoke_run
+    kfp_dir = next(outcome.run_dir.glob("kfp/*"))
+    model_dirs = {"student": kfp_dir / "student" / "model"}
+    name = "tckr-fashion-mnist-student"
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    champion_aop = float(client.get_model_version_by_alias(name, "champion").tags["aop"])
+
+    def register(accuracy: float) -> dict:
+        return register_stage(cfg, model_dirs, [{"student.test_accuracy": accuracy, "student.mia.auc": 0.5,
+                                                 "student.mia.tpr_at_1pct_fpr": 0.01}], None, uri)
+
+    worse = register(champion_aop / 2)
+    assert worse["student.champion"] == 0
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    assert str(client.get_model_version_by_alias(name, "candidate").version) == str(int(worse["student.registry_version"]))
+    better = register(min(1.0, champion_aop + 0.05))
+    assert better["student.champion"] == 1
+    assert str(client.get_model_version_by_alias(name, "champion").version) == str(int(better["student.registry_version"]))
 
 
 def test_unreachable_tracking_server_fails_fast(tmp_path):
@@ -139,8 +194,10 @@ def test_compiled_pipeline_matches_committed_snapshot(tmp_path):
         tasks = spec["root"]["dag"]["tasks"]
         assert tasks["ingest"]["componentRef"] and "teacher" in tasks and "report" in tasks
         assert {"ingest_seed", "teacher_seed", "generate_seed"} <= set(spec["root"]["inputDefinitions"]["parameters"])
-        fan_out = [t for t in tasks.values() if "parameterIterator" in t]
-        assert len(fan_out) == 1 and "generation-plan" in str(fan_out[0]["parameterIterator"])
+        fan_out = sorted(str(t["parameterIterator"]) for t in tasks.values() if "parameterIterator" in t)
+        assert len(fan_out) == 2 and "generation-plan" in fan_out[0] and "shadow-plan" in fan_out[1]
+        assert {"student", "attack", "register"} <= set(tasks)
+        assert tasks["register"]["cachingOptions"] == {}  # never cached: each run registers its own versions
 
 
 def test_failed_stage_is_reported_and_marked_failed(tmp_path):

@@ -120,9 +120,9 @@ def test_stages_run_the_paper_generator_path(tmp_path, tiny_sd, tracking_uri):
     assert {run.data.tags.get("tckr.generator_model") for run in runs} >= {str(tiny_sd)}
 
     metrics = stages.finetune_stage(cfg, 0, data, captions, base, lora, None, tracking_uri)
-    assert metrics["finetune.steps"] == 14  # 420 private images / 32 per step
-    stages.generate_shard_stage(cfg, 0, 1, data, captions, base, lora, shards)
-    images = sorted((shards / "shards" / "shard-00001").glob("*.png"))
+    assert metrics["finetune.steps"] == 10  # ceil(300 private images / 32 per step)
+    stages.generate_shard_stage(cfg, 0, 0, data, captions, base, lora, shards)
+    images = sorted((shards / "shards" / "shard-00000").glob("*.png"))
     assert len(images) == cfg.generate.shard_size
     with Image.open(images[0]) as image:
         assert image.mode == "RGB" and image.size == (SIZE, SIZE)

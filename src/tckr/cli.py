@@ -35,7 +35,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 # What each stage reads, as `tckr stage` options (the outputs of earlier stages).
 STAGE_INPUTS = {"ingest": (), "teacher": ("data",), "caption": ("data",), "generator": ("data", "captions"),
                 "finetune": ("data", "captions", "generator"),
-                "generate": ("data", "captions", "generator", "adapter", "teacher")}
+                "generate": ("data", "captions", "generator", "adapter", "teacher"),
+                "student": ("data", "synthetic", "teacher"), "attack": ("data", "teacher", "student")}
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:
@@ -62,6 +63,10 @@ def _cmd_stage(args: argparse.Namespace) -> int:
         "generate": lambda: stages.generate_stage(cfg, cfg.generate.seed, inputs["data"], inputs["captions"],
                                                   inputs["generator"], inputs["adapter"], inputs["teacher"], out,
                                                   None, uri),
+        "student": lambda: stages.student_stage(cfg, cfg.student_recipe.seed, inputs["data"], inputs["synthetic"],
+                                                inputs["teacher"], out, None, uri),
+        "attack": lambda: stages.attack_stage(cfg, cfg.attack.seed, inputs["data"], inputs["teacher"],
+                                              inputs["student"], out, None, uri),
     }
     metrics = runners[args.name]()
     (out / "metrics.json").write_text(json.dumps(dict(sorted(metrics.items())), indent=2) + "\n")
@@ -98,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     stage.add_argument("--out", required=True, help="the stage's output directory")
     for name, meaning in (("data", "prepared dataset (ingest)"), ("captions", "captions (caption)"),
                           ("generator", "base generator (generator)"), ("adapter", "LoRA adapter (finetune)"),
-                          ("teacher", "teacher model (teacher)")):
+                          ("teacher", "teacher model (teacher)"), ("synthetic", "synthetic set (generate)"),
+                          ("student", "student model (student)")):
         stage.add_argument(f"--{name}", help=f"directory of the {meaning}")
     stage.set_defaults(handler=_cmd_stage)
 
