@@ -42,6 +42,7 @@ lint: setup  ## ruff
 
 bench: setup  ## performance benchmarks (each prints a ratio against a baseline run alongside)
 	$(BIN)/python bench/bench_generation.py
+	$(BIN)/python bench/bench_shadows.py
 
 compile: setup  ## compile pipelines to the YAML committed beside them
 	$(BIN)/tckr compile

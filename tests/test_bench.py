@@ -13,3 +13,10 @@ def test_generation_benchmark_prints_a_ratio():
                             capture_output=True, text=True, timeout=300, check=True)
     assert "naive per-prompt loop" in result.stdout
     assert "speed-up" in result.stdout
+
+
+def test_shadow_benchmark_prints_ratios():
+    result = subprocess.run([sys.executable, str(BENCH / "bench_shadows.py"), "--profile", "smoke",
+                             "--shadows", "2", "--population", "256", "--epochs", "1"],
+                            capture_output=True, text=True, timeout=300, check=True)
+    assert "one at a time" in result.stdout and "stack, vmap speed-up" in result.stdout
