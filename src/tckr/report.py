@@ -24,7 +24,9 @@ STAGE_ROWS: dict[str, tuple[str, ...]] = {
     "generate_shards": ("synthetic.shards", "synthetic.images_per_second"),
     "generate": ("synthetic.images", "synthetic.teacher_agreement"),
     "student": ("student.test_accuracy", "student.val_accuracy", "student.best_epoch", "student.synthetic_images"),
-    "attack": ("attack.shadows", "attack.shadows_trained_here", "attack.shadow_val_accuracy", "attack.population"),
+    # The shadow groups' compute (ParallelFor tasks, summed), then the attack itself.
+    "shadows": ("attack.shadows", "attack.shadow_val_accuracy"),
+    "attack": ("attack.population", "attack.shadows_trained_here", "teacher.mia.auc", "student.mia.auc"),
 }
 
 # The paper's Table 2 columns (header, metric suffix per role), all shown in percent.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,7 +168,7 @@ def is_done(out_dir: Path, index: int) -> bool:
     return (shadow_dir(out_dir, index) / "shadow.json").is_file()
 
 
-def train_shadow_group(recipe_cfg: ClassifierConfig, indices: list[int], keep: np.ndarray, population: Population,
+def train_shadow_group(cfg: ClassifierConfig, indices: list[int], keep: np.ndarray, population: Population,
                        validation: tuple[torch.Tensor, torch.Tensor], info: DatasetInfo, out_dir: Path,
                        device: torch.device, vectorize: bool,
                        on_epoch: Callable[[dict], None] | None = None) -> list[int]:
@@ -181,7 +182,7 @@ def train_shadow_group(recipe_cfg: ClassifierConfig, indices: list[int], keep: n
     todo = [index for index in indices if not is_done(out_dir, index)]
     if not todo:
         return []
-    cfg = recipe_cfg
+    started = time.perf_counter()
     members = [torch.as_tensor(np.flatnonzero(keep[index])) for index in indices]
     per_model = len(members[0])
     if any(len(rows) != per_model for rows in members):
@@ -262,10 +263,11 @@ def train_shadow_group(recipe_cfg: ClassifierConfig, indices: list[int], keep: n
 
     logits = query_logits(best, augment, population.images, cfg.eval_batch_size, device, desc="shadow queries")
     labels = population.labels
+    seconds = (time.perf_counter() - started) / len(indices)  # this call's share: a resumed group counts its rest
     for m, index in enumerate(indices):
         if index in todo:
             predictions = logits[m, 0].argmax(-1) == labels
-            summary = {"index": index, "members": per_model, "best_epoch": state["best_epoch"][m],
+            summary = {"index": index, "members": per_model, "seconds": seconds, "best_epoch": state["best_epoch"][m],
                        "val_accuracy": state["best_val"][m],
                        "in_accuracy": float(predictions[keep[index]].float().mean()),
                        "out_accuracy": float(predictions[~keep[index]].float().mean()),

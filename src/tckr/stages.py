@@ -356,6 +356,7 @@ def attack_stage(cfg: TckrConfig, seed: int, data_dir: Path, teacher_dir: Path, 
         metrics |= {"attack.shadows": float(len(summaries)), "attack.shadows_trained_here": float(len(trained_here)),
                     "attack.shadow_val_accuracy": sum(s["val_accuracy"] for s in summaries) / len(summaries),
                     "attack.population": float(len(population)),
+                    "stage.shadows.seconds": sum(s["seconds"] for s in summaries),
                     "stage.attack.seconds": time.perf_counter() - started}
         mlflow.log_metrics(metrics)
         for name in ("attack.json", "roc.png", "roc-teacher.csv", "roc-student.csv", "scores.csv"):
