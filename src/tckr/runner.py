@@ -52,6 +52,8 @@ def run_local(cfg: TckrConfig, runs_root: Path = Path("runs"), tracking_uri: str
     # kfp.local warns that a non-Python base image may differ from this venv; here it is the same
     # package, installed in both.
     warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses custom")
+    # Resources, GPUs and Kubernetes settings are compiled in for clusters; kfp.local ignores them by design.
+    warnings.filterwarnings("ignore", message="Task '.*': settings .* have no effect in the current local runner")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(run_dir / "kfp"),
                raise_on_error=True)
     started = time.perf_counter()
