@@ -9,8 +9,12 @@ PIP_VERSION := 26.3
 STAMP  := $(VENV)/.installed
 PROFILE ?= demo
 MLFLOW_PORT ?= 5000
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+# The components reference $(IMAGE_REPO):$(VERSION) and :$(VERSION)-cuda; with another repository,
+# compile and submit with TCKR_IMAGE / TCKR_CUDA_IMAGE set to the tags built here.
+IMAGE_REPO ?= ghcr.io/tckr/tckr
 
-.PHONY: help setup data demo run test lint bench compile mlflow-ui clean
+.PHONY: help setup data demo run test lint bench compile images mlflow-ui clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -37,8 +41,9 @@ run: demo
 test: setup  ## run the test suite
 	$(BIN)/python -m pytest
 
-lint: setup  ## ruff
+lint: setup  ## ruff, hadolint
 	$(BIN)/ruff check src components pipelines tests bench
+	$(BIN)/hadolint docker/Dockerfile
 
 bench: setup  ## performance benchmarks (each prints a ratio against a baseline run alongside)
 	$(BIN)/python bench/bench_generation.py
@@ -46,6 +51,10 @@ bench: setup  ## performance benchmarks (each prints a ratio against a baseline 
 
 compile: setup  ## compile pipelines to the YAML committed beside them
 	$(BIN)/tckr compile
+
+images:  ## build the slim CPU and the CUDA image the components reference (needs a Docker engine)
+	docker build --file docker/Dockerfile --target cpu --tag $(IMAGE_REPO):$(VERSION) .
+	docker build --file docker/Dockerfile --target cuda --tag $(IMAGE_REPO):$(VERSION)-cuda .
 
 mlflow-ui: setup  ## browse runs and registered models at http://127.0.0.1:$(MLFLOW_PORT)
 	MLFLOW_BIN=$(BIN)/mlflow MLFLOW_PORT=$(MLFLOW_PORT) bash mlflow/server.sh
