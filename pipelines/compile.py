@@ -1,4 +1,5 @@
-"""Compile every pipeline to the YAML committed beside its source (tests compare against it)."""
+"""Compile every pipeline to YAML: by default beside its source, with the default ``kubernetes:``
+section (the committed files tests compare against)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,19 @@ from pathlib import Path
 
 from kfp import compiler
 
-from tckr.pipelines.tckr_pipeline import tckr_pipeline
+from tckr.config import KubernetesConfig
+from tckr.pipelines.tckr_pipeline import build_pipeline
 
-PIPELINES = {"tckr_pipeline.yaml": tckr_pipeline}
+PIPELINES = {"tckr_pipeline.yaml": build_pipeline}
 
 
-def compile_all(out_dir: Path | None = None) -> list[Path]:
-    out_dir = out_dir or Path(__file__).parent
+def compile_all(out_dir: Path | None = None, cluster: KubernetesConfig | None = None) -> list[Path]:
+    """``cluster``: the resources, placement and secrets to compile in (default: ``KubernetesConfig()``)."""
+    out_dir = Path(out_dir or Path(__file__).parent)
+    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for filename, pipeline in PIPELINES.items():
-        path = Path(out_dir) / filename
-        compiler.Compiler().compile(pipeline, str(path))
+    for filename, build in PIPELINES.items():
+        path = out_dir / filename
+        compiler.Compiler().compile(build(cluster or KubernetesConfig()), str(path))
         written.append(path)
     return written

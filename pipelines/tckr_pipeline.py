@@ -1,8 +1,17 @@
 """The TCKR recipe as a KFP v2 pipeline:
 ingest -> {teacher, caption} -> generator -> LoRA fine-tune -> generate (ParallelFor over shards)
--> student (GKD) -> attack (LiRA, ParallelFor over shadow groups) -> register (AOP, champion) -> report."""
+-> student (GKD) -> attack (LiRA, ParallelFor over shadow groups) -> register (AOP, champion) -> report.
+
+Resources, GPUs and credentials are compile-time settings in KFP: ``build_pipeline`` bakes a
+``kubernetes:`` config section into the graph (``tckr compile|submit --profile``). ``tckr_pipeline``
+carries the default section (the paper profile on GPU nodes); it is the committed YAML and what
+``tckr run`` executes through kfp.local, which ignores these settings.
+"""
+
+import functools
 
 from kfp import dsl
+from kfp.dsl.graph_component import GraphComponent
 
 from tckr.components.attack import attack
 from tckr.components.caption import caption
@@ -19,11 +28,11 @@ from tckr.components.shadow_plan import shadow_plan
 from tckr.components.start_run import start_run
 from tckr.components.student import student
 from tckr.components.teacher import teacher
+from tckr.config import KubernetesConfig
+from tckr.pipelines.cluster import place_all_tasks
 
 
-@dsl.pipeline(name="tckr", description="TCKR: private images -> synthetic data -> distilled student, "
-              "with utility and privacy measured")
-def tckr_pipeline(config_json: str, run_name: str, tracking_uri: str = "", ingest_seed: int = 0,
+def tckr_graph(config_json: str, run_name: str, tracking_uri: str = "", ingest_seed: int = 0,
                   teacher_seed: int = 0, generator_seed: int = 0, finetune_seed: int = 420,
                   generate_seed: int = 0, student_seed: int = 0, attack_seed: int = 0) -> dsl.Markdown:
     """``config_json``: the resolved ``TckrConfig``; seeds are explicit so cluster caching keys on them."""
@@ -67,3 +76,19 @@ def tckr_pipeline(config_json: str, run_name: str, tracking_uri: str = "", inges
                      attack_results=attacked.outputs["results"], **tracked)
     summary.set_caching_options(False)
     return summary.outputs["summary"]
+
+
+def build_pipeline(cluster: KubernetesConfig) -> GraphComponent:
+    """The TCKR graph with every task placed by ``cluster`` (resources, GPU, image, secrets)."""
+
+    @functools.wraps(tckr_graph)
+    def placed(*args, **kwargs) -> dsl.Markdown:
+        summary = tckr_graph(*args, **kwargs)
+        place_all_tasks(cluster)
+        return summary
+
+    return dsl.pipeline(name="tckr", description="TCKR: private images -> synthetic data -> distilled student, "
+                        "with utility and privacy measured")(placed)
+
+
+tckr_pipeline = build_pipeline(KubernetesConfig())

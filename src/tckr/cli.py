@@ -1,4 +1,4 @@
-"""``tckr`` command line: run the pipeline locally, show the resolved config, compile pipelines."""
+"""``tckr`` command line: run the pipeline locally or on a cluster, show the resolved config, compile pipelines."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 from tckr.config import ConfigError, available_profiles, load_config
 
 
-def _config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--profile", default="demo",
-                        help=f"one of {', '.join(available_profiles())}, or a .yaml path (default: demo)")
+def _config_arguments(parser: argparse.ArgumentParser, default: str | None = "demo") -> None:
+    parser.add_argument("--profile", default=default,
+                        help=f"one of {', '.join(available_profiles())}, or a .yaml path (default: {default})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. --set teacher.epochs=3 (repeatable)")
 
@@ -81,11 +81,32 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
+    """Without --profile: the default kubernetes section, beside the sources (the committed YAML)."""
     from tckr.pipelines.compile import compile_all
 
-    for path in compile_all(Path(args.out_dir) if args.out_dir else None):
+    if args.profile is None and args.overrides:
+        raise ConfigError("--set needs --profile (without one, tckr compile uses the default kubernetes section)")
+    cluster = load_config(args.profile, args.overrides).kubernetes if args.profile else None
+    out_dir = args.out_dir or (f"compiled/{Path(args.profile).stem}" if args.profile else None)
+    for path in compile_all(Path(out_dir) if out_dir else None, cluster):
         print(f"compiled {path}")
     return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from tckr.runner import new_run_name
+    from tckr.submit import follow, submit
+
+    cfg = load_config(args.profile, args.overrides)
+    run_name = new_run_name(cfg)
+    client, run_id = submit(cfg, args.host, run_name, args.experiment or cfg.experiment_name,
+                            enable_caching=not args.no_cache,
+                            tracking_uri=args.tracking_uri or cfg.kubernetes.tracking_uri, namespace=args.namespace)
+    print(f"submitted {run_name}: {args.host.rstrip('/')}/#/runs/details/{run_id}")
+    if not args.wait:
+        return 0
+    state = follow(client, run_id)
+    return 0 if state == "SUCCEEDED" else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,8 +134,20 @@ def main(argv: list[str] | None = None) -> int:
     show.set_defaults(handler=_cmd_config)
 
     compile_ = commands.add_parser("compile", help="compile the pipelines to YAML")
-    compile_.add_argument("--out-dir", help="default: beside the pipeline sources")
+    _config_arguments(compile_, default=None)
+    compile_.add_argument("--out-dir", help="default: beside the sources, or compiled/<profile> with --profile")
     compile_.set_defaults(handler=_cmd_compile)
+
+    submit_ = commands.add_parser("submit", help="run the pipeline on a Kubeflow Pipelines server")
+    _config_arguments(submit_)
+    submit_.add_argument("--host", required=True, help="the KFP API, e.g. http://127.0.0.1:8080")
+    submit_.add_argument("--experiment", help="KFP experiment (default: the MLflow experiment's name)")
+    submit_.add_argument("--no-cache", action="store_true", help="re-run every task instead of reusing cached ones")
+    submit_.add_argument("--wait", action=argparse.BooleanOptionalAction, default=False,
+                         help="follow the run to its end; exit 1 unless it succeeds (default: --no-wait)")
+    submit_.add_argument("--tracking-uri", help="MLflow server as the pods see it (default: kubernetes.tracking_uri)")
+    submit_.add_argument("--namespace", help="KFP namespace (multi-user installs)")
+    submit_.set_defaults(handler=_cmd_submit)
 
     args = parser.parse_args(argv)
     from tckr.caption import CaptionError
@@ -122,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     from tckr.ingest import DatasetError
     from tckr.lira import AttackError
     from tckr.runner import PipelineFailed
+    from tckr.submit import SubmitError
     from tckr.tracking import TrackingError
 
     try:
@@ -129,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"tckr: {error}", file=sys.stderr)
         return 2
-    except (DatasetError, CaptionError, GenerationError, AttackError, TrackingError, PipelineFailed) as error:
+    except (DatasetError, CaptionError, GenerationError, AttackError, TrackingError, PipelineFailed,
+            SubmitError) as error:
         print(f"tckr: {error}", file=sys.stderr)
         return 1
 

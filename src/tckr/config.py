@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -218,6 +218,111 @@ class RuntimeConfig(_Strict):
     torch_threads: int = Field(0, ge=0, description="0: torch's default")
 
 
+# Kubernetes quantities: CPU in cores or millicores, memory in bytes with an SI or binary suffix.
+_CPU = r"^[0-9]+(\.[0-9]+)?m?$"
+_MEMORY = r"^[0-9]+(\.[0-9]+)?(k|M|G|T|Ki|Mi|Gi|Ti)?$"
+_SCALE = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def _quantity(text: str) -> float:
+    number = text.rstrip("mkMGTi")
+    return float(number) * _SCALE.get(text[len(number):], 1.0)
+
+
+class StageResources(_Strict):
+    """What one pipeline task asks Kubernetes for."""
+
+    cpu: str = Field(pattern=_CPU, description="CPU request: cores (4) or millicores (500m)")
+    cpu_limit: str | None = Field(pattern=_CPU, description="null: no CPU limit (bursts into idle cores)")
+    memory: str = Field(pattern=_MEMORY, description="memory request, e.g. 16Gi")
+    memory_limit: str = Field(pattern=_MEMORY, description="above it the container is OOM-killed")
+    gpus: int = Field(ge=0, description="GPUs of kubernetes.gpu_resource (0 or 1)")
+    shm: str | None = Field(pattern=_MEMORY, description="memory-backed /dev/shm for DataLoader workers "
+                            "(counts against memory_limit); null: the runtime's 64 MB")
+
+    @model_validator(mode="after")
+    def _fits_one_device_and_limits_cover_requests(self) -> StageResources:
+        if self.gpus > 1:
+            raise ValueError(f"gpus: {self.gpus} > 1, but every stage trains on one device; scale out with "
+                             "more pods instead (generate.shard_size, attack.shadows_per_group)")
+        if self.cpu_limit is not None and _quantity(self.cpu_limit) < _quantity(self.cpu):
+            raise ValueError(f"cpu_limit {self.cpu_limit} is below the request {self.cpu}")
+        if _quantity(self.memory_limit) < _quantity(self.memory):
+            raise ValueError(f"memory_limit {self.memory_limit} is below the request {self.memory}")
+        return self
+
+
+def _stage(cpu: str, cpu_limit: str | None, memory: str, memory_limit: str, gpus: int = 0,
+           shm: str | None = None) -> dict[str, Any]:
+    return {"cpu": cpu, "cpu_limit": cpu_limit, "memory": memory, "memory_limit": memory_limit, "gpus": gpus,
+            "shm": shm}
+
+
+# The paper profile on a cluster of GPU nodes (one 24-80 GB NVIDIA GPU per GPU task). Every stage that
+# resolves a torch device gets a GPU: `runtime.device: cuda` refuses to run without one.
+PAPER_STAGE_RESOURCES: dict[str, dict[str, Any]] = {
+    "start_run": _stage("250m", "1", "1Gi", "2Gi"),
+    "ingest": _stage("4", "8", "16Gi", "32Gi"),
+    "teacher": _stage("8", "16", "32Gi", "48Gi", gpus=1, shm="8Gi"),
+    "caption": _stage("4", "8", "32Gi", "48Gi", gpus=1),  # BLIP-2 2.7B loads on the host first
+    "generator": _stage("2", "4", "16Gi", "24Gi"),  # SD2: checks the hub pipeline loads; trains nothing
+    "finetune": _stage("8", "16", "32Gi", "48Gi", gpus=1),
+    "generation_plan": _stage("500m", "2", "4Gi", "8Gi"),
+    "generate_shard": _stage("4", "8", "24Gi", "32Gi", gpus=1),
+    "generate": _stage("8", "16", "32Gi", "48Gi", gpus=1),  # missing shards + the teacher over all images
+    "student": _stage("8", "16", "32Gi", "48Gi", gpus=1, shm="8Gi"),
+    "shadow_plan": _stage("250m", "1", "1Gi", "2Gi"),
+    "shadow_group": _stage("8", "16", "32Gi", "48Gi", gpus=1, shm="8Gi"),
+    "attack": _stage("8", "16", "32Gi", "48Gi", gpus=1),  # both targets over the population, two queries
+    "register": _stage("1", "2", "4Gi", "8Gi"),
+    "report": _stage("500m", "2", "2Gi", "4Gi"),
+}
+
+
+class Toleration(_Strict):
+    key: str
+    operator: Literal["Equal", "Exists"] = "Exists"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = "NoSchedule"
+
+
+class KubernetesConfig(_Strict):
+    """Cluster settings compiled into the pipeline by `tckr compile` / `tckr submit` (KFP fixes resources
+    at compile time; kfp.local ignores all of them). Defaults: the paper profile on NVIDIA GPU nodes."""
+
+    stages: dict[str, StageResources] = Field(
+        default_factory=dict, validate_default=True,
+        description="per KFP component; each given entry is merged over that stage's default")
+    gpu_resource: str = Field("nvidia.com/gpu", description="the extended resource GPU tasks request")
+    gpu_node_selector: dict[str, str] = Field(
+        default_factory=lambda: {"nvidia.com/gpu.present": "true"},
+        description="labels of the GPU nodes (this one: NVIDIA GPU feature discovery)")
+    gpu_tolerations: list[Toleration] = Field(
+        default_factory=lambda: [Toleration(key="nvidia.com/gpu")], description="taints GPU nodes carry")
+    s3_secret: str | None = Field(
+        "mlpipeline-minio-artifact", description="secret with accesskey/secretkey for the object store (KFP's "
+        "own), exposed to tracked tasks as AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY; null: none")
+    s3_endpoint: str = Field("http://minio-service.kubeflow:9000",
+                             description="MLFLOW_S3_ENDPOINT_URL of tracked tasks (KFP's SeaweedFS S3 service)")
+    mlflow_secret: str | None = Field(
+        "tckr-mlflow", description="optional secret with username/password, exposed to tracked tasks as "
+        "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD; null: none")
+    tracking_uri: str = Field("http://mlflow.kubeflow:5000",
+                              description="the MLflow server `tckr submit` gives the run (deploy/mlflow)")
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _merge_over_defaults(cls, given: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(given) - set(PAPER_STAGE_RESOURCES))
+        if unknown:
+            raise ValueError(f"unknown stages {unknown}; stages are {', '.join(PAPER_STAGE_RESOURCES)}")
+        merged = {}
+        for name, default in PAPER_STAGE_RESOURCES.items():
+            entry = given.get(name, {})
+            merged[name] = default | (entry.model_dump() if isinstance(entry, BaseModel) else entry)
+        return merged
+
+
 class TckrConfig(_Strict):
     profile: str
     dataset: str = Field(description="short name used for experiments and registered models")
@@ -234,6 +339,7 @@ class TckrConfig(_Strict):
     attack: AttackConfig = AttackConfig()
     tracking: TrackingConfig = TrackingConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    kubernetes: KubernetesConfig = KubernetesConfig()
 
     @property
     def student_recipe(self) -> ClassifierConfig:

@@ -37,6 +37,11 @@ def pipeline_arguments(cfg: TckrConfig, run_name: str, tracking_uri: str) -> dic
             "student_seed": cfg.student_recipe.seed, "attack_seed": cfg.attack.seed}
 
 
+def new_run_name(cfg: TckrConfig) -> str:
+    """Names the MLflow parent run, the local run directory and the KFP run alike."""
+    return f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.profile}"
+
+
 def run_local(cfg: TckrConfig, runs_root: Path = Path("runs"), tracking_uri: str | None = None) -> RunOutcome:
     from kfp import local
 
@@ -44,7 +49,7 @@ def run_local(cfg: TckrConfig, runs_root: Path = Path("runs"), tracking_uri: str
 
     tracking_uri = tracking_uri or default_tracking_uri()
     configure(tracking_uri)  # fail before any work when the server is down
-    run_name = f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.profile}"
+    run_name = new_run_name(cfg)
     run_dir = Path(runs_root).resolve() / run_name
     run_dir.mkdir(parents=True, exist_ok=False)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
@@ -52,6 +57,8 @@ def run_local(cfg: TckrConfig, runs_root: Path = Path("runs"), tracking_uri: str
     # kfp.local warns that a non-Python base image may differ from this venv; here it is the same
     # package, installed in both.
     warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses custom")
+    # Resources, GPUs and Kubernetes settings are compiled in for clusters; kfp.local ignores them by design.
+    warnings.filterwarnings("ignore", message="Task '.*': settings .* have no effect in the current local runner")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(run_dir / "kfp"),
                raise_on_error=True)
     started = time.perf_counter()

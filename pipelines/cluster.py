@@ -1,0 +1,48 @@
+"""Where and how each task of a pipeline runs on Kubernetes, from ``TckrConfig.kubernetes``.
+
+KFP fixes these settings when a pipeline is compiled; ``kfp.local`` ignores them, so ``tckr run``
+executes the same graph without a cluster.
+"""
+
+from __future__ import annotations
+
+from kfp import kubernetes
+from kfp.dsl import PipelineTask, pipeline_context
+
+from tckr.components import CUDA_IMAGE
+from tckr.config import KubernetesConfig
+
+# Secret keys -> environment variables. KFP's object-store secret names its keys accesskey/secretkey.
+S3_KEYS = {"accesskey": "AWS_ACCESS_KEY_ID", "secretkey": "AWS_SECRET_ACCESS_KEY"}
+MLFLOW_KEYS = {"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"}
+
+
+def place_all_tasks(cluster: KubernetesConfig) -> None:
+    """Place every task of the pipeline being defined (call last in its body), so none is missed."""
+    for task in pipeline_context.Pipeline.get_default_pipeline().tasks.values():
+        place(task, cluster)
+
+
+def place(task: PipelineTask, cluster: KubernetesConfig) -> None:
+    """Resources, GPU, image, node placement, /dev/shm and credentials of one task."""
+    stage = task.component_spec.name.replace("-", "_")
+    need = cluster.stages[stage]
+    task.set_cpu_request(need.cpu).set_memory_request(need.memory).set_memory_limit(need.memory_limit)
+    if need.cpu_limit:
+        task.set_cpu_limit(need.cpu_limit)
+    if need.gpus:
+        task.set_accelerator_type(cluster.gpu_resource).set_accelerator_limit(need.gpus)
+        task.set_container_image(CUDA_IMAGE)
+        for label, value in cluster.gpu_node_selector.items():
+            kubernetes.add_node_selector(task, label, value)
+        for toleration in cluster.gpu_tolerations:
+            kubernetes.add_toleration(task, **toleration.model_dump())
+    if need.shm:  # DataLoader workers pass batches through shared memory
+        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                   size_limit=need.shm)
+    if "tracking_uri" in task.component_spec.inputs:  # the task logs to MLflow
+        if cluster.s3_secret:  # artifacts go straight to the store when the server does not proxy them
+            kubernetes.use_secret_as_env(task, cluster.s3_secret, S3_KEYS)
+            task.set_env_variable("MLFLOW_S3_ENDPOINT_URL", cluster.s3_endpoint)
+        if cluster.mlflow_secret:  # optional: a server without authentication has no such secret
+            kubernetes.use_secret_as_env(task, cluster.mlflow_secret, MLFLOW_KEYS, optional=True)

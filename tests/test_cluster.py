@@ -1,0 +1,225 @@
+"""The compiled pipeline as a cluster sees it: resources, GPUs, placement, images, secrets, caching.
+
+Static: compiles the pipeline and reads the YAML; no cluster, no Docker.
+"""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+import tckr.pipelines
+from tckr.components import CUDA_IMAGE, IMAGE
+from tckr.config import PAPER_STAGE_RESOURCES, ConfigError, KubernetesConfig, load_config
+from tckr.pipelines.compile import compile_all
+from tckr.pipelines.tckr_pipeline import build_pipeline
+
+GPU_STAGES = {name for name, need in PAPER_STAGE_RESOURCES.items() if need["gpus"]}
+TRACKED_STAGES = {"start_run", "ingest", "teacher", "caption", "generator", "finetune", "generate", "student",
+                  "attack", "register", "report"}  # the components that take tracking_uri
+SEEDED_STAGES = {"ingest", "teacher", "generator", "finetune", "generation_plan", "generate_shard", "generate",
+                 "student", "shadow_group", "attack"}
+CREDENTIAL_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_USERNAME",
+                        "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"}
+
+
+def _read(path: Path) -> tuple[dict, dict, str]:
+    """The pipeline spec, the Kubernetes settings per executor, and the raw text of a compiled pipeline."""
+    text = path.read_text()
+    spec, platform = yaml.safe_load_all(text)
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"], text
+
+
+def _compile(tmp_path: Path, cluster: KubernetesConfig | None = None) -> tuple[dict, dict, str]:
+    (path,) = compile_all(tmp_path, cluster)
+    return _read(path)
+
+
+@pytest.fixture(scope="module")
+def paper(tmp_path_factory):
+    return _compile(tmp_path_factory.mktemp("paper"))
+
+
+def _executors(spec: dict) -> dict[str, dict]:
+    """Stage name (``generate_shard``) -> its container."""
+    return {name.removeprefix("exec-").replace("-", "_"): executor["container"]
+            for name, executor in spec["deploymentSpec"]["executors"].items()}
+
+
+def _tasks(spec: dict):
+    """Every task of every DAG (the fan-outs' tasks live in their loop's DAG): (stage, task, dag name)."""
+    dags = {"root": spec["root"]} | {name: c for name, c in spec["components"].items() if "dag" in c}
+    for dag_name, component in dags.items():
+        for task in component["dag"]["tasks"].values():
+            executor = spec["components"][task["componentRef"]["name"]].get("executorLabel")
+            if executor:
+                yield executor.removeprefix("exec-").replace("-", "_"), task, dag_name
+
+
+def test_paper_profile_is_the_default_section():
+    assert load_config("paper-cifar10").kubernetes == KubernetesConfig()
+    committed, _, _ = _read(Path(tckr.pipelines.__file__).parent / "tckr_pipeline.yaml")
+    assert set(_executors(committed)) == set(PAPER_STAGE_RESOURCES)  # a resources entry for every stage
+
+
+def test_every_task_requests_cpu_and_memory(paper):
+    spec, _, _ = paper
+    for stage, container in _executors(spec).items():
+        need, resources = KubernetesConfig().stages[stage], container["resources"]
+        assert resources["resourceCpuRequest"] == need.cpu and resources["resourceCpuLimit"] == need.cpu_limit
+        assert resources["resourceMemoryRequest"] == need.memory
+        assert resources["resourceMemoryLimit"] == need.memory_limit
+
+
+def test_gpu_stages_get_one_gpu_the_cuda_image_and_gpu_nodes(paper):
+    spec, platform, _ = paper
+    assert sorted(GPU_STAGES) == ["attack", "caption", "finetune", "generate", "generate_shard", "shadow_group",
+                                  "student", "teacher"]
+    for stage, container in _executors(spec).items():
+        placement = platform.get(f"exec-{stage.replace('_', '-')}", {})
+        if stage in GPU_STAGES:
+            accelerator = container["resources"]["accelerator"]
+            assert accelerator["resourceType"] == "nvidia.com/gpu" and accelerator["resourceCount"] == "1"
+            assert container["image"] == CUDA_IMAGE
+            assert placement["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+            assert placement["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                                 "effect": "NoSchedule"}]
+        else:
+            assert "accelerator" not in container["resources"] and container["image"] == IMAGE
+            assert "nodeSelector" not in placement and "tolerations" not in placement
+
+
+def test_tasks_use_the_two_project_images(paper):
+    """CPU tasks the slim image, GPU tasks the CUDA one (their tags: tests/test_images.py)."""
+    spec, _, _ = paper
+    assert {c["image"] for c in _executors(spec).values()} == {IMAGE, CUDA_IMAGE}
+
+
+def test_data_loading_stages_get_a_memory_backed_dev_shm(paper):
+    spec, platform, _ = paper
+    for stage in _executors(spec):
+        mounts = platform.get(f"exec-{stage.replace('_', '-')}", {}).get("emptyDirMounts", [])
+        if stage in {"teacher", "student", "shadow_group"}:
+            assert mounts == [{"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory", "sizeLimit": "8Gi"}]
+        else:
+            assert mounts == []
+
+
+def test_tracked_tasks_get_credentials_from_secrets_only(paper):
+    spec, platform, text = paper
+    for stage, container in _executors(spec).items():
+        secrets = platform.get(f"exec-{stage.replace('_', '-')}", {}).get("secretAsEnv", [])
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        assert not CREDENTIAL_VARIABLES & set(env)
+        if stage not in TRACKED_STAGES:
+            assert secrets == [] and env == {}
+            continue
+        by_name = {s["secretName"]: s for s in secrets}
+        assert set(by_name) == {"mlpipeline-minio-artifact", "tckr-mlflow"}
+        assert by_name["mlpipeline-minio-artifact"]["keyToEnv"] == [
+            {"secretKey": "accesskey", "envVar": "AWS_ACCESS_KEY_ID"},
+            {"secretKey": "secretkey", "envVar": "AWS_SECRET_ACCESS_KEY"}]
+        assert by_name["mlpipeline-minio-artifact"]["optional"] is False
+        assert {k["envVar"] for k in by_name["tckr-mlflow"]["keyToEnv"]} == {"MLFLOW_TRACKING_USERNAME",
+                                                                               "MLFLOW_TRACKING_PASSWORD"}
+        assert by_name["tckr-mlflow"]["optional"] is True  # a server without authentication has no secret
+        assert env == {"MLFLOW_S3_ENDPOINT_URL": "http://minio-service.kubeflow:9000"}
+    # No credential value anywhere: neither KFP's/MinIO's well-known defaults nor a "password: ..." assignment
+    # (secret *key names* such as `secretKey: password` are references, and pass).
+    assert not re.search(r"minio123|minioadmin|(?i:access_?key_?id|secret_?access_?key|password|token)['\"]?\s*[:=]",
+                         text)
+
+
+def test_secrets_can_be_switched_off(tmp_path):
+    cluster = load_config("paper-cifar10", ["kubernetes.s3_secret=null", "kubernetes.mlflow_secret=null"]).kubernetes
+    spec, platform, _ = _compile(tmp_path, cluster)
+    assert not any("secretAsEnv" in p for p in platform.values())
+    assert all("env" not in c for c in _executors(spec).values())
+
+
+def test_stochastic_stages_are_cached_by_their_seed(paper):
+    """Caching is on in a cluster: a stage that draws random numbers must take its seed as an input,
+    wired from the pipeline's own ``*_seed`` parameter (through the fan-out loops' inputs)."""
+    spec, _, _ = paper
+    loops = {task["componentRef"]["name"]: task for task in spec["root"]["dag"]["tasks"].values()
+             if "parameterIterator" in task}
+    seeded = set()
+    for stage, task, dag in _tasks(spec):
+        seed = task["inputs"]["parameters"].get("seed")
+        if seed is None:
+            continue
+        seeded.add(stage)
+        source = seed["componentInputParameter"]
+        if dag != "root":  # the loop DAG receives the pipeline parameter under a channel name
+            source = loops[dag]["inputs"]["parameters"][source]["componentInputParameter"]
+        assert source.endswith("_seed") and source in spec["root"]["inputDefinitions"]["parameters"], stage
+        assert task["cachingOptions"] == {"enableCache": True}, stage
+    assert seeded == SEEDED_STAGES
+
+
+def test_only_run_bookkeeping_is_uncached(paper):
+    """start_run opens a new MLflow parent run; register makes new model versions; report closes the run."""
+    spec, _, _ = paper
+    uncached = {stage for stage, task, _ in _tasks(spec) if not task.get("cachingOptions", {}).get("enableCache")}
+    assert uncached == {"start_run", "register", "report"}
+
+
+def test_demo_profile_compiles_for_a_cpu_cluster(tmp_path):
+    spec, platform, _ = _compile(tmp_path, load_config("demo").kubernetes)
+    containers = _executors(spec)
+    assert all("accelerator" not in c["resources"] and c["image"] == IMAGE for c in containers.values())
+    assert not any("nodeSelector" in p or "tolerations" in p or "emptyDirMounts" in p for p in platform.values())
+    assert containers["teacher"]["resources"]["resourceMemoryLimit"] == "4Gi"
+
+
+def test_overrides_reach_the_compiled_task(tmp_path):
+    cluster = load_config("paper-cifar10", ["kubernetes.stages.teacher.memory=40Gi",
+                                            "kubernetes.gpu_node_selector={cloud.google.com/gke-accelerator: "
+                                            "nvidia-l4}"]).kubernetes
+    spec, platform, _ = _compile(tmp_path, cluster)
+    assert _executors(spec)["teacher"]["resources"]["resourceMemoryRequest"] == "40Gi"
+    assert _executors(spec)["teacher"]["resources"]["resourceMemoryLimit"] == "48Gi"  # merged over the default
+    assert platform["exec-teacher"]["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("kubernetes.stages.teacher.gpus=2", "every stage trains on one device"),
+    ("kubernetes.stages.teachr.gpus=1", "unknown stages \\['teachr'\\]"),
+    ("kubernetes.stages.teacher.memory_limit=16Gi", "memory_limit 16Gi is below the request 32Gi"),
+    ("kubernetes.stages.teacher.cpu=4 cores", "kubernetes.stages.teacher.cpu: String should match pattern"),
+])
+def test_bad_resources_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("paper-cifar10", [override])
+
+
+def test_kfp_local_ignores_the_cluster_settings(tmp_path):
+    """`tckr run` executes the placed graph: kfp.local must run tasks that carry GPUs, secrets and mounts."""
+    from kfp import compiler, dsl, local
+
+    from tckr.components.shadow_plan import shadow_plan
+    from tckr.pipelines.cluster import place_all_tasks
+
+    cluster = KubernetesConfig(stages={"shadow_plan": {"gpus": 1, "shm": "1Gi"}})
+
+    @dsl.pipeline(name="placed")
+    def placed(config_json: str) -> list[int]:
+        plan = shadow_plan(config_json=config_json)
+        place_all_tasks(cluster)
+        return plan.output
+
+    compiler.Compiler().compile(placed, str(tmp_path / "placed.yaml"))
+    spec, platform, _ = _read(tmp_path / "placed.yaml")
+    assert "accelerator" in _executors(spec)["shadow_plan"]["resources"] and platform["exec-shadow-plan"]
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"),
+               raise_on_error=True)
+    cfg = load_config("smoke")
+    assert [int(g) for g in placed(config_json=cfg.model_dump_json()).output] == [0, 1]
+
+
+def test_pipeline_factory_places_every_task(tmp_path):
+    """build_pipeline and the module's tckr_pipeline are the same graph; only placement differs."""
+    demo = build_pipeline(load_config("demo").kubernetes).pipeline_spec
+    default = build_pipeline(KubernetesConfig()).pipeline_spec
+    assert demo.root == default.root and demo.components == default.components

@@ -1,0 +1,89 @@
+"""deploy/ and scripts/, checked statically: shellcheck, the run-local dry run, kustomize renders."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+USER_TOOLS = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tckr" / "debian" / "usr" / "bin"
+
+
+def _tool(name: str) -> str:
+    """A checker `make setup` installs (scripts/install-tools.sh): on PATH, or in the user's cache."""
+    found = shutil.which(name) or shutil.which(name, path=str(USER_TOOLS))
+    if not found:
+        pytest.skip(f"{name} is not installed (make setup installs it)")
+    return found
+
+
+@pytest.mark.parametrize("script", sorted(REPO.glob("scripts/*.sh")) + [REPO / "mlflow" / "server.sh"],
+                         ids=lambda p: str(p.relative_to(REPO)))
+def test_shellcheck_passes(script):
+    result = subprocess.run([_tool("shellcheck"), str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _dry_run(bin_dir: Path, *arguments: str) -> list[str]:
+    """The commands run-local.sh would run, on a PATH without kind (so its pinned fetch shows too)."""
+    for tool in ("dirname", "sed"):
+        if not (bin_dir / tool).exists():
+            (bin_dir / tool).symlink_to(shutil.which(tool))
+    result = subprocess.run([shutil.which("bash"), str(REPO / "scripts" / "run-local.sh"), "--dry-run", *arguments],
+                            capture_output=True, text=True, check=True, env=os.environ | {"PATH": str(bin_dir)})
+    return [line.removeprefix("+ ") for line in result.stdout.splitlines()]
+
+
+def test_run_local_dry_run_prints_every_step_in_order(tmp_path):
+    from importlib import metadata
+
+    image = f"ghcr.io/tckr/tckr:{metadata.version('tckr')}"
+    commands = _dry_run(tmp_path)
+    expected_order = [
+        "curl -fsSLo",  # kind, pinned, when it is not installed
+        "kind create cluster --name tckr --config",
+        "kubectl apply -k github.com/kubeflow/pipelines/manifests/kustomize/cluster-scoped-resources?ref=2.17.3",
+        "kubectl wait --for condition=established --timeout 120s crd/applications.app.k8s.io",
+        "kubectl apply -k github.com/kubeflow/pipelines/manifests/kustomize/env/dev?ref=2.17.3",
+        "kubectl -n kubeflow wait --for condition=available",
+        f"docker build --file {REPO}/docker/Dockerfile --target cpu --tag {image}",
+        f"kind load docker-image {image} --name tckr",
+        f"kubectl apply -k {REPO}/deploy/mlflow",
+        "kubectl -n kubeflow rollout status deployment/mlflow",
+        "kubectl -n kubeflow port-forward svc/ml-pipeline 8888:8888 &",
+        "submit --host http://127.0.0.1:8888 --profile demo --wait",
+    ]
+    positions = [next(i for i, c in enumerate(commands) if step in c) for step in expected_order]
+    assert positions == sorted(positions), commands
+    minikube = _dry_run(tmp_path, "--minikube", "--gpus")
+    assert minikube[0] == "minikube start --profile tckr --cpus 4 --memory 8g --driver docker --gpus all"
+    assert f"minikube --profile tckr image load {image}" in minikube
+    assert _dry_run(tmp_path, "down")[-1] == "kind delete cluster --name tckr"
+
+
+def test_mlflow_kustomization_renders_and_references_its_secrets():
+    rendered = subprocess.run([_tool("kubectl"), "kustomize", str(REPO / "deploy" / "mlflow")],
+                              capture_output=True, text=True, check=True).stdout
+    objects = {o["kind"]: o for o in yaml.safe_load_all(rendered)}
+    assert set(objects) == {"Deployment", "Service", "PersistentVolumeClaim"}  # no Secret: referenced only
+    assert all(o["metadata"]["namespace"] == "kubeflow" for o in objects.values())
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    (container,) = pod["containers"]
+    args = " ".join(container["args"])
+    assert "--artifacts-destination=s3://mlpipeline/mlflow" in args and "--backend-store-uri=sqlite:///" in args
+    env = {e["name"]: e for e in container["env"]}
+    for variable, key in (("AWS_ACCESS_KEY_ID", "accesskey"), ("AWS_SECRET_ACCESS_KEY", "secretkey")):
+        assert env[variable]["valueFrom"]["secretKeyRef"] == {"name": "mlpipeline-minio-artifact", "key": key}
+        assert "value" not in env[variable]
+    # The in-cluster URL the pipeline's tasks are given (kubernetes.tracking_uri) is this Service.
+    from tckr.config import KubernetesConfig
+
+    service = objects["Service"]
+    port = service["spec"]["ports"][0]["port"]
+    assert KubernetesConfig().tracking_uri == f"http://{service['metadata']['name']}.kubeflow:{port}"
+    assert service["spec"]["selector"].items() <= objects["Deployment"]["spec"]["template"]["metadata"][
+        "labels"].items()

@@ -1,0 +1,95 @@
+"""`tckr submit`: a clear, quick failure without a server; the run it creates (against a stand-in client)."""
+
+import http.server
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import kfp
+import pytest
+import yaml
+
+import tckr.submit
+from tckr.cli import main
+from tckr.config import load_config
+
+
+def test_unreachable_host_fails_fast_with_one_line(capsys):
+    started = time.monotonic()
+    assert main(["submit", "--host", "http://127.0.0.1:9", "--profile", "smoke"]) == 1
+    assert time.monotonic() - started < 10
+    err = capsys.readouterr().err
+    assert err.startswith("tckr: Kubeflow Pipelines at http://127.0.0.1:9 is unreachable after 3 attempts")
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_server_that_is_not_an_open_kfp_api_is_named():
+    class Unauthorized(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            self.send_error(401)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Unauthorized)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(tckr.submit.SubmitError, match="answered HTTP 401: not a Kubeflow Pipelines API"):
+            tckr.submit.check_reachable(f"http://127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+
+
+class FakeClient:
+    """Stands in for kfp.Client: records the run it is asked for, then plays back run states."""
+
+    created: list[dict] = []
+    states: list[str] = []
+
+    def __init__(self, host: str, namespace: str):
+        self.host = host
+
+    def create_run_from_pipeline_package(self, pipeline_file: str, **request):
+        spec, platform = yaml.safe_load_all(Path(pipeline_file).read_text())
+        FakeClient.created.append(request | {"spec": spec, "platform": platform})
+        return SimpleNamespace(run_id="run-1")
+
+    def get_run(self, run_id: str):
+        state = FakeClient.states.pop(0)
+        task = SimpleNamespace(display_name="teacher", state="RUNNING" if state == "RUNNING" else state)
+        return SimpleNamespace(state=state, run_details=SimpleNamespace(task_details=[task]))
+
+
+@pytest.fixture
+def fake_kfp(monkeypatch):
+    monkeypatch.setattr(kfp, "Client", FakeClient)
+    monkeypatch.setattr(tckr.submit, "check_reachable", lambda host: None)
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
+    FakeClient.created, FakeClient.states = [], []
+    return FakeClient
+
+
+def test_submit_compiles_the_profiles_resources_and_passes_the_run_arguments(fake_kfp, capsys):
+    assert main(["submit", "--host", "http://kfp:8080/", "--profile", "demo", "--set", "teacher.seed=7",
+                 "--no-cache"]) == 0
+    (request,) = fake_kfp.created
+    cfg = load_config("demo")
+    assert request["experiment_name"] == cfg.experiment_name and request["enable_caching"] is False
+    arguments = request["arguments"]
+    assert arguments["teacher_seed"] == 7 and arguments["tracking_uri"] == cfg.kubernetes.tracking_uri
+    assert load_config("demo", ["teacher.seed=7"]).model_dump_json() == arguments["config_json"]
+    assert arguments["run_name"] == request["run_name"] and request["run_name"].endswith("-demo")
+    # The demo's kubernetes section was compiled in: CPU only, 4Gi for the teacher.
+    teacher = request["spec"]["deploymentSpec"]["executors"]["exec-teacher"]["container"]["resources"]
+    assert teacher["resourceMemoryLimit"] == "4Gi" and "accelerator" not in teacher
+    assert capsys.readouterr().out.strip() == f"submitted {request['run_name']}: http://kfp:8080/#/runs/details/run-1"
+
+
+@pytest.mark.parametrize(("final", "exit_code"), [("SUCCEEDED", 0), ("FAILED", 1)])
+def test_wait_follows_the_run_to_its_end(fake_kfp, capsys, final, exit_code):
+    fake_kfp.states = ["PENDING", "RUNNING", "RUNNING", final]
+    assert main(["submit", "--host", "http://kfp:8080", "--profile", "paper-cifar10", "--wait"]) == exit_code
+    assert fake_kfp.created[0]["enable_caching"] is True
+    lines = capsys.readouterr().out.strip().splitlines()[1:]
+    assert lines == ["PENDING: 1 pending", "RUNNING: 1 running (running: teacher)", f"{final}: 1 {final.lower()}"]
