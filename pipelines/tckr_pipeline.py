@@ -33,8 +33,8 @@ from tckr.pipelines.cluster import place_all_tasks
 
 
 def tckr_graph(config_json: str, run_name: str, tracking_uri: str = "", ingest_seed: int = 0,
-                  teacher_seed: int = 0, generator_seed: int = 0, finetune_seed: int = 420,
-                  generate_seed: int = 0, student_seed: int = 0, attack_seed: int = 0) -> dsl.Markdown:
+               teacher_seed: int = 0, generator_seed: int = 0, finetune_seed: int = 420,
+               generate_seed: int = 0, student_seed: int = 0, attack_seed: int = 0) -> dsl.Markdown:
     """``config_json``: the resolved ``TckrConfig``; seeds are explicit so cluster caching keys on them."""
     common = {"config_json": config_json, "tracking_uri": tracking_uri}
     parent = start_run(run_name=run_name, **common)

@@ -148,6 +148,10 @@ def test_champion_moves_only_to_a_better_student(smoke_run):
     model_dirs = {"student": kfp_dir / "student" / "model"}
     name = "tckr-fashion-mnist-student"
     client = mlflow.MlflowClient(uri, registry_uri=uri)
+
+    def holder(alias: str) -> int:
+        return int(client.get_model_version_by_alias(name, alias).version)
+
     champion_aop = float(client.get_model_version_by_alias(name, "champion").tags["aop"])
 
     def register(accuracy: float) -> dict:
@@ -156,11 +160,10 @@ def test_champion_moves_only_to_a_better_student(smoke_run):
 
     worse = register(champion_aop / 2)
     assert worse["student.champion"] == 0
-    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
-    assert str(client.get_model_version_by_alias(name, "candidate").version) == str(int(worse["student.registry_version"]))
+    assert holder("champion") == 1 and holder("candidate") == worse["student.registry_version"]
     better = register(min(1.0, champion_aop + 0.05))
     assert better["student.champion"] == 1
-    assert str(client.get_model_version_by_alias(name, "champion").version) == str(int(better["student.registry_version"]))
+    assert holder("champion") == better["student.registry_version"]
 
 
 def test_unreachable_tracking_server_fails_fast(tmp_path):
