@@ -61,7 +61,8 @@ install_kfp() {
   local manifests="github.com/kubeflow/pipelines/manifests/kustomize"
   run kubectl apply -k "$manifests/cluster-scoped-resources?ref=$kfp_version"
   run kubectl wait --for condition=established --timeout 120s crd/applications.app.k8s.io
-  run kubectl apply -k "$manifests/env/dev?ref=$kfp_version"
+  # platform-agnostic: the env KFP documents for kind/minikube (env/dev crash-loops there, kubeflow/pipelines#9546)
+  run kubectl apply -k "$manifests/env/platform-agnostic?ref=$kfp_version"
   run kubectl -n kubeflow wait --for condition=available --timeout 900s deployment --all
 }
 

@@ -47,7 +47,7 @@ def test_run_local_dry_run_prints_every_step_in_order(tmp_path):
         "kind create cluster --name tckr --config",
         "kubectl apply -k github.com/kubeflow/pipelines/manifests/kustomize/cluster-scoped-resources?ref=2.17.3",
         "kubectl wait --for condition=established --timeout 120s crd/applications.app.k8s.io",
-        "kubectl apply -k github.com/kubeflow/pipelines/manifests/kustomize/env/dev?ref=2.17.3",
+        "kubectl apply -k github.com/kubeflow/pipelines/manifests/kustomize/env/platform-agnostic?ref=2.17.3",
         "kubectl -n kubeflow wait --for condition=available",
         f"docker build --file {REPO}/docker/Dockerfile --target cpu --tag {image}",
         f"kind load docker-image {image} --name tckr",

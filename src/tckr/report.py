@@ -26,7 +26,7 @@ STAGE_ROWS: dict[str, tuple[str, ...]] = {
     "student": ("student.test_accuracy", "student.val_accuracy", "student.best_epoch", "student.synthetic_images"),
     # The shadow groups' compute (ParallelFor tasks, summed), then the attack itself.
     "shadows": ("attack.shadows", "attack.shadow_val_accuracy"),
-    "attack": ("attack.population", "attack.shadows_trained_here", "teacher.mia.auc", "student.mia.auc"),
+    "attack": ("attack.population", "attack.shadows_trained_here"),  # its figures: the table above
 }
 
 # The paper's Table 2 columns (header, metric suffix per role), all shown in percent.
