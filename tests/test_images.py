@@ -55,9 +55,11 @@ def test_images_run_as_a_non_root_user_and_hold_no_credentials():
 
 
 def test_make_images_builds_the_tags_the_components_reference():
-    env = {k: v for k, v in os.environ.items() if k not in ("TCKR_IMAGE", "TCKR_CUDA_IMAGE", "IMAGE_REPO")}
-    commands = subprocess.run(["make", "-n", "images"], cwd=REPO, capture_output=True, text=True, check=True,
-                              env=env).stdout.splitlines()
+    # Under `make test` the outer make's MAKEFLAGS/MAKELEVEL would make this one print "Entering directory".
+    hidden = ("TCKR_IMAGE", "TCKR_CUDA_IMAGE", "IMAGE_REPO", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")
+    env = {k: v for k, v in os.environ.items() if k not in hidden}
+    commands = subprocess.run(["make", "--no-print-directory", "-n", "images"], cwd=REPO, capture_output=True,
+                              text=True, check=True, env=env).stdout.splitlines()
     version = metadata.version("tckr")
     assert commands == [
         f"docker build --file docker/Dockerfile --target cpu --tag ghcr.io/tckr/tckr:{version} .",
