@@ -120,24 +120,24 @@ def shadow_scores(world, tmp_path_factory):
     return logit_scores(logits[:, :, :1000], population.labels[:1000].numpy())
 
 
-def test_memorising_target_is_caught(world, shadow_scores, tmp_path):
+def _attack_target(world, shadow_scores, tmp_path, trained_on: np.ndarray):
+    """LiRA's figures for a target trained on the ``trained_on`` rows of the world."""
     population, _, keep = world
-    members_only = np.r_[np.ones(500, bool), np.zeros(1000, bool)][None]
-    target = _train(world, tmp_path, members_only, [0])[0]
+    target = _train(world, tmp_path, trained_on[None], [0])[0]
     statistic = membership_statistic(shadow_scores, keep[:, :1000],
                                      logit_scores(target[:, :1000], population.labels[:1000].numpy()))
-    result = roc(statistic, population.is_member[:1000])
+    return roc(statistic, population.is_member[:1000])
+
+
+def test_memorising_target_is_caught(world, shadow_scores, tmp_path):
+    result = _attack_target(world, shadow_scores, tmp_path, np.r_[np.ones(500, bool), np.zeros(1000, bool)])
     assert result.auc >= 0.7
     assert result.tpr_at_1_fpr >= 0.05  # five times chance
 
 
 def test_target_that_never_saw_the_population_is_not(world, shadow_scores, tmp_path):
-    population, _, keep = world
-    outsiders_only = np.r_[np.zeros(1000, bool), np.ones(500, bool)][None]
-    target = _train(world, tmp_path, outsiders_only, [0])[0]
-    statistic = membership_statistic(shadow_scores, keep[:, :1000],
-                                     logit_scores(target[:, :1000], population.labels[:1000].numpy()))
-    assert roc(statistic, population.is_member[:1000]).auc == pytest.approx(0.5, abs=0.03)
+    result = _attack_target(world, shadow_scores, tmp_path, np.r_[np.zeros(1000, bool), np.ones(500, bool)])
+    assert result.auc == pytest.approx(0.5, abs=0.03)
 
 
 def test_stack_runs_alike_with_and_without_vmap(world):

@@ -12,7 +12,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,16 +123,24 @@ def resolve_device(requested: str) -> torch.device:
 
 
 @torch.no_grad()
+def batch_logits(forward: Callable[[torch.Tensor], torch.Tensor], augment: BatchAugment,
+                 batches: Iterable[torch.Tensor], device: torch.device, flip: bool = False) -> torch.Tensor:
+    """``forward`` over normalised uint8 batches (mirrored if ``flip``), concatenated along the sample
+    axis, float32 on the CPU: the one evaluation loop for single models and shadow stacks alike."""
+    outputs = []
+    for images in batches:
+        x = augment(images.to(device, non_blocking=True))
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            outputs.append(forward(x.flip(-1) if flip else x).float().cpu())
+    return torch.cat(outputs, dim=-2)
+
+
 def predict_logits(model: nn.Module, augment: BatchAugment, dataset: ImageSplit, batch_size: int,
                    device: torch.device, desc: str = "eval") -> torch.Tensor:
     """Logits for every item of ``dataset`` in order (float32, on the CPU)."""
     model.eval()
-    outputs = []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for images, _ in progress(loader, desc=desc, unit="batch"):
-        with torch.autocast(device.type, enabled=device.type == "cuda"):
-            outputs.append(model(augment(images.to(device, non_blocking=True))).float().cpu())
-    return torch.cat(outputs)
+    return batch_logits(model, augment, (images for images, _ in progress(loader, desc=desc, unit="batch")), device)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:

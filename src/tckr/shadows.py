@@ -14,6 +14,7 @@ shadow's outputs are written the moment its group finishes, so finished shadows 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import shutil
 import time
@@ -27,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tckr.atomic import torch_save
-from tckr.classify import BatchAugment, Recipe
+from tckr.classify import BatchAugment, Recipe, batch_logits
 from tckr.config import AttackConfig, ClassifierConfig
 from tckr.ingest import DatasetInfo
 from tckr.lira import QUERIES, AttackError, balanced_keep_matrix
@@ -63,10 +64,9 @@ def build_population(splits, image_size: int, channels: int, limit: int | None, 
     rng = np.random.default_rng(seed)
     members = np.sort(rng.choice(len(splits["train"]), count, replace=False))
     non_members = np.sort(rng.choice(len(splits["holdout"]), count, replace=False))
-    images = torch.cat([decode_split(splits["train"].select(members), image_size, channels),
-                        decode_split(splits["holdout"].select(non_members), image_size, channels)])
-    labels = torch.cat([torch.as_tensor(np.asarray(splits["train"].select(members)["label"])),
-                        torch.as_tensor(np.asarray(splits["holdout"].select(non_members)["label"]))])
+    chosen = [splits["train"].select(members), splits["holdout"].select(non_members)]
+    images = torch.cat([decode_split(part, image_size, channels) for part in chosen])
+    labels = torch.cat([torch.as_tensor(np.asarray(part["label"])) for part in chosen])
     return Population(images, labels.long(), np.r_[np.ones(count, bool), np.zeros(count, bool)],
                       np.r_[members, non_members])
 
@@ -140,16 +140,10 @@ def stack_logits(stack: ModelStack | nn.Module, augment: BatchAugment, images: t
     """Logits for uint8 ``images`` (one shared input for every model), float32 on the CPU:
     ``[M, N, K]`` for a stack, ``[N, K]`` for a single model. ``flip`` is LiRA's mirrored query."""
     stack.eval()
-    outputs = []
-    with torch.no_grad():
-        for start in progress(range(0, len(images), batch_size), desc=desc, unit="batch"):
-            x = augment(images[start:start + batch_size].to(device))
-            if flip:
-                x = x.flip(-1)
-            with torch.autocast(device.type, enabled=device.type == "cuda"):
-                logits = stack(x, shared=True) if isinstance(stack, ModelStack) else stack(x)
-            outputs.append(logits.float().cpu())
-    return torch.cat(outputs, dim=-2)
+    forward = functools.partial(stack, shared=True) if isinstance(stack, ModelStack) else stack
+    batches = (images[start:start + batch_size]
+               for start in progress(range(0, len(images), batch_size), desc=desc, unit="batch"))
+    return batch_logits(forward, augment, batches, device, flip=flip)
 
 
 def query_logits(model: ModelStack | nn.Module, augment: BatchAugment, images: torch.Tensor, batch_size: int,
