@@ -99,3 +99,23 @@ def _isolated_tracking(monkeypatch):
     yield
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ["TCKR_CACHE"] = __import__("tempfile").mkdtemp(prefix="tckr-cache-")  # never the user's cache
+
+
+@pytest.fixture(scope="session")
+def s3_store(tmp_path_factory):
+    """A real SeaweedFS S3 endpoint on a free loopback port, with keys generated for this session."""
+    from tckr.services import start_seaweedfs
+
+    server, endpoint = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory, s3_store):
+    """A real MLflow tracking server (sqlite backend) proxying artifacts to ``s3_store``; its URI."""
+    from tckr.services import start_mlflow
+
+    server, uri = start_mlflow(tmp_path_factory.mktemp("mlflow"), s3_store)
+    yield uri
+    server.stop()

@@ -3,7 +3,9 @@ stage safe to kill and resume. Each writes beside the target, then renames into 
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,18 +14,27 @@ def _partial(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
-def write_text(path: Path, text: str) -> None:
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a path to write the file at; it becomes ``path`` only if the block completes."""
     partial = _partial(Path(path))
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(path)
+    try:
+        yield partial
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as partial:
+        partial.write_text(text, encoding="utf-8")
 
 
 def torch_save(obj: Any, path: Path) -> None:
     import torch
 
-    partial = _partial(Path(path))
-    torch.save(obj, partial)
-    partial.replace(path)
+    with atomic_path(path) as partial:
+        torch.save(obj, partial)
 
 
 def copy_tree(source: Path, target: Path) -> None:

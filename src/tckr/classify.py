@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from tckr.atomic import torch_save
+from tckr.atomic import atomic_path, torch_save
 from tckr.config import ClassifierConfig
 from tckr.ingest import DatasetInfo
 from tckr.models import create_classifier
@@ -281,9 +281,8 @@ def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_siz
 def _save_weights(model: nn.Module, out_dir: Path, cfg: ClassifierConfig, info: DatasetInfo,
                   image_size: int) -> None:
     """Adapter-free, framework-neutral weights plus what is needed to rebuild and feed the model."""
-    partial = out_dir / "model.safetensors.partial"
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(partial))
-    partial.replace(out_dir / "model.safetensors")
+    with atomic_path(out_dir / "model.safetensors") as partial:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(partial))
     card = {"architecture": cfg.model, "num_classes": info.num_classes, "in_chans": info.channels,
             "image_size": image_size, "mean": info.mean, "std": info.std, "classes": info.classes,
             "dataset_fingerprint": info.fingerprint}

@@ -109,6 +109,25 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     return 0 if state == "SUCCEEDED" else 1
 
 
+def _cmd_services(args: argparse.Namespace) -> int:
+    from tckr import services
+
+    state = services.StateDir(Path(args.state_dir))
+    if args.action == "up":
+        if args.service == "s3":
+            endpoint = services.up_s3(state, args.s3_port)
+            print(f"S3 (SeaweedFS): {endpoint.url}  buckets {services.MLFLOW_BUCKET}, {services.DVC_BUCKET}")
+        else:
+            uri = services.up_mlflow(state, args.mlflow_port, args.s3_port, args.backend_store_uri)
+            print(f"MLflow: {uri}  (artifacts in s3://{services.MLFLOW_BUCKET}, log: {state.root}/mlflow/mlflow.log)")
+        print(f"credentials and URLs: set -a; . {state.env_file}; set +a")
+    elif args.action == "down":
+        names = ["mlflow", "seaweedfs"] if args.service == "s3" else ["mlflow"]  # MLflow keeps artifacts in S3
+        for name in names:
+            print(f"{name}: {'stopped' if services.down(state, name) else 'was not running'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tckr", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -149,12 +168,25 @@ def main(argv: list[str] | None = None) -> int:
     submit_.add_argument("--namespace", help="KFP namespace (multi-user installs)")
     submit_.set_defaults(handler=_cmd_submit)
 
+    services_ = commands.add_parser("services", help="start or stop the local S3 store and MLflow server")
+    services_.add_argument("action", choices=["up", "down"])
+    services_.add_argument("service", choices=["s3", "mlflow"],
+                           help="s3: SeaweedFS; mlflow: tracking server with artifacts in S3 (starts s3 too)")
+    services_.add_argument("--state-dir", default=".tckr", help="data, logs, pid and env files (default: .tckr)")
+    services_.add_argument("--s3-port", type=int, default=8333)
+    services_.add_argument("--mlflow-port", type=int, default=5000)
+    services_.add_argument("--backend-store-uri", help="MLflow database (default: sqlite under --state-dir; "
+                                                       "a postgresql:// URL works too)")
+    services_.set_defaults(handler=_cmd_services)
+
     args = parser.parse_args(argv)
     from tckr.caption import CaptionError
     from tckr.generate import GenerationError
     from tckr.ingest import DatasetError
     from tckr.lira import AttackError
+    from tckr.objectstore import ObjectStoreError
     from tckr.runner import PipelineFailed
+    from tckr.services import ServiceError
     from tckr.submit import SubmitError
     from tckr.tracking import TrackingError
 
@@ -164,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tckr: {error}", file=sys.stderr)
         return 2
     except (DatasetError, CaptionError, GenerationError, AttackError, TrackingError, PipelineFailed,
-            SubmitError) as error:
+            SubmitError, ServiceError, ObjectStoreError) as error:
         print(f"tckr: {error}", file=sys.stderr)
         return 1
 

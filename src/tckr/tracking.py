@@ -32,11 +32,18 @@ def default_tracking_uri(workdir: Path | None = None) -> str:
     return f"sqlite:///{(Path(workdir or Path.cwd()) / LOCAL_DB).resolve()}"
 
 
+# MLflow's HTTP client retries a failing request 7 times with backoff factor 2 (about 5 minutes when
+# the server's object store is down); these bound it to about 20 s unless the environment says otherwise.
+CLIENT_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
 def configure(tracking_uri: str, attempts: int = 5, delay: float = 1.0) -> None:
     """Point MLflow at ``tracking_uri``; an HTTP server must answer /health within ``attempts`` tries."""
     import mlflow
 
     if tracking_uri.startswith(("http://", "https://")):
+        for name, value in CLIENT_RETRIES.items():
+            os.environ.setdefault(name, value)
         health = tracking_uri.rstrip("/") + "/health"
         for attempt in range(1, attempts + 1):
             try:
@@ -126,28 +133,50 @@ def _pinned(*packages: str) -> list[str]:
 
 
 def log_classifier(model: Any, example_batch: Any) -> str:
-    """Log a PyTorch classifier in the active run; returns its ``runs:/`` URI (registered later, once
-    the attack has measured what it leaks).
+    """Log a PyTorch classifier in the active run; returns its ``models:/<model id>`` URI (registered
+    later, once the attack has measured what it leaks).
 
     Saved as torch.export (pt2, no pickle). The example must have batch >= 2: export specialises
     sizes 0 and 1, and a batch-1 example would pin every later batch to 1. Requirements are given
     explicitly (inferring them costs seconds per model).
     """
     import mlflow
+    from mlflow.exceptions import MlflowException
 
-    mlflow.pytorch.log_model(model, name="model", serialization_format="pt2", input_example=example_batch,
-                             pip_requirements=_pinned("torch", "numpy"))
-    return f"runs:/{mlflow.active_run().info.run_id}/model"
+    try:
+        info = mlflow.pytorch.log_model(model, name="model", serialization_format="pt2",
+                                        input_example=example_batch, pip_requirements=_pinned("torch", "numpy"))
+    except MlflowException as error:  # the logged model is left FAILED, so it can never be registered
+        raise TrackingError(f"storing the model's artifacts failed ({error}); is the artifact store behind "
+                            f"{mlflow.get_tracking_uri()} reachable?") from None
+    return info.model_uri
 
 
 def register_model(model_uri: str, name: str, tags: dict[str, str], aliases: tuple[str, ...] = ()) -> str:
-    """Register a logged model as a new version of ``name`` with ``tags`` and ``aliases``."""
+    """Register a logged model as a new version of ``name`` with ``tags`` and ``aliases``: all of it or,
+    when the server fails midway, nothing (a version without its aliases is deleted again)."""
     import mlflow
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.exceptions import MlflowException
 
-    version = mlflow.register_model(model_uri, name, tags=tags).version
     client = mlflow.MlflowClient()
-    for alias in aliases:
-        client.set_registered_model_alias(name, alias, version)
+    model_id = model_uri.removeprefix("models:/")
+    try:
+        status = client.get_logged_model(model_id).status
+    except MlflowException as error:
+        raise TrackingError(f"cannot register {model_uri}: {error}") from None
+    if status != LoggedModelStatus.READY:  # its upload failed or never finished
+        raise TrackingError(f"cannot register {model_uri}: its artifacts are {status}, not READY")
+    version = None
+    try:
+        version = mlflow.register_model(model_uri, name, tags=tags).version
+        for alias in aliases:
+            client.set_registered_model_alias(name, alias, version)
+    except MlflowException as error:
+        if version is not None:
+            with contextlib.suppress(MlflowException):
+                client.delete_model_version(name, version)
+        raise TrackingError(f"registering {model_uri} as {name} failed: {error}") from None
     return str(version)
 
 
