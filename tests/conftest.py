@@ -119,3 +119,13 @@ def mlflow_server(tmp_path_factory, s3_store):
     server, uri = start_mlflow(tmp_path_factory.mktemp("mlflow"), s3_store)
     yield uri
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, mlflow_server):
+    """The smoke pipeline through kfp.local, tracked by ``mlflow_server``: (config, outcome, tracking URI)."""
+    from tckr.config import load_config
+    from tckr.runner import run_local
+
+    cfg = load_config("smoke")
+    return cfg, run_local(cfg, tmp_path_factory.mktemp("smoke") / "runs", tracking_uri=mlflow_server), mlflow_server

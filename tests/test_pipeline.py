@@ -1,4 +1,5 @@
-"""The smoke profile end to end through the real kfp.local runner and a real MLflow sqlite store."""
+"""The smoke profile end to end through the real kfp.local runner, a real MLflow server (sqlite backend)
+and its artifacts in a real SeaweedFS S3 store."""
 
 import json
 
@@ -12,14 +13,6 @@ from tckr.config import load_config
 from tckr.pipelines.compile import compile_all
 from tckr.runner import run_local
 from tckr.tracking import configure
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("smoke")
-    uri = f"sqlite:///{root / 'mlruns.db'}"
-    cfg = load_config("smoke")
-    return cfg, run_local(cfg, root / "runs", tracking_uri=uri), uri
 
 
 def test_run_directory(smoke_run):
@@ -130,7 +123,8 @@ def test_teacher_and_student_registered_and_loadable(smoke_run):
                             ("tpr_at_1pct_fpr", "mia.tpr_at_1pct_fpr")):
             assert float(tags[tag]) == pytest.approx(outcome.metrics[f"{role}.{metric}"], abs=1e-4)
         # The registered model normalises by itself and accepts any batch size: score the real test split.
-        model = mlflow.pytorch.load_model(f"models:/tckr-fashion-mnist-{role}/1")
+        model = mlflow.pytorch.load_model(f"models:/tckr-fashion-mnist-{role}/1" if role == "teacher"
+                                          else "models:/tckr-fashion-mnist-student@champion")
         accuracy = (model(images).argmax(1) == test.labels).float().mean().item()
         assert accuracy == pytest.approx(outcome.metrics[f"{role}.test_accuracy"], abs=1e-4)
         assert model(images[:3]).shape == (3, 10)
@@ -243,47 +237,57 @@ def test_dvc_params_are_the_demo_profile():
     assert set(stages) == set(STAGE_INPUTS)
 
 
-def test_mlflow_server_serves_the_local_store(smoke_run, tmp_path):
-    """`make mlflow-ui` (mlflow/server.sh) shows the runs `tckr run` wrote to sqlite."""
+def test_artifacts_live_in_the_s3_bucket(smoke_run, s3_store, tmp_path):
+    """The server proxies artifacts to S3: the report and both models are objects in the bucket, and
+    come back byte-identical."""
+    from tckr.objectstore import download_file, list_keys, s3_client
+    from tckr.services import MLFLOW_BUCKET
+
+    _, outcome, uri = smoke_run
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("tckr-fashion-mnist")
+    parent = next(r for r in client.search_runs([experiment.experiment_id]) if "tckr.run_name" in r.data.tags)
+    s3 = s3_client(s3_store)
+    keys = list_keys(s3, MLFLOW_BUCKET, f"artifacts/{experiment.experiment_id}/")
+    report_key = next(k for k in keys if parent.info.run_id in k and k.endswith("/report.md"))
+    download_file(s3, MLFLOW_BUCKET, report_key, tmp_path / "report.md")
+    assert (tmp_path / "report.md").read_bytes() == (outcome.run_dir / "report.md").read_bytes()
+    model_files = [k for k in keys if "/models/" in k and k.endswith("MLmodel")]
+    assert len(model_files) == 2  # teacher and student
+
+
+def test_mlflow_ui_serves_the_local_store(tmp_path):
+    """`make mlflow-ui` (tckr services ui) shows what `tckr run` writes to ./mlruns.db without a server."""
     import os
-    import shutil
-    import socket
     import subprocess
     import sys
-    import time
     import urllib.request
     from pathlib import Path
 
-    _, _, uri = smoke_run
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    script = Path(__file__).resolve().parents[1] / "mlflow" / "server.sh"
-    env = os.environ | {"MLFLOW_BACKEND_STORE_URI": uri, "MLFLOW_PORT": str(port),
-                        "MLFLOW_BIN": shutil.which("mlflow", path=str(Path(sys.executable).parent))}
-    server = subprocess.Popen(["bash", str(script)], cwd=tmp_path, env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
+    from tckr.services import Server, free_port
+    from tckr.tracking import default_tracking_uri, stage_run
+
+    cfg = load_config("smoke")
+    uri = default_tracking_uri(tmp_path)
+    with stage_run("ingest", cfg, None, uri):
+        mlflow.log_metric("ingest.train_images", 300)
+    port = free_port()
+    tckr = str(Path(sys.executable).with_name("tckr"))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    with open(tmp_path / "ui.log", "wb") as log:
+        process = subprocess.Popen([tckr, "services", "ui", "--mlflow-port", str(port)], cwd=tmp_path, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server("MLflow UI", process, f"http://127.0.0.1:{port}/health", tmp_path / "ui.log")
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise AssertionError("mlflow server did not become healthy") from None
-                time.sleep(1)
-        query = f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tckr-fashion-mnist"
-        with urllib.request.urlopen(query, timeout=10) as response:
+        server.wait_healthy(timeout=90)
+        base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+        with urllib.request.urlopen(f"{base}/experiments/get-by-name?experiment_name=tckr-fashion-mnist") as response:
             experiment = json.loads(response.read())["experiment"]
-        request = urllib.request.Request(
-            f"{base}/api/2.0/mlflow/runs/search", method="POST", headers={"Content-Type": "application/json"},
-            data=json.dumps({"experiment_ids": [experiment["experiment_id"]]}).encode())
-        with urllib.request.urlopen(request, timeout=10) as response:
-            names = {run["info"]["run_name"] for run in json.loads(response.read())["runs"]}
-        assert {"ingest", "teacher"} <= names
+        request = urllib.request.Request(f"{base}/runs/search", method="POST",
+                                         headers={"Content-Type": "application/json"},
+                                         data=json.dumps({"experiment_ids": [experiment["experiment_id"]]}).encode())
+        with urllib.request.urlopen(request) as response:
+            runs = json.loads(response.read())["runs"]
+        assert [run["info"]["run_name"] for run in runs] == ["ingest"]
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+        server.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -111,6 +112,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 def _cmd_services(args: argparse.Namespace) -> int:
     from tckr import services
+    from tckr.tracking import LOCAL_ARTIFACTS, LOCAL_DB
 
     state = services.StateDir(Path(args.state_dir))
     if args.action == "up":
@@ -121,6 +123,11 @@ def _cmd_services(args: argparse.Namespace) -> int:
             uri = services.up_mlflow(state, args.mlflow_port, args.s3_port, args.backend_store_uri)
             print(f"MLflow: {uri}  (artifacts in s3://{services.MLFLOW_BUCKET}, log: {state.root}/mlflow/mlflow.log)")
         print(f"credentials and URLs: set -a; . {state.env_file}; set +a")
+    elif args.action == "ui":  # the store `tckr run` writes without a server, in the foreground
+        store = f"sqlite:///{Path(LOCAL_DB).resolve()}"
+        command = services.mlflow_command(store, str(Path(LOCAL_ARTIFACTS).resolve()), args.mlflow_port)
+        print(f"MLflow UI: http://{services.HOST}:{args.mlflow_port}  (store: {store})", flush=True)
+        os.execv(command[0], command)
     elif args.action == "down":
         names = ["mlflow", "seaweedfs"] if args.service == "s3" else ["mlflow"]  # MLflow keeps artifacts in S3
         for name in names:
@@ -169,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     submit_.set_defaults(handler=_cmd_submit)
 
     services_ = commands.add_parser("services", help="start or stop the local S3 store and MLflow server")
-    services_.add_argument("action", choices=["up", "down"])
-    services_.add_argument("service", choices=["s3", "mlflow"],
+    services_.add_argument("action", choices=["up", "down", "ui"],
+                           help="ui: serve the local store (mlruns.db) in the foreground, no S3 needed")
+    services_.add_argument("service", choices=["s3", "mlflow"], nargs="?", default="mlflow",
                            help="s3: SeaweedFS; mlflow: tracking server with artifacts in S3 (starts s3 too)")
     services_.add_argument("--state-dir", default=".tckr", help="data, logs, pid and env files (default: .tckr)")
     services_.add_argument("--s3-port", type=int, default=8333)
