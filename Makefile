@@ -9,15 +9,20 @@ PIP_VERSION := 26.3
 STAMP  := $(VENV)/.installed
 PROFILE ?= demo
 MLFLOW_PORT ?= 5000
+S3_PORT ?= 8333
+STATE_DIR := .tckr
+# Recipes that talk to the local S3 store (or the servers) read its endpoint and generated keys from here.
+WITH_SERVICES := set -a && { [[ ! -f $(STATE_DIR)/env ]] || . $(STATE_DIR)/env; } && set +a &&
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 # The components reference $(IMAGE_REPO):$(VERSION) and :$(VERSION)-cuda; with another repository,
 # compile and submit with TCKR_IMAGE / TCKR_CUDA_IMAGE set to the tags built here.
 IMAGE_REPO ?= ghcr.io/tckr/tckr
 
-.PHONY: help setup data tools demo run test lint bench compile images run-local run-local-down mlflow-ui clean
+.PHONY: help setup data tools demo run test lint bench compile images run-local run-local-down mlflow-ui clean \
+	s3-up s3-down mlflow-up mlflow-down repro publish pull
 
 help:  ## list targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 # The venv is rebuilt only when the pinned inputs change. pip is upgraded first: the bundled pip
 # backtracks for ~30 minutes over boto3/botocore; 26.x resolves the same set in about a minute.
@@ -65,8 +70,29 @@ run-local: setup  ## kind + standalone KFP + MLflow, build and load the image, s
 run-local-down:  ## delete the local cluster
 	bash scripts/run-local.sh $(if $(DRY_RUN),--dry-run) down
 
-mlflow-ui: setup  ## browse runs and registered models at http://127.0.0.1:$(MLFLOW_PORT)
-	MLFLOW_BIN=$(BIN)/mlflow MLFLOW_PORT=$(MLFLOW_PORT) bash mlflow/server.sh
+mlflow-ui: setup  ## browse the local store (mlruns.db) at http://127.0.0.1:$(MLFLOW_PORT)
+	$(BIN)/tckr services ui --mlflow-port $(MLFLOW_PORT)
 
-clean:  ## remove runs and the local tracking store (keeps .venv)
+s3-up: setup  ## start the local SeaweedFS S3 store on 127.0.0.1:$(S3_PORT) (data and keys in .tckr/)
+	$(BIN)/tckr services up s3 --state-dir $(STATE_DIR) --s3-port $(S3_PORT)
+
+s3-down:  ## stop the local S3 store (and the MLflow server that keeps artifacts in it)
+	$(BIN)/tckr services down s3 --state-dir $(STATE_DIR)
+
+mlflow-up: setup  ## start an MLflow server on 127.0.0.1:$(MLFLOW_PORT), artifacts in S3 (database: $$MLFLOW_BACKEND_STORE_URI or sqlite)
+	$(BIN)/tckr services up mlflow --state-dir $(STATE_DIR) --s3-port $(S3_PORT) --mlflow-port $(MLFLOW_PORT)
+
+mlflow-down:  ## stop the MLflow server
+	$(BIN)/tckr services down mlflow --state-dir $(STATE_DIR)
+
+repro: setup  ## dvc repro: the stages in dvc.yaml with params.yaml, re-running only what changed
+	$(WITH_SERVICES) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+publish: s3-up  ## dvc push: data and weights to the S3 remote (the local store unless .dvc/config.local says otherwise)
+	$(WITH_SERVICES) $(BIN)/dvc push
+
+pull: s3-up  ## dvc pull: fetch a teammate's data and weights, then `make repro` runs only what is downstream
+	$(WITH_SERVICES) $(BIN)/dvc pull
+
+clean:  ## remove runs and the local tracking store (keeps .venv and the servers' state in .tckr/)
 	rm -rf runs mlruns.db mlartifacts

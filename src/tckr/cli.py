@@ -125,9 +125,9 @@ def _cmd_services(args: argparse.Namespace) -> int:
         print(f"credentials and URLs: set -a; . {state.env_file}; set +a")
     elif args.action == "ui":  # the store `tckr run` writes without a server, in the foreground
         store = f"sqlite:///{Path(LOCAL_DB).resolve()}"
-        command = services.mlflow_command(store, str(Path(LOCAL_ARTIFACTS).resolve()), args.mlflow_port)
+        command = services.mlflow_command(str(Path(LOCAL_ARTIFACTS).resolve()), args.mlflow_port)
         print(f"MLflow UI: http://{services.HOST}:{args.mlflow_port}  (store: {store})", flush=True)
-        os.execv(command[0], command)
+        os.execve(command[0], command, {**os.environ, "MLFLOW_BACKEND_STORE_URI": store})
     elif args.action == "down":
         names = ["mlflow", "seaweedfs"] if args.service == "s3" else ["mlflow"]  # MLflow keeps artifacts in S3
         for name in names:
@@ -183,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     services_.add_argument("--state-dir", default=".tckr", help="data, logs, pid and env files (default: .tckr)")
     services_.add_argument("--s3-port", type=int, default=8333)
     services_.add_argument("--mlflow-port", type=int, default=5000)
-    services_.add_argument("--backend-store-uri", help="MLflow database (default: sqlite under --state-dir; "
-                                                       "a postgresql:// URL works too)")
+    services_.add_argument("--backend-store-uri", default=os.environ.get("MLFLOW_BACKEND_STORE_URI"),
+                           help="MLflow database (default: $MLFLOW_BACKEND_STORE_URI, else sqlite under "
+                                "--state-dir; a postgresql:// URL works too)")
     services_.set_defaults(handler=_cmd_services)
 
     args = parser.parse_args(argv)

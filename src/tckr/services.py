@@ -163,10 +163,10 @@ def start_seaweedfs(root: Path, s3_port: int | None = None, credentials: S3Crede
 
 # ---------------------------------------------------------------------------------------------- MLflow
 
-def mlflow_command(backend_store_uri: str, artifacts_destination: str, port: int) -> list[str]:
-    """A tracking server + registry that proxies artifacts: clients need no S3 keys, only its URL."""
-    return [_executable("mlflow"), "server", "--backend-store-uri", backend_store_uri,
-            "--artifacts-destination", artifacts_destination, "--serve-artifacts",
+def mlflow_command(artifacts_destination: str, port: int) -> list[str]:
+    """A tracking server + registry that proxies artifacts: clients need no S3 keys, only its URL.
+    The database URL goes in ``MLFLOW_BACKEND_STORE_URI`` (environment, not argv: it may hold a password)."""
+    return [_executable("mlflow"), "server", "--artifacts-destination", artifacts_destination, "--serve-artifacts",
             "--host", HOST, "--port", str(port), "--workers", "1"]
 
 
@@ -175,11 +175,13 @@ def start_mlflow(root: Path, s3: S3Endpoint, port: int | None = None, backend_st
     """Start an MLflow server with a database backend (sqlite under ``root`` unless a URL such as
     ``postgresql://…`` is given) and artifacts in ``s3://bucket``; returns it and its tracking URI."""
     port = port or free_port()
+    root.mkdir(parents=True, exist_ok=True)
     backend_store_uri = backend_store_uri or f"sqlite:///{(root / 'mlflow.db').resolve()}"
-    command = mlflow_command(backend_store_uri, f"s3://{bucket}/artifacts", port)
+    command = mlflow_command(f"s3://{bucket}/artifacts", port)
     uri = f"http://{HOST}:{port}"
     # Bounded S3 retries on the server too: a down store answers 500 in seconds, not minutes.
-    env = {**s3.env(), "AWS_MAX_ATTEMPTS": "3", "AWS_RETRY_MODE": "standard"}
+    env = {**s3.env(), "AWS_MAX_ATTEMPTS": "3", "AWS_RETRY_MODE": "standard",
+           "MLFLOW_BACKEND_STORE_URI": backend_store_uri}
     server = _launch("MLflow", command, root / "mlflow.log", f"{uri}/health", env=env, timeout=timeout)
     return server, uri
 
