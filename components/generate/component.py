@@ -6,7 +6,7 @@ from tckr.components import IMAGE
 
 
 @dsl.component(base_image=IMAGE)
-def generate(config_json: str, seed: int, parent_run_id: str, tracking_uri: str, dataset: Input[Dataset],
+def generate(config_json: str, seed: int, tracking_uri: str, dataset: Input[Dataset],
              captions: Input[Artifact], base_model: Input[Model], adapter: Input[Model], teacher_model: Input[Model],
              shards: Input[list[Dataset]], synthetic: Output[Dataset], metrics: Output[Metrics]):
     """Gather the fan-out's shards into the synthetic set and score it by the teacher's agreement."""
@@ -18,7 +18,7 @@ def generate(config_json: str, seed: int, parent_run_id: str, tracking_uri: str,
 
     values = generate_stage(parse_config(config_json), seed, Path(dataset.path), Path(captions.path),
                             Path(base_model.path), Path(adapter.path), Path(teacher_model.path), Path(synthetic.path),
-                            parent_run_id, tracking_uri or default_tracking_uri(),
+                            tracking_uri or default_tracking_uri(),
                             shard_dirs=[Path(shard.path) for shard in shards])
     for name, value in values.items():
         metrics.log_metric(name, value)

@@ -5,7 +5,7 @@ from tckr.components import IMAGE
 
 
 @dsl.component(base_image=IMAGE)
-def teacher(config_json: str, seed: int, parent_run_id: str, tracking_uri: str, dataset: Input[Dataset],
+def teacher(config_json: str, seed: int, tracking_uri: str, dataset: Input[Dataset],
             model: Output[Model], metrics: Output[Metrics]):
     """Train and register the teacher on the private train split (``tckr.stages.teacher_stage``)."""
     from pathlib import Path
@@ -15,6 +15,6 @@ def teacher(config_json: str, seed: int, parent_run_id: str, tracking_uri: str, 
     from tckr.tracking import default_tracking_uri
 
     values = teacher_stage(parse_config(config_json), seed, Path(dataset.path), Path(model.path),
-                           parent_run_id, tracking_uri or default_tracking_uri())
+                           tracking_uri or default_tracking_uri())
     for name, value in values.items():
         metrics.log_metric(name, value)
