@@ -308,7 +308,7 @@ class KubernetesConfig(_Strict):
         "tckr-mlflow", description="optional secret with username/password, exposed to tracked tasks as "
         "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD; null: none")
     tracking_uri: str = Field("http://mlflow.kubeflow:5000",
-                              description="the MLflow server `tckr submit` gives the run (deploy/mlflow)")
+                              description="the MLflow server `tckr submit` gives the run (mlflow/k8s)")
 
     @field_validator("stages", mode="before")
     @classmethod
