@@ -226,8 +226,14 @@ def test_overrides_reach_the_compiled_task(tmp_path):
     assert platform["exec-teacher"]["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
 
 
+def test_a_multi_gpu_stage_requests_all_its_gpus(tmp_path):
+    """Its pod gets every GPU; the component runs one process per GPU in it (tests/test_distributed.py)."""
+    spec, _, _ = _compile(tmp_path, load_config("paper-cifar10", ["kubernetes.stages.teacher.gpus=4"]).kubernetes)
+    assert _executors(spec)["teacher"]["resources"]["accelerator"]["resourceCount"] == "4"
+    assert _executors(spec)["student"]["resources"]["accelerator"]["resourceCount"] == "1"
+
+
 @pytest.mark.parametrize(("override", "message"), [
-    ("kubernetes.stages.teacher.gpus=2", "every stage trains on one device"),
     ("kubernetes.stages.teachr.gpus=1", "unknown stages \\['teachr'\\]"),
     ("kubernetes.stages.teacher.memory_limit=16Gi", "memory_limit 16Gi is below the request 32Gi"),
     ("kubernetes.stages.teacher.cpu=4 cores", "kubernetes.stages.teacher.cpu: String should match pattern"),

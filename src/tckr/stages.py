@@ -1,5 +1,9 @@
 """Stage entry points: one function per pipeline stage, shared by the KFP components, ``tckr stage``
 and DVC. Each opens its nested MLflow run, times itself and returns flat, dotted metrics.
+
+The stages that divide their work across GPUs (``config.MULTI_GPU_STAGES``) run in every rank of a
+multi-process launch (:mod:`tckr.distributed`); rank 0 alone tracks, writes the outputs that exist once
+and returns metrics, the other ranks return ``{}`` once their share is done.
 """
 
 from __future__ import annotations
@@ -7,6 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from tckr import distributed
 from tckr.config import GeneratorConfig, TckrConfig
 from tckr.tracking import stage_run
 
@@ -49,6 +54,8 @@ def teacher_stage(cfg: TckrConfig, seed: int, data_dir: Path, out_dir: Path, tra
             teacher_cfg, splits, info, cfg.image_size, Path(out_dir), device, name="teacher",
             on_epoch=lambda record: mlflow.log_metrics(
                 {k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"]))
+        if result is None:  # not the lead rank
+            return {}
         metrics = {"teacher.test_accuracy": result.test_accuracy,
                    "teacher.val_accuracy": result.val_accuracy,
                    "teacher.best_epoch": float(result.best_epoch),
@@ -217,9 +224,12 @@ def generate_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Pat
         started = time.perf_counter()
         plan, generate_cfg, info = _generation_plan(cfg, seed, data_dir, captions_dir)
         device = _device(cfg)
-        gathered = gather_shards([Path(d) for d in shard_dirs], Path(out_dir))
+        gathered = gather_shards([Path(d) for d in shard_dirs], Path(out_dir)) if distributed.is_lead() else []
+        distributed.barrier()  # the gathered shards are in place before any rank looks for missing ones
         generator = load_finetuned(Path(generator_dir), Path(adapter_dir), device)
         made_here = generate_shards(generator, plan, Path(out_dir), generate_cfg)
+        if not distributed.is_lead():
+            return {}
         summary = finalize(Path(out_dir), plan, generate_cfg)
         synthetic = ImageSplit(load_synthetic(Path(out_dir), info.classes), cfg.image_size, info.channels)
         teacher = load_classifier(Path(teacher_dir), device)
@@ -240,14 +250,15 @@ def generate_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Pat
 
 
 def _device(cfg: TckrConfig):
-    """The stage's torch device (refusing a requested but absent GPU) and thread count."""
+    """The stage's torch device (refusing a requested but absent GPU; this rank's own among several) and
+    thread count."""
     import torch
 
     from tckr.classify import resolve_device
 
     if cfg.runtime.torch_threads:
         torch.set_num_threads(cfg.runtime.torch_threads)
-    return resolve_device(cfg.runtime.device)
+    return distributed.rank_device(resolve_device(cfg.runtime.device))
 
 
 def _log_every(step: int, every: int, values: dict[str, float]) -> None:
@@ -298,6 +309,8 @@ def student_stage(cfg: TckrConfig, seed: int, data_dir: Path, synthetic_dir: Pat
             student_cfg, cfg.distill, synthetic, splits, info, cfg.image_size, Path(teacher_dir), Path(out_dir), device,
             sources_key=sources, on_epoch=lambda record: mlflow.log_metrics(
                 {k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"]))
+        if result is None:  # not the lead rank
+            return {}
         metrics = {"student.test_accuracy": result.test_accuracy, "student.val_accuracy": result.val_accuracy,
                    "student.best_epoch": float(result.best_epoch),
                    "student.images_per_second": result.images_per_second,

@@ -16,6 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from tckr import distributed
 from tckr.config import TckrConfig
 
 LOCAL_DB = "mlruns.db"
@@ -134,9 +135,13 @@ def finish_pipeline_run(run_id: str, status: str = "FINISHED") -> None:
 @contextlib.contextmanager
 def stage_run(stage: str, cfg: TckrConfig, tracking_uri: str, params: dict[str, Any] | None = None) -> Iterator[Any]:
     """A run for one stage: nested under the pipeline's parent run (:func:`pipeline_run_id`), or
-    top-level when the stage runs on its own (``tckr stage``, DVC). Marked FAILED if the stage raises."""
+    top-level when the stage runs on its own (``tckr stage``, DVC). Marked FAILED if the stage raises.
+    In a stage run by several processes (:mod:`tckr.distributed`) only rank 0 tracks: the others get None."""
     import mlflow
 
+    if not distributed.is_lead():
+        yield None
+        return
     configure(tracking_uri)
     experiment = experiment_id(cfg.experiment_name, tracking_uri)  # the parent's too
     parent_run_id = pipeline_run_id(cfg)
