@@ -43,10 +43,10 @@ def test_teacher_trains_data_parallel_and_only_rank_0_writes_and_tracks(tmp_path
     assert json.loads((tmp_path / "teacher" / "model.json").read_text())["architecture"] == cfg.teacher.model
 
 
-def test_a_rank_that_fails_fails_the_stage(tmp_path):
+def test_a_rank_that_fails_fails_the_stage(tmp_path, tracking_uri):
     cfg = load_config("smoke", ["runtime.device=cpu", "kubernetes.stages.teacher.gpus=2"])
     with pytest.raises(RuntimeError, match="stage teacher failed in one of its 2 processes"):
-        run_stage(cfg, "teacher", teacher_stage, cfg, 0, tmp_path / "missing", tmp_path / "teacher", "")
+        run_stage(cfg, "teacher", teacher_stage, cfg, 0, tmp_path / "no-data", tmp_path / "teacher", tracking_uri)
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

@@ -72,11 +72,11 @@ def train_shadows(cfg: TckrConfig, population: Population, validation: tuple[tor
     sources = [Path(out_dir), *map(Path, done_elsewhere)]
     trained = []
     for group in wanted:
-        indices = all_groups[group]
-        if all(any(is_done(source, index) for source in sources) for index in indices) or not indices[rank::ranks]:
+        share = all_groups[group][rank::ranks]  # all of it on a single rank
+        if all(any(is_done(source, index) for source in sources) for index in share):
             continue
-        trained += train_shadow_group(shadow_recipe(cfg), indices[rank::ranks], keep, population, validation, info,
-                                      Path(out_dir), device, use_vmap(cfg.attack, device))
+        trained += train_shadow_group(shadow_recipe(cfg), share, keep, population, validation, info, Path(out_dir),
+                                      device, use_vmap(cfg.attack, device))
     return trained
 
 
