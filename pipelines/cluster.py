@@ -11,10 +11,13 @@ from kfp.dsl import PipelineTask, pipeline_context
 
 from tckr.components import CUDA_IMAGE
 from tckr.config import KubernetesConfig
+from tckr.tracking import KFP_RUN_ID_ENV
 
 # Secret keys -> environment variables. KFP's object-store secret names its keys accesskey/secretkey.
 S3_KEYS = {"accesskey": "AWS_ACCESS_KEY_ID", "secretkey": "AWS_SECRET_ACCESS_KEY"}
 MLFLOW_KEYS = {"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"}
+# KFP's API server labels every pod of a run with the run's id (its v2 template sets the workflow's podMetadata).
+KFP_RUN_ID_FIELD = "metadata.labels['pipeline/runid']"
 
 
 def place_all_tasks(cluster: KubernetesConfig) -> None:
@@ -41,6 +44,8 @@ def place(task: PipelineTask, cluster: KubernetesConfig) -> None:
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                    size_limit=need.shm)
     if "tracking_uri" in task.component_spec.inputs:  # the task logs to MLflow
+        # ... under the parent run tagged with this KFP run's id (tckr.tracking.pipeline_run_id)
+        kubernetes.use_field_path_as_env(task, env_name=KFP_RUN_ID_ENV, field_path=KFP_RUN_ID_FIELD)
         if cluster.s3_secret:  # artifacts go straight to the store when the server does not proxy them
             kubernetes.use_secret_as_env(task, cluster.s3_secret, S3_KEYS)
             task.set_env_variable("MLFLOW_S3_ENDPOINT_URL", cluster.s3_endpoint)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The pipeline on a local Kubernetes cluster: kind (default) or minikube, standalone Kubeflow
-# Pipelines (pinned), the MLflow server of deploy/mlflow, the CPU image built and loaded, then
+# Pipelines (pinned), the MLflow server of mlflow/k8s, the CPU image built and loaded, then
 # `tckr submit --profile demo --wait`.
 #
 #   scripts/run-local.sh [--dry-run] [--minikube [--gpus]] [up|down]
@@ -76,7 +76,7 @@ load_image() {
 }
 
 install_mlflow() {
-  run kubectl apply -k "$repo/deploy/mlflow"
+  run kubectl apply -k "$repo/mlflow/k8s"
   run kubectl -n kubeflow rollout status deployment/mlflow --timeout 300s
 }
 

@@ -12,14 +12,17 @@ import yaml
 import tckr.pipelines
 from tckr.components import CUDA_IMAGE, IMAGE
 from tckr.config import PAPER_STAGE_RESOURCES, ConfigError, KubernetesConfig, load_config
+from tckr.pipelines.cluster import KFP_RUN_ID_FIELD
 from tckr.pipelines.compile import compile_all
 from tckr.pipelines.tckr_pipeline import build_pipeline
+from tckr.tracking import KFP_RUN_ID_ENV
 
 GPU_STAGES = {name for name, need in PAPER_STAGE_RESOURCES.items() if need["gpus"]}
 TRACKED_STAGES = {"start_run", "ingest", "teacher", "caption", "generator", "finetune", "generate", "student",
                   "attack", "register", "report"}  # the components that take tracking_uri
 SEEDED_STAGES = {"ingest", "teacher", "generator", "finetune", "generation_plan", "generate_shard", "generate",
                  "student", "shadow_group", "attack"}
+PER_RUN_PARAMETERS = {"run_name"}  # tckr.runner.new_run_name: new every run
 CREDENTIAL_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_USERNAME",
                         "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"}
 
@@ -158,6 +161,46 @@ def test_stochastic_stages_are_cached_by_their_seed(paper):
     assert seeded == SEEDED_STAGES
 
 
+def _parameter_sources(spec: dict, task: dict, dag: str) -> set[str]:
+    """Where a task's parameters come from: a pipeline parameter's name, or ``task:<producer>`` for another
+    task's output; inputs of a fan-out loop's DAG are followed to what the loop task was given."""
+    loops = {t["componentRef"]["name"]: t for t in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in t}
+    sources = set()
+    for parameter in task["inputs"].get("parameters", {}).values():
+        if dag != "root" and parameter.get("componentInputParameter") in loops[dag]["inputs"]["parameters"]:
+            parameter = loops[dag]["inputs"]["parameters"][parameter["componentInputParameter"]]
+        if "taskOutputParameter" in parameter:
+            sources.add(f"task:{parameter['taskOutputParameter']['producerTask']}")
+        elif "componentInputParameter" in parameter:
+            sources.add(parameter["componentInputParameter"])
+    return sources
+
+
+def test_no_cached_task_takes_a_per_run_input(paper):
+    """A cached task given anything new every run (the run name, or what start_run makes from it) would
+    never hit the cache. The tasks that log to MLflow find the parent run by the KFP run id instead, which
+    the pod's own label gives them, and run after start_run, which opens that parent run and returns nothing."""
+    spec, platform, _ = paper
+    assert "outputDefinitions" not in spec["components"]["comp-start-run"]
+    tracked = set()
+    for stage, task, dag in _tasks(spec):
+        sources = _parameter_sources(spec, task, dag)
+        assert "task:start-run" not in sources, stage
+        if stage == "start_run":
+            assert sources >= PER_RUN_PARAMETERS and task["cachingOptions"] == {}
+        else:
+            assert not PER_RUN_PARAMETERS & sources, stage
+        if "tracking_uri" in task["inputs"]["parameters"]:
+            tracked.add(stage)
+            executor = platform[f"exec-{stage.replace('_', '-')}"]
+            assert executor["fieldPathAsEnv"] == [{"name": KFP_RUN_ID_ENV, "fieldPath": KFP_RUN_ID_FIELD}], stage
+            assert stage == "start_run" or "start-run" in task["dependentTasks"], stage
+        else:
+            assert "fieldPathAsEnv" not in platform.get(f"exec-{stage.replace('_', '-')}", {}), stage
+    assert tracked == TRACKED_STAGES
+    assert KFP_RUN_ID_FIELD == "metadata.labels['pipeline/runid']"  # what KFP's API server labels run pods with
+
+
 def test_only_run_bookkeeping_is_uncached(paper):
     """start_run opens a new MLflow parent run; register makes new model versions; report closes the run."""
     spec, _, _ = paper
@@ -183,8 +226,14 @@ def test_overrides_reach_the_compiled_task(tmp_path):
     assert platform["exec-teacher"]["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
 
 
+def test_a_multi_gpu_stage_requests_all_its_gpus(tmp_path):
+    """Its pod gets every GPU; the component runs one process per GPU in it (tests/test_distributed.py)."""
+    spec, _, _ = _compile(tmp_path, load_config("paper-cifar10", ["kubernetes.stages.teacher.gpus=4"]).kubernetes)
+    assert _executors(spec)["teacher"]["resources"]["accelerator"]["resourceCount"] == "4"
+    assert _executors(spec)["student"]["resources"]["accelerator"]["resourceCount"] == "1"
+
+
 @pytest.mark.parametrize(("override", "message"), [
-    ("kubernetes.stages.teacher.gpus=2", "every stage trains on one device"),
     ("kubernetes.stages.teachr.gpus=1", "unknown stages \\['teachr'\\]"),
     ("kubernetes.stages.teacher.memory_limit=16Gi", "memory_limit 16Gi is below the request 32Gi"),
     ("kubernetes.stages.teacher.cpu=4 cores", "kubernetes.stages.teacher.cpu: String should match pattern"),

@@ -1,14 +1,22 @@
-"""deploy/ and scripts/, checked statically: shellcheck, the run-local dry run, kustomize renders."""
+"""Manifests and scripts, checked statically: shellcheck, the run-local dry run, kustomize renders, and the
+rendered objects against the Kubernetes API schemas (kubernetes-validate, offline; kubeconform's check)."""
 
+import copy
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
+import kubernetes_validate
 import pytest
 import yaml
+from kubernetes_validate.utils import all_versions
+from packaging.version import Version
 
 REPO = Path(__file__).resolve().parents[1]
+KUSTOMIZATIONS = sorted(p.parent for p in REPO.rglob("kustomization.yaml") if not {".venv", ".git"} & set(p.parts))
+# Every Kubernetes release the validator ships schemas for: the manifests must not depend on which one runs them.
+SCHEMA_VERSIONS = sorted(set(all_versions()), key=Version)
 USER_TOOLS = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tckr" / "debian" / "usr" / "bin"
 
 
@@ -51,7 +59,7 @@ def test_run_local_dry_run_prints_every_step_in_order(tmp_path):
         "kubectl -n kubeflow wait --for condition=available",
         f"docker build --file {REPO}/docker/Dockerfile --target cpu --tag {image}",
         f"kind load docker-image {image} --name tckr",
-        f"kubectl apply -k {REPO}/deploy/mlflow",
+        f"kubectl apply -k {REPO}/mlflow/k8s",
         "kubectl -n kubeflow rollout status deployment/mlflow",
         "kubectl -n kubeflow port-forward svc/ml-pipeline 8888:8888 &",
         "submit --host http://127.0.0.1:8888 --profile demo --wait",
@@ -64,10 +72,48 @@ def test_run_local_dry_run_prints_every_step_in_order(tmp_path):
     assert _dry_run(tmp_path, "down")[-1] == "kind delete cluster --name tckr"
 
 
-def test_mlflow_kustomization_renders_and_references_its_secrets():
-    rendered = subprocess.run([_tool("kubectl"), "kustomize", str(REPO / "deploy" / "mlflow")],
+def _render(kustomization: Path) -> list[dict]:
+    rendered = subprocess.run([_tool("kubectl"), "kustomize", str(kustomization)],
                               capture_output=True, text=True, check=True).stdout
-    objects = {o["kind"]: o for o in yaml.safe_load_all(rendered)}
+    return list(yaml.safe_load_all(rendered))
+
+
+def test_every_kustomization_is_found():
+    assert KUSTOMIZATIONS == [REPO / "mlflow" / "k8s"] and len(SCHEMA_VERSIONS) >= 10
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=lambda p: str(p.relative_to(REPO)))
+def test_rendered_manifests_match_the_kubernetes_schemas(kustomization):
+    """Strict: an unknown field is an error, as with the API server's strict field validation; a kind
+    without a schema (a CRD) fails too, rather than passing unchecked."""
+    objects = _render(kustomization)
+    assert objects
+    for version in SCHEMA_VERSIONS:
+        for manifest in objects:
+            kubernetes_validate.validate(manifest, version, strict=True)
+
+
+@pytest.mark.parametrize(("path", "value", "complaint"), [
+    (("spec", "replicas"), "one", "'one' is not of type 'integer'"),
+    (("spec", "template", "spec", "containers", 0, "imagePullPolcy"), "Always", "'imagePullPolcy' was unexpected"),
+    (("spec", "template", "spec", "containers", 0, "name"), None, "'name' is a required property"),
+], ids=["wrong type", "misspelt field", "missing required field"])
+def test_schema_validation_rejects_a_broken_deployment(path, value, complaint):
+    """The validator does validate: the MLflow Deployment, broken in one place, is refused there."""
+    deployment = copy.deepcopy(next(o for o in _render(REPO / "mlflow" / "k8s") if o["kind"] == "Deployment"))
+    parent = deployment
+    for key in path[:-1]:
+        parent = parent[key]
+    if value is None:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    with pytest.raises(kubernetes_validate.ValidationError, match=complaint):
+        kubernetes_validate.validate(deployment, SCHEMA_VERSIONS[-1], strict=True)
+
+
+def test_mlflow_kustomization_renders_and_references_its_secrets():
+    objects = {o["kind"]: o for o in _render(REPO / "mlflow" / "k8s")}
     assert set(objects) == {"Deployment", "Service", "PersistentVolumeClaim"}  # no Secret: referenced only
     assert all(o["metadata"]["namespace"] == "kubeflow" for o in objects.values())
     pod = objects["Deployment"]["spec"]["template"]["spec"]

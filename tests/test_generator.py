@@ -226,3 +226,48 @@ def test_shards_made_by_parallel_workers_are_gathered(tmp_path, base_generator):
     run_generation(generator, CAPTIONS, CLASSES, 12, cfg, reference)
     assert (tmp_path / "all" / "manifest.jsonl").read_text() == (reference / "manifest.jsonl").read_text()
     assert gather_shards([tmp_path / "pod0"], tmp_path / "all") == []  # already complete: untouched
+
+
+class _Counting:
+    """Wraps a generator; counts the images this process sampled."""
+
+    def __init__(self, generator):
+        self.generator = generator
+        self.images = 0
+
+    def sample(self, prompts, *args):
+        self.images += len(prompts)
+        return self.generator.sample(prompts, *args)
+
+
+def _generate_every_shard(generator_dir, cfg: GenerateConfig, out_dir) -> tuple[list[int], int]:
+    """What each rank runs: load the generator, make its share of every shard; the shards written and
+    how many images this rank sampled."""
+    generator = _Counting(PixelGenerator.load(generator_dir, CPU))
+    written = generate_shards(generator, plan_generation(CAPTIONS, CLASSES, 12, cfg), out_dir, cfg)
+    return written, generator.images
+
+
+def test_two_ranks_make_the_same_shards_as_one(tmp_path, base_generator, monkeypatch):
+    """A generation stage given two GPUs: each rank samples every other batch of each shard, rank 0
+    publishes the shard; the set is the one a single process makes, image for image."""
+    from pathlib import Path
+
+    from tckr.distributed import run_stage
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))  # the ranks unpickle this helper
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # the same float arithmetic as here
+    cfg = GenerateConfig(ratio=1.0, steps=2, batch_size=2, shard_size=5, seed=5)  # 12 images: shards of 5, 5, 2
+    two_ranks = load_config("smoke", ["runtime.device=cpu", "kubernetes.stages.generate.gpus=2"])
+    written, sampled_by_rank_0 = run_stage(two_ranks, "generate", _generate_every_shard, base_generator, cfg,
+                                           tmp_path / "ranks")
+    assert written == [0, 1, 2]
+    assert sampled_by_rank_0 == 3 + 3 + 2  # batches 0 and 2 of the two full shards, the last shard's only batch
+    plan = plan_generation(CAPTIONS, CLASSES, 12, cfg)
+    finalize(tmp_path / "ranks", plan, cfg)
+    run_generation(PixelGenerator.load(base_generator, CPU), CAPTIONS, CLASSES, 12, cfg, tmp_path / "one")
+    assert (tmp_path / "ranks" / "manifest.jsonl").read_text() == (tmp_path / "one" / "manifest.jsonl").read_text()
+    for row in map(json.loads, (tmp_path / "one" / "manifest.jsonl").read_text().splitlines()):
+        assert (tmp_path / "ranks" / "shards" / row["file"]).read_bytes() == \
+            (tmp_path / "one" / "shards" / row["file"]).read_bytes(), row["file"]
+    assert not list((tmp_path / "ranks" / "shards").glob("*.partial"))

@@ -169,6 +169,36 @@ def test_killed_shadow_group_resumes_to_the_same_models(world, tmp_path, monkeyp
     assert train_shadow_group(recipe, [0, 1], keep, population, validation, INFO, killed, CPU, False) == []
 
 
+def _train_shadow_group_0(cfg, population, validation, out_dir) -> list[int]:
+    """What each rank of a shadow_group task given two GPUs runs (its share of group 0)."""
+    from tckr.attack import train_shadows
+
+    return train_shadows(cfg, population, validation, INFO, out_dir, CPU, groups=[0])
+
+
+def test_two_ranks_split_a_shadow_group_and_each_shadow_is_the_one_trained_alone(world, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from tckr.attack import shadow_recipe
+    from tckr.distributed import run_stage
+    from tckr.shadows import keep_matrix
+
+    population, validation, _ = world
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))  # the ranks unpickle the helper
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # the same float arithmetic as here
+    cfg = load_config("smoke", ["runtime.device=cpu", "kubernetes.stages.shadow_group.gpus=2"])
+    assert cfg.attack.shadows_per_group == 2
+    trained_by_rank_0 = run_stage(cfg, "shadow_group", _train_shadow_group_0, cfg, population, validation,
+                                  tmp_path / "ranks")
+    assert trained_by_rank_0 == [0]
+    keep = keep_matrix(cfg.attack, len(population))
+    for index in (0, 1):  # rank 0 trained shadow 0, rank 1 shadow 1: each from its own seeds
+        train_shadow_group(shadow_recipe(cfg), [index], keep, population, validation, INFO, tmp_path / "alone", CPU,
+                           vectorize=False)
+        name = f"shadow-{index:04d}/logits.npy"
+        assert np.array_equal(np.load(tmp_path / "ranks" / name), np.load(tmp_path / "alone" / name))
+
+
 def test_attack_config_rejects_bad_values():
     with pytest.raises(ValueError):
         AttackConfig(shadows=0)

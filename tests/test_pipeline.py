@@ -70,7 +70,7 @@ def test_base_generator_is_cached(smoke_run, tmp_path):
     assert outcome.metrics["generator.cached"] == 0
     kfp_dir = next(outcome.run_dir.glob("kfp/*"))
     metrics = generator_stage(cfg, cfg.generator.seed, kfp_dir / "ingest" / "dataset", kfp_dir / "caption" / "captions",
-                              tmp_path / "again", None, f"sqlite:///{tmp_path / 'mlruns.db'}")
+                              tmp_path / "again", f"sqlite:///{tmp_path / 'mlruns.db'}")
     assert metrics["generator.cached"] == 1
     weights = "unet/diffusion_pytorch_model.safetensors"
     assert (tmp_path / "again" / weights).read_bytes() == (kfp_dir / "generator" / "base_model" / weights).read_bytes()
@@ -150,7 +150,7 @@ def test_champion_moves_only_to_a_better_student(smoke_run):
 
     def register(accuracy: float) -> dict:
         return register_stage(cfg, model_dirs, [{"student.test_accuracy": accuracy, "student.mia.auc": 0.5,
-                                                 "student.mia.tpr_at_1pct_fpr": 0.01}], None, uri)
+                                                 "student.mia.tpr_at_1pct_fpr": 0.01}], uri)
 
     worse = register(champion_aop / 2)
     assert worse["student.champion"] == 0

@@ -108,9 +108,9 @@ def test_stages_run_the_paper_generator_path(tmp_path, tiny_sd, tracking_uri):
                                 "generator.prediction_type=v_prediction", f"image_size={SIZE}",
                                 "finetune.batch_size=32"])
     data, captions, base, lora, shards = (tmp_path / name for name in ("data", "captions", "base", "lora", "shards"))
-    stages.ingest_stage(cfg, 0, data, None, tracking_uri)
-    stages.caption_stage(cfg, data, captions, None, tracking_uri)
-    assert stages.generator_stage(cfg, 0, data, captions, base, None, tracking_uri)["stage.generator.seconds"] > 0
+    stages.ingest_stage(cfg, 0, data, tracking_uri)
+    stages.caption_stage(cfg, data, captions, tracking_uri)
+    assert stages.generator_stage(cfg, 0, data, captions, base, tracking_uri)["stage.generator.seconds"] > 0
     assert read_card(base) == {
         "kind": "stable-diffusion", "model": str(tiny_sd), "revision": None, "variant": None,
         "prediction_type": "v_prediction", "image_size": SIZE, "channels": 3, "latent_size": SIZE // 2}
@@ -119,7 +119,7 @@ def test_stages_run_the_paper_generator_path(tmp_path, tiny_sd, tracking_uri):
     runs = client.search_runs([client.get_experiment_by_name(cfg.experiment_name).experiment_id])
     assert {run.data.tags.get("tckr.generator_model") for run in runs} >= {str(tiny_sd)}
 
-    metrics = stages.finetune_stage(cfg, 0, data, captions, base, lora, None, tracking_uri)
+    metrics = stages.finetune_stage(cfg, 0, data, captions, base, lora, tracking_uri)
     assert metrics["finetune.steps"] == 10  # ceil(300 private images / 32 per step)
     stages.generate_shard_stage(cfg, 0, 0, data, captions, base, lora, shards)
     images = sorted((shards / "shards" / "shard-00000").glob("*.png"))

@@ -5,7 +5,7 @@ from tckr.components import IMAGE
 
 
 @dsl.component(base_image=IMAGE)
-def generator(config_json: str, seed: int, parent_run_id: str, tracking_uri: str, dataset: Input[Dataset],
+def generator(config_json: str, seed: int, tracking_uri: str, dataset: Input[Dataset],
               captions: Input[Artifact], base_model: Output[Model], metrics: Output[Metrics]):
     """The base text-to-image generator, from the cache or pretrained on public data."""
     from pathlib import Path
@@ -15,6 +15,6 @@ def generator(config_json: str, seed: int, parent_run_id: str, tracking_uri: str
     from tckr.tracking import default_tracking_uri
 
     values = generator_stage(parse_config(config_json), seed, Path(dataset.path), Path(captions.path),
-                             Path(base_model.path), parent_run_id, tracking_uri or default_tracking_uri())
+                             Path(base_model.path), tracking_uri or default_tracking_uri())
     for name, value in values.items():
         metrics.log_metric(name, value)

@@ -5,7 +5,7 @@ from tckr.components import IMAGE
 
 
 @dsl.component(base_image=IMAGE)
-def register(config_json: str, parent_run_id: str, tracking_uri: str, teacher_model: Input[Model],
+def register(config_json: str, tracking_uri: str, teacher_model: Input[Model],
              student_model: Input[Model], teacher_metrics: Input[Metrics], student_metrics: Input[Metrics],
              attack_metrics: Input[Metrics], metrics: Output[Metrics]):
     """AOP of teacher and student, then both into the MLflow registry (``tckr.stages.register_stage``)."""
@@ -18,6 +18,6 @@ def register(config_json: str, parent_run_id: str, tracking_uri: str, teacher_mo
     values = register_stage(parse_config(config_json),
                             {"teacher": Path(teacher_model.path), "student": Path(student_model.path)},
                             [teacher_metrics.metadata, student_metrics.metadata, attack_metrics.metadata],
-                            parent_run_id, tracking_uri or default_tracking_uri())
+                            tracking_uri or default_tracking_uri())
     for name, value in values.items():
         metrics.log_metric(name, value)

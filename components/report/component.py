@@ -5,7 +5,7 @@ from tckr.components import IMAGE
 
 
 @dsl.component(base_image=IMAGE)
-def report(config_json: str, parent_run_id: str, tracking_uri: str, ingest_metrics: Input[Metrics],
+def report(config_json: str, tracking_uri: str, ingest_metrics: Input[Metrics],
            teacher_metrics: Input[Metrics], caption_metrics: Input[Metrics], generator_metrics: Input[Metrics],
            finetune_metrics: Input[Metrics], generate_metrics: Input[Metrics], student_metrics: Input[Metrics],
            attack_metrics: Input[Metrics], register_metrics: Input[Metrics], synthetic: Input[Dataset],
@@ -24,7 +24,7 @@ def report(config_json: str, parent_run_id: str, tracking_uri: str, ingest_metri
     shutil.copyfile(Path(attack_results.path) / "roc.png", out_dir / "roc.png")
     parts = [ingest_metrics, teacher_metrics, caption_metrics, generator_metrics, finetune_metrics, generate_metrics,
              student_metrics, attack_metrics, register_metrics]
-    values = report_stage(parse_config(config_json), [part.metadata for part in parts], out_dir, parent_run_id,
+    values = report_stage(parse_config(config_json), [part.metadata for part in parts], out_dir,
                           tracking_uri or default_tracking_uri())
     shutil.copyfile(out_dir / "report.md", summary.path)
     for name, value in values.items():

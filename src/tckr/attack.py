@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tckr import distributed
 from tckr.classify import BatchAugment, load_classifier
 from tckr.config import TckrConfig
 from tckr.lira import AttackError, AttackResult, logit_scores, membership_statistic, roc
@@ -60,17 +61,21 @@ def train_shadows(cfg: TckrConfig, population: Population, validation: tuple[tor
                   out_dir: Path, device: torch.device, groups: list[int] | None = None,
                   done_elsewhere: list[Path] = ()) -> list[int]:
     """Train the given shadow groups (default: every group with a shadow not found in ``out_dir`` or
-    ``done_elsewhere``) into ``out_dir``; returns the shadows trained now."""
+    ``done_elsewhere``) into ``out_dir``; returns the shadows trained now.
+
+    On several ranks (:mod:`tckr.distributed`) rank ``r`` of ``n`` trains shadows ``r, r + n, ...`` of each
+    group as its own smaller stack; every shadow keeps its own seeds, and its outputs are its own files."""
+    rank, ranks = distributed.rank(), distributed.world_size()
     keep = keep_matrix(cfg.attack, len(population))
     all_groups = shadow_groups(cfg.attack)
     wanted = range(len(all_groups)) if groups is None else groups
     sources = [Path(out_dir), *map(Path, done_elsewhere)]
     trained = []
     for group in wanted:
-        indices = all_groups[group]
-        if all(any(is_done(source, index) for source in sources) for index in indices):
+        share = all_groups[group][rank::ranks]  # all of it on a single rank
+        if all(any(is_done(source, index) for source in sources) for index in share):
             continue
-        trained += train_shadow_group(shadow_recipe(cfg), indices, keep, population, validation, info, Path(out_dir),
+        trained += train_shadow_group(shadow_recipe(cfg), share, keep, population, validation, info, Path(out_dir),
                                       device, use_vmap(cfg.attack, device))
     return trained
 

@@ -4,6 +4,8 @@ through :class:`Recipe`, the attack's shadow models.
 Images are decoded and resized once per item on the CPU (``ImageSplit``, optionally with AugMix);
 random crop, flip and normalisation run batched on the training device (``BatchAugment``), MixUp
 via timm. The best epoch on the validation split is kept; the test split is only read at the end.
+Under torchrun (:mod:`tckr.distributed`) the same loop is DistributedDataParallel: each rank trains on
+its slice of every global batch, and rank 0 alone validates, checkpoints, tests and reports.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import torch
 from PIL import Image as PILImage
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
+from tckr import distributed
 from tckr.atomic import atomic_path, torch_save
 from tckr.config import ClassifierConfig
 from tckr.ingest import DatasetInfo
@@ -188,17 +191,29 @@ def _label_objective(criterion: nn.Module) -> Objective:
 def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_size: int, out_dir: Path,
                      device: torch.device, on_epoch: Callable[[dict], None] | None = None,
                      name: str = "classifier", objective: Objective | None = None,
-                     resume_key: str = "") -> TrainResult:
+                     resume_key: str = "") -> TrainResult | None:
     """Train on ``splits['train']``, select on ``splits['validation']``, test on ``splits['test']``.
 
     ``objective`` replaces the label loss (the student's distillation from a teacher). Writes
     ``model.safetensors`` + ``model.json`` (best epoch) and ``checkpoint.pt`` (last epoch) to
     ``out_dir``; an existing checkpoint of the same recipe (and ``resume_key``) is resumed, not restarted.
+
+    On several ranks (:mod:`tckr.distributed`) each takes ``batch_size / ranks`` of every batch, so the
+    recipe is the one a single device runs; only rank 0 validates, writes, calls ``on_epoch`` and
+    returns a result (the others return None).
     """
+    rank, ranks = distributed.rank(), distributed.world_size()
+    if cfg.batch_size % ranks:
+        raise ValueError(f"batch_size {cfg.batch_size} does not split evenly over {ranks} processes")
+    lead = rank == 0
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model = create_classifier(cfg.model, info.num_classes, info.channels, cfg.pretrained).to(device)
+    # The module that trains: under DDP its backward averages gradients across ranks (and its
+    # construction copies rank 0's weights to all); evaluation uses ``model`` itself, on rank 0 only.
+    trained = (nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+               if ranks > 1 else model)
     augment = BatchAugment(info.mean, info.std, cfg.crop_padding, cfg.hflip).to(device)
     recipe = Recipe.build(cfg, model.parameters(), info.num_classes, device, objective)
     optimizer, scheduler, scaler, mixup = recipe.optimizer, recipe.scheduler, recipe.scaler, recipe.mixup
@@ -206,8 +221,11 @@ def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_siz
     train_set = ImageSplit(splits["train"], image_size, info.channels, augmix=cfg.augmix)
     val_set = ImageSplit(splits["validation"], image_size, info.channels)
     generator = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                        generator=generator, num_workers=cfg.num_workers,
+    # Several ranks: disjoint slices of one seeded permutation per epoch (set_epoch), so nothing to checkpoint.
+    sampler = (DistributedSampler(train_set, num_replicas=ranks, rank=rank, shuffle=True, seed=cfg.seed,
+                                  drop_last=True) if ranks > 1 else None)
+    loader = DataLoader(train_set, batch_size=cfg.batch_size // ranks, shuffle=sampler is None, sampler=sampler,
+                        drop_last=True, generator=generator, num_workers=cfg.num_workers,
                         persistent_workers=cfg.num_workers > 0, pin_memory=device.type == "cuda")
     if len(loader) == 0:
         raise ValueError(f"{len(train_set)} training images make no full batch of {cfg.batch_size}")
@@ -225,22 +243,26 @@ def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_siz
             generator.set_state(saved["generator"])
             torch.set_rng_state(saved["torch_rng"])
             state = saved["state"]
-            tqdm.write(f"resuming {name} after epoch {state['epoch']}/{cfg.epochs}")
+            if lead:
+                tqdm.write(f"resuming {name} after epoch {state['epoch']}/{cfg.epochs}")
 
     started = time.perf_counter()
     trained_images = 0
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
-        model.train()
+        trained.train()
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+            torch.manual_seed(cfg.seed * 100_003 + epoch * ranks + rank)  # this rank's crops, flips and MixUp
         epoch_start = time.perf_counter()
         running_loss = 0.0
-        bar = progress(loader, desc=f"{name} epoch {epoch}/{cfg.epochs}", unit="batch")
+        bar = progress(loader, desc=f"{name} epoch {epoch}/{cfg.epochs}", unit="batch", disable=not lead)
         for images, labels in bar:
             images = augment(images.to(device, non_blocking=True), train=True)
             labels = labels.to(device, non_blocking=True)
             if mixup:
                 images, labels = mixup(images, labels)
             with torch.autocast(device.type, enabled=scaler.is_enabled()):
-                loss = recipe.objective(model(images), images, labels)
+                loss = recipe.objective(trained(images), images, labels)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -249,6 +271,8 @@ def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_siz
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         scheduler.step()
         trained_images += len(loader) * cfg.batch_size
+        if not lead:
+            continue
         val_logits = predict_logits(model, augment, val_set, cfg.eval_batch_size, device, "validate")
         record = {"epoch": epoch, "train_loss": running_loss / len(loader),
                   "val_accuracy": accuracy(val_logits, val_set.labels),
@@ -267,6 +291,8 @@ def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_siz
                    f"val_acc {record['val_accuracy']:.4f} ({record['epoch_seconds']:.1f}s)")
         if on_epoch:
             on_epoch(record)
+    if not lead:
+        return None
     seconds = time.perf_counter() - started
 
     best = load_classifier(out_dir, device)

@@ -54,20 +54,19 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     out, uri = Path(args.out), default_tracking_uri()
     inputs = {name: Path(getattr(args, name)) for name in STAGE_INPUTS[args.name]}
     runners = {
-        "ingest": lambda: stages.ingest_stage(cfg, cfg.ingest.seed, out, None, uri),
-        "teacher": lambda: stages.teacher_stage(cfg, cfg.teacher.seed, inputs["data"], out, None, uri),
-        "caption": lambda: stages.caption_stage(cfg, inputs["data"], out, None, uri),
+        "ingest": lambda: stages.ingest_stage(cfg, cfg.ingest.seed, out, uri),
+        "teacher": lambda: stages.teacher_stage(cfg, cfg.teacher.seed, inputs["data"], out, uri),
+        "caption": lambda: stages.caption_stage(cfg, inputs["data"], out, uri),
         "generator": lambda: stages.generator_stage(cfg, cfg.generator.seed, inputs["data"], inputs["captions"],
-                                                    out, None, uri),
+                                                    out, uri),
         "finetune": lambda: stages.finetune_stage(cfg, cfg.finetune.seed, inputs["data"], inputs["captions"],
-                                                  inputs["generator"], out, None, uri),
+                                                  inputs["generator"], out, uri),
         "generate": lambda: stages.generate_stage(cfg, cfg.generate.seed, inputs["data"], inputs["captions"],
-                                                  inputs["generator"], inputs["adapter"], inputs["teacher"], out,
-                                                  None, uri),
+                                                  inputs["generator"], inputs["adapter"], inputs["teacher"], out, uri),
         "student": lambda: stages.student_stage(cfg, cfg.student_recipe.seed, inputs["data"], inputs["synthetic"],
-                                                inputs["teacher"], out, None, uri),
+                                                inputs["teacher"], out, uri),
         "attack": lambda: stages.attack_stage(cfg, cfg.attack.seed, inputs["data"], inputs["teacher"],
-                                              inputs["student"], out, None, uri),
+                                              inputs["student"], out, uri),
     }
     metrics = runners[args.name]()
     (out / "metrics.json").write_text(json.dumps(dict(sorted(metrics.items())), indent=2) + "\n")

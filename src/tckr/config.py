@@ -236,15 +236,13 @@ class StageResources(_Strict):
     cpu_limit: str | None = Field(pattern=_CPU, description="null: no CPU limit (bursts into idle cores)")
     memory: str = Field(pattern=_MEMORY, description="memory request, e.g. 16Gi")
     memory_limit: str = Field(pattern=_MEMORY, description="above it the container is OOM-killed")
-    gpus: int = Field(ge=0, description="GPUs of kubernetes.gpu_resource (0 or 1)")
+    gpus: int = Field(ge=0, description="GPUs of kubernetes.gpu_resource; more than 1 only for the stages "
+                      "that divide their work across GPUs (MULTI_GPU_STAGES), one process each")
     shm: str | None = Field(pattern=_MEMORY, description="memory-backed /dev/shm for DataLoader workers "
                             "(counts against memory_limit); null: the runtime's 64 MB")
 
     @model_validator(mode="after")
-    def _fits_one_device_and_limits_cover_requests(self) -> StageResources:
-        if self.gpus > 1:
-            raise ValueError(f"gpus: {self.gpus} > 1, but every stage trains on one device; scale out with "
-                             "more pods instead (generate.shard_size, attack.shadows_per_group)")
+    def _limits_cover_requests(self) -> StageResources:
         if self.cpu_limit is not None and _quantity(self.cpu_limit) < _quantity(self.cpu):
             raise ValueError(f"cpu_limit {self.cpu_limit} is below the request {self.cpu}")
         if _quantity(self.memory_limit) < _quantity(self.memory):
@@ -256,6 +254,12 @@ def _stage(cpu: str, cpu_limit: str | None, memory: str, memory_limit: str, gpus
            shm: str | None = None) -> dict[str, Any]:
     return {"cpu": cpu, "cpu_limit": cpu_limit, "memory": memory, "memory_limit": memory_limit, "gpus": gpus,
             "shm": shm}
+
+
+# The stages whose code divides its work across several GPUs of one pod (tckr.distributed): classifier
+# training as DistributedDataParallel, generation by batches, a shadow group by shadows. Captioning,
+# LoRA fine-tuning and the attack's scoring run on one device.
+MULTI_GPU_STAGES = ("teacher", "student", "generate_shard", "generate", "shadow_group")
 
 
 # The paper profile on a cluster of GPU nodes (one 24-80 GB NVIDIA GPU per GPU task). Every stage that
@@ -308,7 +312,7 @@ class KubernetesConfig(_Strict):
         "tckr-mlflow", description="optional secret with username/password, exposed to tracked tasks as "
         "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD; null: none")
     tracking_uri: str = Field("http://mlflow.kubeflow:5000",
-                              description="the MLflow server `tckr submit` gives the run (deploy/mlflow)")
+                              description="the MLflow server `tckr submit` gives the run (mlflow/k8s)")
 
     @field_validator("stages", mode="before")
     @classmethod
@@ -321,6 +325,14 @@ class KubernetesConfig(_Strict):
             entry = given.get(name, {})
             merged[name] = default | (entry.model_dump() if isinstance(entry, BaseModel) else entry)
         return merged
+
+    @model_validator(mode="after")
+    def _several_gpus_only_where_used(self) -> KubernetesConfig:
+        for name, need in self.stages.items():
+            if need.gpus > 1 and name not in MULTI_GPU_STAGES:
+                raise ValueError(f"stages.{name}.gpus: {need.gpus} > 1, but {name} runs on one device (only "
+                                 f"{', '.join(MULTI_GPU_STAGES)} use several); scale out with more pods instead")
+        return self
 
 
 class TckrConfig(_Strict):
@@ -340,6 +352,16 @@ class TckrConfig(_Strict):
     tracking: TrackingConfig = TrackingConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     kubernetes: KubernetesConfig = KubernetesConfig()
+
+    @model_validator(mode="after")
+    def _batches_split_evenly_over_gpus(self) -> TckrConfig:
+        """Data parallelism keeps the recipe's global batch: each of n GPUs takes batch_size / n of it."""
+        for stage, recipe in (("teacher", self.teacher), ("student", self.student_recipe)):
+            gpus = self.kubernetes.stages[stage].gpus
+            if gpus > 1 and recipe.batch_size % gpus:
+                raise ValueError(f"{stage} batch_size {recipe.batch_size} does not split evenly over "
+                                 f"kubernetes.stages.{stage}.gpus = {gpus}")
+        return self
 
     @property
     def student_recipe(self) -> ClassifierConfig:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tckr import distributed
 from tckr.atomic import copy_tree
 from tckr.config import GenerateConfig
 from tckr.progress import progress
@@ -121,27 +122,44 @@ class ImageGenerator(Protocol):
 
 def generate_shards(generator: ImageGenerator, plan: list[PlannedImage], out_dir: Path, cfg: GenerateConfig,
                     shards: list[int] | None = None) -> list[int]:
-    """Produce the given shards (default: every incomplete one); returns the shards written now."""
+    """Produce the given shards (default: every incomplete one); returns the shards written now.
+
+    On several ranks (:mod:`tckr.distributed`) rank ``r`` of ``n`` samples batches ``r, r + n, ...`` of
+    every shard (the same batches one process would sample, so the same images), and rank 0 alone
+    prepares, describes and publishes each shard around the others' writes.
+    """
+    rank, ranks = distributed.rank(), distributed.world_size()
+    lead = rank == 0
     ranges = shard_ranges(len(plan), cfg.shard_size)
     wanted = range(len(ranges)) if shards is None else shards
+    # The same list on every rank: no shard can be published before all ranks reach its first barrier.
     todo = [s for s in wanted if not is_complete(out_dir, s)]
-    bar = progress(total=sum(len(ranges[s]) for s in todo), desc="generate", unit="img")
+    batches = {s: [ranges[s][start:start + cfg.batch_size]
+                   for start in range(0, len(ranges[s]), cfg.batch_size)][rank::ranks] for s in todo}
+    bar = progress(total=sum(len(b) for s in todo for b in batches[s]), desc="generate", unit="img",
+                   disable=not lead)
     for shard in todo:
-        items = [plan[i] for i in ranges[shard]]
         final = shard_dir(out_dir, shard)
         partial = final.with_name(final.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)  # leftovers of a killed run are redone, never trusted
-        partial.mkdir(parents=True)
+        if lead:
+            shutil.rmtree(partial, ignore_errors=True)  # leftovers of a killed run are redone, never trusted
+            partial.mkdir(parents=True)
+        distributed.barrier()  # the empty shard directory exists
         started = time.perf_counter()
-        for start in range(0, len(items), cfg.batch_size):
-            batch = items[start:start + cfg.batch_size]
-            pixels = generator.sample([item.prompt for item in batch], [item.seed for item in batch], cfg.steps,
+        for batch in batches[shard]:
+            items = [plan[i] for i in batch]
+            pixels = generator.sample([item.prompt for item in items], [item.seed for item in items], cfg.steps,
                                       cfg.guidance)
-            for item, array in zip(batch, pixels, strict=True):
+            for item, array in zip(items, pixels, strict=True):
                 Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(partial / item.file_name)
-            bar.update(len(batch))
-        (partial / "shard.json").write_text(json.dumps({"images": len(items),
-                                                        "seconds": time.perf_counter() - started}) + "\n")
+            bar.update(len(items))
+        distributed.barrier()  # every rank's images are in place
+        if not lead:
+            continue
+        items = [plan[i] for i in ranges[shard]]
+        # Device-seconds, the compute the shard took: every rank was busy for (about) its wall time.
+        seconds = (time.perf_counter() - started) * ranks
+        (partial / "shard.json").write_text(json.dumps({"images": len(items), "seconds": seconds}) + "\n")
         with open(partial / "manifest.jsonl", "w") as handle:
             for item in items:
                 handle.write(json.dumps(asdict(item) | {"file": f"{final.name}/{item.file_name}"}) + "\n")

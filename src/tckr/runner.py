@@ -6,17 +6,21 @@ Each run gets ``runs/<timestamp>-<profile>/`` holding ``config.yaml``, ``report.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
 import time
+import uuid
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from tckr.config import TckrConfig
-from tckr.tracking import configure, default_tracking_uri
+from tckr.tracking import KFP_RUN_ID_ENV, configure, default_tracking_uri
 
 
 class PipelineFailed(RuntimeError):
@@ -63,7 +67,8 @@ def run_local(cfg: TckrConfig, runs_root: Path = Path("runs"), tracking_uri: str
                raise_on_error=True)
     started = time.perf_counter()
     try:
-        task = tckr_pipeline(**pipeline_arguments(cfg, run_name, tracking_uri))
+        with _kfp_run_id(uuid.uuid4().hex):
+            task = tckr_pipeline(**pipeline_arguments(cfg, run_name, tracking_uri))
     except KeyboardInterrupt:
         _mark_unfinished(run_name, cfg, tracking_uri, "KILLED")
         raise
@@ -82,6 +87,20 @@ def run_local(cfg: TckrConfig, runs_root: Path = Path("runs"), tracking_uri: str
     (run_dir / "metrics.json").write_text(json.dumps(dict(sorted(metrics.items())), indent=2) + "\n")
     _point_latest(run_dir)
     return RunOutcome(run_dir, metrics, tracking_uri)
+
+
+@contextlib.contextmanager
+def _kfp_run_id(run_id: str) -> Iterator[None]:
+    """What a cluster gives every pod of a run (pipelines/cluster.py): kfp.local's task subprocesses inherit it."""
+    previous = os.environ.get(KFP_RUN_ID_ENV)
+    os.environ[KFP_RUN_ID_ENV] = run_id
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(KFP_RUN_ID_ENV)
+        else:
+            os.environ[KFP_RUN_ID_ENV] = previous
 
 
 def _point_latest(run_dir: Path) -> None:

@@ -1,5 +1,9 @@
 """Stage entry points: one function per pipeline stage, shared by the KFP components, ``tckr stage``
 and DVC. Each opens its nested MLflow run, times itself and returns flat, dotted metrics.
+
+The stages that divide their work across GPUs (``config.MULTI_GPU_STAGES``) run in every rank of a
+multi-process launch (:mod:`tckr.distributed`); rank 0 alone tracks, writes the outputs that exist once
+and returns metrics, the other ranks return ``{}`` once their share is done.
 """
 
 from __future__ import annotations
@@ -7,20 +11,21 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from tckr import distributed
 from tckr.config import GeneratorConfig, TckrConfig
 from tckr.tracking import stage_run
 
 Metrics = dict[str, float]
 
 
-def ingest_stage(cfg: TckrConfig, seed: int, out_dir: Path, parent_run_id: str | None, tracking_uri: str) -> Metrics:
+def ingest_stage(cfg: TckrConfig, seed: int, out_dir: Path, tracking_uri: str) -> Metrics:
     """Prepare the private dataset (splits, statistics, fingerprint) into ``out_dir``."""
     import mlflow
 
     from tckr.ingest import prepare
 
     ingest_cfg = cfg.ingest.model_copy(update={"seed": seed})
-    with stage_run("ingest", cfg, parent_run_id, tracking_uri, params=ingest_cfg.model_dump(mode="json")):
+    with stage_run("ingest", cfg, tracking_uri, params=ingest_cfg.model_dump(mode="json")):
         started = time.perf_counter()
         info = prepare(ingest_cfg, Path(out_dir), cfg.dataset, min_train_images=cfg.teacher.batch_size)
         metrics = {f"data.{name}_images": float(split.count) for name, split in info.splits.items()}
@@ -32,8 +37,7 @@ def ingest_stage(cfg: TckrConfig, seed: int, out_dir: Path, parent_run_id: str |
     return metrics
 
 
-def teacher_stage(cfg: TckrConfig, seed: int, data_dir: Path, out_dir: Path, parent_run_id: str | None,
-                  tracking_uri: str) -> Metrics:
+def teacher_stage(cfg: TckrConfig, seed: int, data_dir: Path, out_dir: Path, tracking_uri: str) -> Metrics:
     """Train the teacher on the private train split and log it (registered after the attack)."""
     import mlflow
 
@@ -41,8 +45,8 @@ def teacher_stage(cfg: TckrConfig, seed: int, data_dir: Path, out_dir: Path, par
     from tckr.ingest import load_prepared
 
     teacher_cfg = cfg.teacher.model_copy(update={"seed": seed})
-    with stage_run("teacher", cfg, parent_run_id, tracking_uri,
-                   params=teacher_cfg.model_dump(mode="json") | {"image_size": cfg.image_size}):
+    params = teacher_cfg.model_dump(mode="json") | {"image_size": cfg.image_size}
+    with stage_run("teacher", cfg, tracking_uri, params=params):
         started = time.perf_counter()
         device = _device(cfg)
         splits, info = load_prepared(Path(data_dir))
@@ -50,6 +54,8 @@ def teacher_stage(cfg: TckrConfig, seed: int, data_dir: Path, out_dir: Path, par
             teacher_cfg, splits, info, cfg.image_size, Path(out_dir), device, name="teacher",
             on_epoch=lambda record: mlflow.log_metrics(
                 {k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"]))
+        if result is None:  # not the lead rank
+            return {}
         metrics = {"teacher.test_accuracy": result.test_accuracy,
                    "teacher.val_accuracy": result.val_accuracy,
                    "teacher.best_epoch": float(result.best_epoch),
@@ -61,14 +67,13 @@ def teacher_stage(cfg: TckrConfig, seed: int, data_dir: Path, out_dir: Path, par
     return metrics
 
 
-def caption_stage(cfg: TckrConfig, data_dir: Path, out_dir: Path, parent_run_id: str | None,
-                  tracking_uri: str) -> Metrics:
+def caption_stage(cfg: TckrConfig, data_dir: Path, out_dir: Path, tracking_uri: str) -> Metrics:
     """Caption the private train split (and the public split) into ``out_dir/<split>/``."""
     import mlflow
 
     from tckr.caption import caption_dataset
 
-    with stage_run("caption", cfg, parent_run_id, tracking_uri, params=cfg.caption.model_dump(mode="json")):
+    with stage_run("caption", cfg, tracking_uri, params=cfg.caption.model_dump(mode="json")):
         started = time.perf_counter()
         summary = caption_dataset(cfg.caption, Path(data_dir), Path(out_dir), _device(cfg))
         metrics: Metrics = {}
@@ -84,7 +89,7 @@ def caption_stage(cfg: TckrConfig, data_dir: Path, out_dir: Path, parent_run_id:
 
 
 def generator_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Path, out_dir: Path,
-                    parent_run_id: str | None, tracking_uri: str) -> Metrics:
+                    tracking_uri: str) -> Metrics:
     """The base generator. Pixel: reused from the cache when one with the same key exists, else
     pretrained on the public split (never on private data) and cached. Stable Diffusion: nothing to
     pretrain (SD2 was pretrained on public data); the pipeline is loaded once to check it is reachable
@@ -94,7 +99,7 @@ def generator_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Pa
     from tckr import stable_diffusion
 
     generator_cfg = cfg.generator.model_copy(update={"seed": seed})
-    with stage_run("generator", cfg, parent_run_id, tracking_uri, params=generator_cfg.model_dump(mode="json")):
+    with stage_run("generator", cfg, tracking_uri, params=generator_cfg.model_dump(mode="json")):
         started = time.perf_counter()
         if generator_cfg.kind == stable_diffusion.KIND:
             card = stable_diffusion.save_card(generator_cfg, cfg.image_size, Path(out_dir))
@@ -144,7 +149,7 @@ def _pixel_base_generator(cfg: TckrConfig, generator_cfg: GeneratorConfig, data_
 
 
 def finetune_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Path, generator_dir: Path,
-                   out_dir: Path, parent_run_id: str | None, tracking_uri: str) -> Metrics:
+                   out_dir: Path, tracking_uri: str) -> Metrics:
     """LoRA on the private train split's (image, caption) pairs; logs the loss curve."""
     import mlflow
 
@@ -153,7 +158,7 @@ def finetune_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Pat
     from tckr.ingest import load_prepared
 
     finetune_cfg = cfg.finetune.model_copy(update={"seed": seed})
-    with stage_run("finetune", cfg, parent_run_id, tracking_uri, params=finetune_cfg.model_dump(mode="json")):
+    with stage_run("finetune", cfg, tracking_uri, params=finetune_cfg.model_dump(mode="json")):
         started = time.perf_counter()
         splits, _ = load_prepared(Path(data_dir))
         device = _device(cfg)
@@ -204,8 +209,8 @@ def generate_shard_stage(cfg: TckrConfig, seed: int, shard: int, data_dir: Path,
 
 
 def generate_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Path, generator_dir: Path,
-                   adapter_dir: Path, teacher_dir: Path, out_dir: Path, parent_run_id: str | None,
-                   tracking_uri: str, shard_dirs: list[Path] = ()) -> Metrics:
+                   adapter_dir: Path, teacher_dir: Path, out_dir: Path, tracking_uri: str,
+                   shard_dirs: list[Path] = ()) -> Metrics:
     """The synthetic set: shards made elsewhere (``shard_dirs``, the fan-out) are gathered, any missing
     shard is generated here, the whole is checked against the plan and scored by the teacher's
     agreement with the prompts' classes."""
@@ -215,14 +220,16 @@ def generate_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Pat
     from tckr.finetune import load_finetuned
     from tckr.generate import finalize, gather_shards, generate_shards, load_synthetic, sample_grid
 
-    with stage_run("generate", cfg, parent_run_id, tracking_uri,
-                   params=cfg.generate.model_dump(mode="json") | {"seed": seed}):
+    with stage_run("generate", cfg, tracking_uri, params=cfg.generate.model_dump(mode="json") | {"seed": seed}):
         started = time.perf_counter()
         plan, generate_cfg, info = _generation_plan(cfg, seed, data_dir, captions_dir)
         device = _device(cfg)
-        gathered = gather_shards([Path(d) for d in shard_dirs], Path(out_dir))
+        gathered = gather_shards([Path(d) for d in shard_dirs], Path(out_dir)) if distributed.is_lead() else []
+        distributed.barrier()  # the gathered shards are in place before any rank looks for missing ones
         generator = load_finetuned(Path(generator_dir), Path(adapter_dir), device)
         made_here = generate_shards(generator, plan, Path(out_dir), generate_cfg)
+        if not distributed.is_lead():
+            return {}
         summary = finalize(Path(out_dir), plan, generate_cfg)
         synthetic = ImageSplit(load_synthetic(Path(out_dir), info.classes), cfg.image_size, info.channels)
         teacher = load_classifier(Path(teacher_dir), device)
@@ -243,14 +250,15 @@ def generate_stage(cfg: TckrConfig, seed: int, data_dir: Path, captions_dir: Pat
 
 
 def _device(cfg: TckrConfig):
-    """The stage's torch device (refusing a requested but absent GPU) and thread count."""
+    """The stage's torch device (refusing a requested but absent GPU; this rank's own among several) and
+    thread count."""
     import torch
 
     from tckr.classify import resolve_device
 
     if cfg.runtime.torch_threads:
         torch.set_num_threads(cfg.runtime.torch_threads)
-    return resolve_device(cfg.runtime.device)
+    return distributed.rank_device(resolve_device(cfg.runtime.device))
 
 
 def _log_every(step: int, every: int, values: dict[str, float]) -> None:
@@ -280,7 +288,7 @@ def _log_classifier(model_dir: Path, splits, info, cfg: TckrConfig) -> None:
 
 
 def student_stage(cfg: TckrConfig, seed: int, data_dir: Path, synthetic_dir: Path, teacher_dir: Path,
-                  out_dir: Path, parent_run_id: str | None, tracking_uri: str) -> Metrics:
+                  out_dir: Path, tracking_uri: str) -> Metrics:
     """Distil the teacher into the student on the synthetic set only (GKD); select and test on real data."""
     import mlflow
 
@@ -291,7 +299,7 @@ def student_stage(cfg: TckrConfig, seed: int, data_dir: Path, synthetic_dir: Pat
 
     student_cfg = cfg.student_recipe.model_copy(update={"seed": seed})
     params = student_cfg.model_dump(mode="json") | {f"distill.{k}": v for k, v in cfg.distill.model_dump().items()}
-    with stage_run("student", cfg, parent_run_id, tracking_uri, params=params):
+    with stage_run("student", cfg, tracking_uri, params=params):
         started = time.perf_counter()
         device = _device(cfg)
         splits, info = load_prepared(Path(data_dir))
@@ -301,6 +309,8 @@ def student_stage(cfg: TckrConfig, seed: int, data_dir: Path, synthetic_dir: Pat
             student_cfg, cfg.distill, synthetic, splits, info, cfg.image_size, Path(teacher_dir), Path(out_dir), device,
             sources_key=sources, on_epoch=lambda record: mlflow.log_metrics(
                 {k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"]))
+        if result is None:  # not the lead rank
+            return {}
         metrics = {"student.test_accuracy": result.test_accuracy, "student.val_accuracy": result.val_accuracy,
                    "student.best_epoch": float(result.best_epoch),
                    "student.images_per_second": result.images_per_second,
@@ -330,7 +340,7 @@ def shadow_group_stage(cfg: TckrConfig, seed: int, group: int, data_dir: Path, o
 
 
 def attack_stage(cfg: TckrConfig, seed: int, data_dir: Path, teacher_dir: Path, student_dir: Path, out_dir: Path,
-                 parent_run_id: str | None, tracking_uri: str, shadow_dirs: list[Path] = ()) -> Metrics:
+                 tracking_uri: str, shadow_dirs: list[Path] = ()) -> Metrics:
     """LiRA on teacher and student: shadows made elsewhere (the fan-out) are used, missing ones are
     trained here; each shadow becomes a nested MLflow run under the attack's."""
     import mlflow
@@ -338,8 +348,7 @@ def attack_stage(cfg: TckrConfig, seed: int, data_dir: Path, teacher_dir: Path, 
     from tckr.attack import attack, collect_shadows, load_population, train_shadows
 
     attack_cfg = cfg.model_copy(update={"attack": cfg.attack.model_copy(update={"seed": seed})})
-    with stage_run("attack", cfg, parent_run_id, tracking_uri,
-                   params=attack_cfg.attack.model_dump(mode="json")) as run:
+    with stage_run("attack", cfg, tracking_uri, params=attack_cfg.attack.model_dump(mode="json")) as run:
         started = time.perf_counter()
         device = _device(cfg)
         shadows_dir = Path(out_dir) / "shadows"
@@ -383,7 +392,7 @@ def _log_shadow_runs(experiment_id: str, attack_run_id: str, summaries: list[dic
 
 
 def register_stage(cfg: TckrConfig, model_dirs: dict[str, Path], stage_metrics: list[Metrics],
-                   parent_run_id: str | None, tracking_uri: str) -> Metrics:
+                   tracking_uri: str) -> Metrics:
     """AOP for teacher and student, then both registered with what they leak; the student becomes
     ``champion`` only if its AOP beats the current champion's (and ``candidate`` either way)."""
     import json
@@ -396,7 +405,7 @@ def register_stage(cfg: TckrConfig, model_dirs: dict[str, Path], stage_metrics: 
     merged: Metrics = {}
     for part in stage_metrics:
         merged.update(part)
-    with stage_run("register", cfg, parent_run_id, tracking_uri):
+    with stage_run("register", cfg, tracking_uri):
         metrics: Metrics = {}
         for role in model_dirs:
             metrics[f"{role}.aop"] = aop(merged[f"{role}.test_accuracy"], merged[f"{role}.mia.auc"])
@@ -425,15 +434,17 @@ def register_stage(cfg: TckrConfig, model_dirs: dict[str, Path], stage_metrics: 
     return metrics
 
 
-def report_stage(cfg: TckrConfig, stage_metrics: list[Metrics], out_dir: Path, parent_run_id: str,
-                 tracking_uri: str) -> Metrics:
-    """Merge the stages' metrics, write ``metrics.json`` + ``report.md`` and close the parent run."""
+def report_stage(cfg: TckrConfig, stage_metrics: list[Metrics], out_dir: Path, tracking_uri: str) -> Metrics:
+    """Merge the stages' metrics, write ``metrics.json`` + ``report.md`` and close the pipeline's parent run."""
     import mlflow
 
     from tckr.report import write_report
-    from tckr.tracking import configure, finish_pipeline_run
+    from tckr.tracking import TrackingError, configure, finish_pipeline_run, pipeline_run_id
 
     configure(tracking_uri)
+    parent_run_id = pipeline_run_id(cfg)
+    if parent_run_id is None:
+        raise TrackingError("the report closes the pipeline's parent run, and this process is not in a pipeline run")
     parent = mlflow.get_run(parent_run_id)
     metrics: Metrics = {}
     for part in stage_metrics:

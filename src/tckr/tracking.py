@@ -16,6 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from tckr import distributed
 from tckr.config import TckrConfig
 
 LOCAL_DB = "mlruns.db"
@@ -85,21 +86,51 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# The KFP run a task belongs to: on a cluster from its pod's `pipeline/runid` label (pipelines/cluster.py
+# exposes it), under kfp.local from the runner. Stages find the pipeline's parent MLflow run by this id
+# instead of taking the parent's run id as an input, which would change every task's cache key every run.
+KFP_RUN_ID_ENV = "TCKR_KFP_RUN_ID"
+KFP_RUN_ID_TAG = "tckr.kfp_run_id"
+
+
 def start_pipeline_run(cfg: TckrConfig, tracking_uri: str, run_name: str) -> str:
-    """Create the parent run (left RUNNING; :func:`finish_pipeline_run` closes it)."""
+    """Create the parent run, tagged with the KFP run id (left RUNNING; :func:`finish_pipeline_run` closes it)."""
     import mlflow
 
+    kfp_run_id = os.environ.get(KFP_RUN_ID_ENV)
+    if not kfp_run_id:
+        raise TrackingError(f"{KFP_RUN_ID_ENV} is unset: the pipeline's parent run is opened inside a pipeline run "
+                            "(the cluster sets it from the pod's pipeline/runid label, `tckr run` sets it itself)")
     configure(tracking_uri)
     client = mlflow.MlflowClient()
     run = client.create_run(
         experiment_id(cfg.experiment_name, tracking_uri), run_name=run_name,
-        tags={"tckr.profile": cfg.profile, "tckr.dataset": cfg.dataset,
-              "tckr.config_hash": cfg.fingerprint(), "tckr.run_name": run_name})
+        tags={"tckr.profile": cfg.profile, "tckr.dataset": cfg.dataset, "tckr.config_hash": cfg.fingerprint(),
+              "tckr.run_name": run_name, KFP_RUN_ID_TAG: kfp_run_id})
     params = flatten(cfg.model_dump(mode="json"))
     client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)[:6000])
                                                for k, v in params.items()])
     client.log_text(run.info.run_id, cfg.to_yaml(), "config.yaml")
     return run.info.run_id
+
+
+def pipeline_run_id(cfg: TckrConfig) -> str | None:
+    """The parent MLflow run of the KFP run this process belongs to (in the configured tracking store), or
+    None outside a pipeline (``tckr stage``, DVC). Tasks run after ``start_run``, so a missing parent is
+    an error, not a race to wait out."""
+    import mlflow
+
+    kfp_run_id = os.environ.get(KFP_RUN_ID_ENV)
+    if not kfp_run_id:
+        return None
+    experiment = mlflow.get_experiment_by_name(cfg.experiment_name)
+    runs = [] if experiment is None else mlflow.MlflowClient().search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{KFP_RUN_ID_TAG}` = '{kfp_run_id}'",
+        order_by=["attributes.start_time ASC"], max_results=1)
+    if not runs:
+        raise TrackingError(f"no run of MLflow experiment '{cfg.experiment_name}' at {mlflow.get_tracking_uri()} "
+                            f"is tagged {KFP_RUN_ID_TAG}={kfp_run_id}: the pipeline's start_run task creates it")
+    return runs[0].info.run_id
 
 
 def finish_pipeline_run(run_id: str, status: str = "FINISHED") -> None:
@@ -109,19 +140,20 @@ def finish_pipeline_run(run_id: str, status: str = "FINISHED") -> None:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, cfg: TckrConfig, parent_run_id: str | None, tracking_uri: str,
-              params: dict[str, Any] | None = None) -> Iterator[Any]:
-    """A run for one stage: nested under the pipeline's parent run, or top-level when the stage runs
-    on its own (``tckr stage``, DVC). Marked FAILED if the stage raises."""
+def stage_run(stage: str, cfg: TckrConfig, tracking_uri: str, params: dict[str, Any] | None = None) -> Iterator[Any]:
+    """A run for one stage: nested under the pipeline's parent run (:func:`pipeline_run_id`), or
+    top-level when the stage runs on its own (``tckr stage``, DVC). Marked FAILED if the stage raises.
+    In a stage run by several processes (:mod:`tckr.distributed`) only rank 0 tracks: the others get None."""
     import mlflow
 
+    if not distributed.is_lead():
+        yield None
+        return
     configure(tracking_uri)
-    if parent_run_id:
-        experiment = mlflow.get_run(parent_run_id).info.experiment_id
-    else:
-        experiment = experiment_id(cfg.experiment_name, tracking_uri)
+    experiment = experiment_id(cfg.experiment_name, tracking_uri)  # the parent's too
+    parent_run_id = pipeline_run_id(cfg)
     tags = {"tckr.stage": stage, "tckr.profile": cfg.profile, "tckr.config_hash": cfg.fingerprint()}
-    with mlflow.start_run(run_name=stage, experiment_id=experiment, parent_run_id=parent_run_id or None,
+    with mlflow.start_run(run_name=stage, experiment_id=experiment, parent_run_id=parent_run_id,
                           tags=tags) as run:
         if params:
             mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})

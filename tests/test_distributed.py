@@ -1,0 +1,59 @@
+"""Stages given several GPUs run as one process per GPU under torchrun: here two CPU processes (gloo)."""
+
+import json
+
+import mlflow
+import pytest
+import torch
+
+from tckr.classify import BatchAugment, ImageSplit, accuracy, load_classifier, predict_logits
+from tckr.config import ConfigError, IngestConfig, load_config
+from tckr.distributed import run_stage
+from tckr.ingest import load_prepared, prepare
+from tckr.stages import teacher_stage
+
+
+def test_teacher_trains_data_parallel_and_only_rank_0_writes_and_tracks(tmp_path, saved_dataset_dir, tracking_uri):
+    prepare(IngestConfig(source="disk", name=str(saved_dataset_dir), validation_fraction=0.1, holdout_fraction=0.2),
+            tmp_path / "data", "fm", min_train_images=32)
+    epochs = 3
+    cfg = load_config("smoke", ["runtime.device=cpu", "kubernetes.stages.teacher.gpus=2", f"teacher.epochs={epochs}",
+                                "teacher.batch_size=32"])
+    metrics = run_stage(cfg, "teacher", teacher_stage, cfg, 3, tmp_path / "data", tmp_path / "teacher", tracking_uri)
+
+    # One set of outputs, written by rank 0: the best weights, their card, the last checkpoint, the logged model.
+    assert {p.name for p in (tmp_path / "teacher").iterdir()} == {"model.safetensors", "model.json", "checkpoint.pt",
+                                                                  "logged_model.json"}
+    splits, info = load_prepared(tmp_path / "data")
+    test = ImageSplit(splits["test"], cfg.image_size, info.channels)
+    logits = predict_logits(load_classifier(tmp_path / "teacher"), BatchAugment(info.mean, info.std), test, 64,
+                            torch.device("cpu"))
+    assert metrics["teacher.test_accuracy"] == pytest.approx(accuracy(logits, test.labels))
+    assert metrics["teacher.test_accuracy"] > 0.3  # 10 classes, 280 training images: well above chance (0.1)
+    # The recipe of one device: its global batch of 32 (16 per rank), so as many optimiser steps an epoch.
+    checkpoint = torch.load(tmp_path / "teacher" / "checkpoint.pt", weights_only=False)
+    steps = {state["step"].item() for state in checkpoint["optimizer"]["state"].values()}
+    assert steps == {len(splits["train"]) // 32 * epochs}
+
+    client = mlflow.MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(cfg.experiment_name).experiment_id])
+    assert [r.data.tags["tckr.stage"] for r in runs] == ["teacher"]  # one run: rank 1 tracked nothing
+    history = client.get_metric_history(runs[0].info.run_id, "val_accuracy")
+    assert [m.step for m in history] == list(range(1, epochs + 1))
+    assert json.loads((tmp_path / "teacher" / "model.json").read_text())["architecture"] == cfg.teacher.model
+
+
+def test_a_rank_that_fails_fails_the_stage(tmp_path, tracking_uri):
+    cfg = load_config("smoke", ["runtime.device=cpu", "kubernetes.stages.teacher.gpus=2"])
+    with pytest.raises(RuntimeError, match="stage teacher failed in one of its 2 processes"):
+        run_stage(cfg, "teacher", teacher_stage, cfg, 0, tmp_path / "no-data", tmp_path / "teacher", tracking_uri)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["kubernetes.stages.caption.gpus=2"], "caption runs on one device"),
+    (["kubernetes.stages.teacher.gpus=3"], "teacher batch_size 64 does not split evenly"),
+    (["kubernetes.stages.student.gpus=3"], "student batch_size 16 does not split evenly"),
+])
+def test_several_gpus_only_where_the_stage_uses_them(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("smoke", overrides)
