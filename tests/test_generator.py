@@ -212,6 +212,23 @@ def test_manifest_validity_and_loading(tmp_path, base_generator):
         finalize(tmp_path / "syn", other, cfg)
 
 
+def test_a_persisted_directory_from_another_plan_is_regenerated(tmp_path, base_generator):
+    """DVC keeps the synthetic directory between runs (to resume): a changed seed or ratio must redo
+    the shards another plan left, and drop those beyond the new plan, never reuse them."""
+    generator = PixelGenerator.load(base_generator, CPU)
+    out_dir = tmp_path / "syn"
+    run_generation(generator, CAPTIONS, CLASSES, 12, GenerateConfig(ratio=1.0, steps=2, shard_size=4, seed=5),
+                   out_dir)
+    reseeded = GenerateConfig(ratio=0.5, steps=2, shard_size=4, seed=6)
+    plan = plan_generation(CAPTIONS, CLASSES, 12, reseeded)
+    assert generate_shards(generator, plan, out_dir, reseeded) == [0, 1]
+    assert finalize(out_dir, plan, reseeded)["images"] == 6
+    assert sorted(p.name for p in (out_dir / "shards").iterdir()) == ["shard-00000", "shard-00001"]
+    run_generation(generator, CAPTIONS, CLASSES, 12, reseeded, tmp_path / "fresh")
+    assert (out_dir / "manifest.jsonl").read_text() == (tmp_path / "fresh" / "manifest.jsonl").read_text()
+    assert generate_shards(generator, plan, out_dir, reseeded) == []  # now current: nothing redone
+
+
 def test_shards_made_by_parallel_workers_are_gathered(tmp_path, base_generator):
     """The fan-out: each worker writes its own shard directory; the gatherer assembles the planned set."""
     cfg = GenerateConfig(ratio=1.0, steps=2, batch_size=4, shard_size=4, seed=4)

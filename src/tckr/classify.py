@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from tckr import distributed
-from tckr.atomic import atomic_path, torch_save
+from tckr.atomic import atomic_path, torch_save, write_text
 from tckr.config import ClassifierConfig
 from tckr.ingest import DatasetInfo
 from tckr.models import create_classifier
@@ -284,9 +284,10 @@ def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_siz
             state["best_val"], state["best_epoch"] = record["val_accuracy"], epoch
             _save_weights(model, out_dir, cfg, info, image_size)
         torch_save({"recipe": recipe_key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                            "state": state}, checkpoint_path)
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                    "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                    "state": state}, checkpoint_path)
+        write_text(out_dir / "history.csv", _history_csv(state["history"]))
         tqdm.write(f"{name} epoch {epoch}/{cfg.epochs}: loss {record['train_loss']:.4f} "
                    f"val_acc {record['val_accuracy']:.4f} ({record['epoch_seconds']:.1f}s)")
         if on_epoch:
@@ -302,6 +303,12 @@ def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_siz
                        best_epoch=state["best_epoch"], epochs_run=state["epoch"], seconds=seconds,
                        images_per_second=trained_images / seconds if seconds > 0 else math.nan,
                        history=state["history"])
+
+
+def _history_csv(history: list[dict]) -> str:
+    """The training curve (one row per epoch) that DVC plots and MLflow shows as metric histories."""
+    columns = list(history[0])
+    return "\n".join([",".join(columns), *(",".join(f"{row[c]:.6g}" for c in columns) for row in history)]) + "\n"
 
 
 def _save_weights(model: nn.Module, out_dir: Path, cfg: ClassifierConfig, info: DatasetInfo,

@@ -37,11 +37,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 STAGE_INPUTS = {"ingest": (), "teacher": ("data",), "caption": ("data",), "generator": ("data", "captions"),
                 "finetune": ("data", "captions", "generator"),
                 "generate": ("data", "captions", "generator", "adapter", "teacher"),
-                "student": ("data", "synthetic", "teacher"), "attack": ("data", "teacher", "student")}
+                "student": ("data", "synthetic", "teacher"), "attack": ("data", "teacher", "student"),
+                "register": ("teacher", "student")}
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:
-    """One stage outside KFP (DVC's entry point): its own MLflow run, metrics.json beside its output."""
+    """One stage outside KFP (DVC's entry point): its own MLflow run; its metrics as JSON in ``--metrics``
+    (default: ``metrics.json`` in ``--out``)."""
     import json
 
     from tckr import stages
@@ -49,9 +51,13 @@ def _cmd_stage(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.profile, args.overrides)
     missing = [f"--{name}" for name in STAGE_INPUTS[args.name] if not getattr(args, name)]
+    if args.name == "register" and not args.stage_metrics:
+        missing.append("--stage-metrics")
+    if args.name != "register" and not args.out:
+        missing.append("--out")
     if missing:
-        raise ConfigError(f"tckr stage {args.name} needs {' '.join(missing)} (earlier stages' output directories)")
-    out, uri = Path(args.out), default_tracking_uri()
+        raise ConfigError(f"tckr stage {args.name} needs {' '.join(missing)} (earlier stages' outputs)")
+    out, uri = Path(args.out or "."), default_tracking_uri()
     inputs = {name: Path(getattr(args, name)) for name in STAGE_INPUTS[args.name]}
     runners = {
         "ingest": lambda: stages.ingest_stage(cfg, cfg.ingest.seed, out, uri),
@@ -67,9 +73,14 @@ def _cmd_stage(args: argparse.Namespace) -> int:
                                                 inputs["teacher"], out, uri),
         "attack": lambda: stages.attack_stage(cfg, cfg.attack.seed, inputs["data"], inputs["teacher"],
                                               inputs["student"], out, uri),
+        "register": lambda: stages.register_stage(
+            cfg, {"teacher": inputs["teacher"], "student": inputs["student"]},
+            [json.loads(Path(path).read_text()) for path in args.stage_metrics], uri),
     }
     metrics = runners[args.name]()
-    (out / "metrics.json").write_text(json.dumps(dict(sorted(metrics.items())), indent=2) + "\n")
+    metrics_path = Path(args.metrics) if args.metrics else out / "metrics.json"
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path.write_text(json.dumps(dict(sorted(metrics.items())), indent=2) + "\n")
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -146,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     stage = commands.add_parser("stage", help="run one stage on its own (used by dvc.yaml)")
     stage.add_argument("name", choices=list(STAGE_INPUTS))
     _config_arguments(stage)
-    stage.add_argument("--out", required=True, help="the stage's output directory")
+    stage.add_argument("--out", help="the stage's output directory (every stage but register)")
+    stage.add_argument("--metrics", help="where to write the stage's metrics (default: OUT/metrics.json)")
+    stage.add_argument("--stage-metrics", nargs="+", metavar="JSON",
+                       help="register: the teacher, student and attack stages' metrics files")
     for name, meaning in (("data", "prepared dataset (ingest)"), ("captions", "captions (caption)"),
                           ("generator", "base generator (generator)"), ("adapter", "LoRA adapter (finetune)"),
                           ("teacher", "teacher model (teacher)"), ("synthetic", "synthetic set (generate)"),

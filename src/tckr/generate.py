@@ -82,6 +82,17 @@ def is_complete(out_dir: Path, shard: int) -> bool:
     return (shard_dir(out_dir, shard) / "manifest.jsonl").is_file()
 
 
+def made_for(out_dir: Path, shard: int, items: list[PlannedImage]) -> bool:
+    """Whether the shard is complete and holds exactly these planned images, not ones a previous plan
+    (another seed, ratio or caption set) left in a persisted output directory."""
+    if not is_complete(out_dir, shard):
+        return False
+    with open(shard_dir(out_dir, shard) / "manifest.jsonl") as handle:
+        rows = [json.loads(line) for line in handle]
+    return ([(row["index"], row["label"], row["prompt"], row["seed"]) for row in rows]
+            == [(item.index, item.label, item.prompt, item.seed) for item in items])
+
+
 @torch.no_grad()
 def sample_pixel_images(generator, prompts: list[str], seeds: list[int], steps: int, guidance: float,
                         device: torch.device, prompt_cache: dict[str, torch.Tensor]) -> np.ndarray:
@@ -133,7 +144,7 @@ def generate_shards(generator: ImageGenerator, plan: list[PlannedImage], out_dir
     ranges = shard_ranges(len(plan), cfg.shard_size)
     wanted = range(len(ranges)) if shards is None else shards
     # The same list on every rank: no shard can be published before all ranks reach its first barrier.
-    todo = [s for s in wanted if not is_complete(out_dir, s)]
+    todo = [s for s in wanted if not made_for(out_dir, s, [plan[i] for i in ranges[s]])]
     batches = {s: [ranges[s][start:start + cfg.batch_size]
                    for start in range(0, len(ranges[s]), cfg.batch_size)][rank::ranks] for s in todo}
     bar = progress(total=sum(len(b) for s in todo for b in batches[s]), desc="generate", unit="img",
@@ -163,6 +174,7 @@ def generate_shards(generator: ImageGenerator, plan: list[PlannedImage], out_dir
         with open(partial / "manifest.jsonl", "w") as handle:
             for item in items:
                 handle.write(json.dumps(asdict(item) | {"file": f"{final.name}/{item.file_name}"}) + "\n")
+        shutil.rmtree(final, ignore_errors=True)  # a shard of another plan
         partial.replace(final)
     bar.close()
     return todo
@@ -184,6 +196,9 @@ def finalize(out_dir: Path, plan: list[PlannedImage], cfg: GenerateConfig) -> di
     """Check the shards form the planned set exactly, then write ``manifest.jsonl`` + ``synthetic.json``."""
     out_dir = Path(out_dir)
     ranges = shard_ranges(len(plan), cfg.shard_size)
+    for leftover in (out_dir / "shards").glob("shard-?????"):  # beyond this plan: a previous, larger one
+        if int(leftover.name.removeprefix("shard-")) >= len(ranges):
+            shutil.rmtree(leftover)
     incomplete = [s for s in range(len(ranges)) if not is_complete(out_dir, s)]
     if incomplete:
         raise GenerationError(f"{len(incomplete)} of {len(ranges)} shards are missing or incomplete "
