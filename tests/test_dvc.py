@@ -2,6 +2,7 @@
 a real SeaweedFS remote, a wiped clone gets them back byte-identical with `dvc pull`, and only the
 stages downstream of a change run again."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ from tckr.services import DVC_BUCKET
 
 REPO = Path(__file__).resolve().parents[1]
 UPSTREAM = ("ingest", "teacher", "caption", "generator", "finetune")
-DOWNSTREAM = ("generate", "student", "attack")
+DOWNSTREAM = ("generate", "student", "attack", "register")
 # What a teammate pulls instead of recomputing: the prepared data, captions, the base generator, the
 # LoRA adapter, the synthetic set and the teacher/student weights.
 WEIGHTS = ("outputs/data/dataset.json", "outputs/teacher/model.safetensors", "outputs/captions/captions.json",
@@ -63,8 +64,11 @@ def test_repro_push_wipe_pull_is_byte_identical(dvc_project, s3_store):
     log = run("dvc", "repro")
     for stage in (*UPSTREAM, *DOWNSTREAM):
         assert f"Running stage '{stage}'" in log
-    metrics = yaml.safe_load((root / "outputs/attack/metrics.json").read_text())
-    assert 0.0 <= metrics["student.mia.auc"] <= 1.0
+    shown = json.loads(run("dvc", "metrics", "show", "--json"))  # what DVC reads from the declared files
+    metrics = {k: v for file in next(iter(shown.values()))["data"].values() for k, v in file["data"].items()}
+    assert 0.0 <= metrics["student.mia.auc"] <= 1.0 and 0.0 <= metrics["teacher.mia.tpr_at_1pct_fpr"] <= 1.0
+    assert metrics["student.aop"] > 0 and metrics["teacher.test_accuracy"] > 0.1
+    assert metrics["student.registry_version"] == 1  # registered in this project's MLflow store
     before = _digests(root)
     assert len(before) > 10
 
@@ -88,6 +92,7 @@ def test_changed_generation_reruns_only_downstream(dvc_project):
     for stage in UPSTREAM:
         assert f"Stage '{stage}' didn't change, skipping" in log
         assert f"Running stage '{stage}'" not in log
-    for stage in DOWNSTREAM:
+    for stage in ("generate", "student"):  # DVC goes on past the student only if its weights changed
         assert f"Running stage '{stage}'" in log
     assert file_sha256(root / "outputs/teacher/model.safetensors") == teacher
+    assert "up to date" in run("dvc", "status").lower()
