@@ -269,7 +269,7 @@ def test_mlflow_ui_serves_the_local_store(tmp_path):
 
     cfg = load_config("smoke")
     uri = default_tracking_uri(tmp_path)
-    with stage_run("ingest", cfg, None, uri):
+    with stage_run("ingest", cfg, uri):
         mlflow.log_metric("ingest.train_images", 300)
     port = free_port()
     tckr = str(Path(sys.executable).with_name("tckr"))

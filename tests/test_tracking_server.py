@@ -28,12 +28,12 @@ def test_model_upload_to_a_down_store_fails_clearly_and_registers_nothing(failin
     s3_server, uri = failing_store
     cfg = load_config("smoke")
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 10)).eval()
-    with stage_run("teacher", cfg, None, uri) as healthy:  # logs fine while the store is up
+    with stage_run("teacher", cfg, uri) as healthy:  # logs fine while the store is up
         good_uri = log_classifier(model, torch.rand(2, 1, 4, 4).numpy())
     s3_server.stop()
 
     with (pytest.raises(TrackingError, match="storing the model's artifacts failed.*reachable"),
-          stage_run("student", cfg, None, uri) as broken):
+          stage_run("student", cfg, uri) as broken):
         log_classifier(model, torch.rand(2, 1, 4, 4).numpy())
     client = mlflow.MlflowClient(uri)
     assert client.get_run(broken.info.run_id).info.status == "FAILED"
