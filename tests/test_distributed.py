@@ -21,9 +21,11 @@ def test_teacher_trains_data_parallel_and_only_rank_0_writes_and_tracks(tmp_path
                                 "teacher.batch_size=32"])
     metrics = run_stage(cfg, "teacher", teacher_stage, cfg, 3, tmp_path / "data", tmp_path / "teacher", tracking_uri)
 
-    # One set of outputs, written by rank 0: the best weights, their card, the last checkpoint, the logged model.
+    # One set of outputs, written by rank 0: the best weights, their card, the last checkpoint, the training
+    # curve, the logged model.
     assert {p.name for p in (tmp_path / "teacher").iterdir()} == {"model.safetensors", "model.json", "checkpoint.pt",
-                                                                  "logged_model.json"}
+                                                                  "history.csv", "logged_model.json"}
+    assert len((tmp_path / "teacher" / "history.csv").read_text().splitlines()) == 1 + epochs
     splits, info = load_prepared(tmp_path / "data")
     test = ImageSplit(splits["test"], cfg.image_size, info.channels)
     logits = predict_logits(load_classifier(tmp_path / "teacher"), BatchAugment(info.mean, info.std), test, 64,

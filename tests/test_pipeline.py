@@ -66,8 +66,7 @@ def test_base_generator_is_cached(smoke_run, tmp_path):
     """A second run with the same generator settings and public data reuses the pretrained weights."""
     from tckr.stages import generator_stage
 
-    cfg, outcome, _ = smoke_run
-    assert outcome.metrics["generator.cached"] == 0
+    cfg, outcome, _ = smoke_run  # (the generator may come from the cache already: the DVC test runs first)
     kfp_dir = next(outcome.run_dir.glob("kfp/*"))
     metrics = generator_stage(cfg, cfg.generator.seed, kfp_dir / "ingest" / "dataset", kfp_dir / "caption" / "captions",
                               tmp_path / "again", f"sqlite:///{tmp_path / 'mlruns.db'}")
