@@ -71,7 +71,9 @@ def experiment_id(name: str, tracking_uri: str) -> str:
     location = None
     if tracking_uri.startswith("sqlite:///"):
         location = (Path(tracking_uri.removeprefix("sqlite:///")).parent / LOCAL_ARTIFACTS / name).as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    # The UI shows an experiment of this kind with its runs table, not the GenAI (traces) view.
+    return mlflow.create_experiment(name, artifact_location=location,
+                                    tags={"mlflow.experimentKind": "custom_model_development"})
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
