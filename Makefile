@@ -38,7 +38,7 @@ setup: $(STAMP) data tools  ## create .venv with the pinned environment, Fashion
 data:  ## install the Debian dataset-fashion-mnist package (no-root fallback: user cache)
 	@bash scripts/install-fashion-mnist.sh
 
-tools:  ## install shellcheck, kubectl, chromium and chromedriver from Debian (no-root fallback: user cache)
+tools:  ## install shellcheck, kubectl, chromium, chromedriver (and as root postgresql) from Debian
 	@bash scripts/install-tools.sh
 
 demo: setup  ## run the TCKR pipeline on the embedded default (Fashion-MNIST, CPU)

@@ -18,6 +18,11 @@ for tool in "${!packages_of[@]}"; do
     missing+=("${packages[@]}")
   fi
 done
+# PostgreSQL, for the test of the MLflow server's PostgreSQL backend, is installed as root only (without
+# root that test skips and says so).
+if [[ $(id -u) -eq 0 ]] && ! compgen -G "/usr/lib/postgresql/*/bin/initdb" > /dev/null; then
+  missing+=(postgresql)
+fi
 if [[ ${#missing[@]} -eq 0 ]]; then
   exit 0
 fi

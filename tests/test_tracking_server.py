@@ -1,12 +1,19 @@
-"""Tracking through a real MLflow server whose object store fails: a clear error within bounded retries,
-and nothing registered that points at missing artifacts."""
+"""Tracking through a real MLflow server: when its object store fails, a clear error within bounded
+retries and nothing registered that points at missing artifacts; with a PostgreSQL backend."""
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
 
 import mlflow
 import pytest
 import torch
 
 from tckr.config import load_config
-from tckr.services import start_mlflow, start_seaweedfs
+from tckr.services import Server, free_port, start_mlflow, start_seaweedfs
 from tckr.tracking import TrackingError, log_classifier, register_model, stage_run
 
 
@@ -48,3 +55,65 @@ def test_model_upload_to_a_down_store_fails_clearly_and_registers_nothing(failin
     # A model whose artifacts did land still registers (the registry itself needs no S3).
     assert register_model(good_uri, "tckr-fashion-mnist-teacher", {"aop": "0.5"}, ("champion",)) == "1"
     assert str(client.get_model_version_by_alias("tckr-fashion-mnist-teacher", "champion").version) == "1"
+
+
+def _postgres_bin() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return found[-1].parent if found else None
+
+
+@pytest.fixture
+def postgres_url():
+    """A throwaway PostgreSQL server from Debian's packages on a free loopback port; its URL."""
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        pytest.skip("needs Debian's postgresql (`make tools` installs it as root)")
+    # PostgreSQL refuses to run as root: as root, the cluster belongs to `nobody`, in a directory it can reach.
+    as_user = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+    root = Path(tempfile.mkdtemp(prefix="tckr-pg-"))
+    if as_user:
+        shutil.chown(root, "nobody")
+    port = free_port()
+    subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(root / "data"), "-U", "tckr", "--auth=trust"],
+                   check=True, capture_output=True)
+    with open(root / "postgres.log", "wb") as log:
+        process = subprocess.Popen([*as_user, str(bin_dir / "postgres"), "-D", str(root / "data"), "-p", str(port),
+                                    "-k", str(root), "-c", "listen_addresses=127.0.0.1"],
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server("PostgreSQL", process, "", root / "postgres.log")
+    try:
+        for _ in range(100):
+            if subprocess.run([str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
+                              capture_output=True).returncode == 0:
+                break
+            time.sleep(0.2)
+        subprocess.run([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "tckr", "mlflow"],
+                       check=True, capture_output=True)
+        yield f"postgresql://tckr@127.0.0.1:{port}/mlflow"
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_postgresql_backend(tmp_path, s3_store, postgres_url, monkeypatch):
+    """`MLFLOW_BACKEND_STORE_URI=postgresql://… make mlflow-up`: runs and the registry live in PostgreSQL,
+    artifacts in S3."""
+    import psycopg
+
+    from tckr.objectstore import list_keys, s3_client
+    from tckr.services import MLFLOW_BUCKET
+
+    server, uri = start_mlflow(tmp_path / "mlflow", s3_store, backend_store_uri=postgres_url)
+    try:
+        cfg = load_config("smoke")
+        with stage_run("teacher", cfg, uri) as run:
+            mlflow.log_metric("teacher.test_accuracy", 0.5)
+            mlflow.log_text("logged through PostgreSQL", "notes.txt")
+        assert not (tmp_path / "mlflow" / "mlflow.db").exists()
+        with psycopg.connect(postgres_url) as connection, connection.cursor() as cursor:
+            cursor.execute("SELECT name, status FROM runs WHERE run_uuid = %s", (run.info.run_id,))
+            assert cursor.fetchall() == [("teacher", "FINISHED")]
+        assert any(key.endswith(f"{run.info.run_id}/artifacts/notes.txt")
+                   for key in list_keys(s3_client(s3_store), MLFLOW_BUCKET))
+    finally:
+        server.stop()
