@@ -56,6 +56,14 @@ def test_wrong_keys_and_unreachable_store_give_clear_errors(s3_store, tmp_path):
         list_keys(s3_client(nowhere, attempts=2, timeout=1), MLFLOW_BUCKET)
 
 
+def test_client_from_the_environment(s3_store, monkeypatch):
+    """What a pod or a shell set up by `.tckr/env` has: endpoint and keys in the environment only."""
+    for name, value in s3_store.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")  # MLflow's variable alone is enough
+    assert MLFLOW_BUCKET in {bucket["Name"] for bucket in s3_client().list_buckets()["Buckets"]}
+
+
 def test_credentials_never_show_in_reprs():
     credentials = S3Credentials.generate()
     assert credentials.secret_key not in repr(S3Endpoint("http://127.0.0.1:1", credentials))
