@@ -82,15 +82,22 @@ def is_complete(out_dir: Path, shard: int) -> bool:
     return (shard_dir(out_dir, shard) / "manifest.jsonl").is_file()
 
 
+def _read_manifest(out_dir: Path, shard: int) -> list[dict]:
+    with open(shard_dir(out_dir, shard) / "manifest.jsonl") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def _planned(entry: dict) -> tuple:
+    """What makes an image the one its plan asked for (a manifest row, or ``asdict`` of a PlannedImage)."""
+    return entry["index"], entry["label"], entry["prompt"], entry["seed"]
+
+
 def made_for(out_dir: Path, shard: int, items: list[PlannedImage]) -> bool:
     """Whether the shard is complete and holds exactly these planned images, not ones a previous plan
     (another seed, ratio or caption set) left in a persisted output directory."""
     if not is_complete(out_dir, shard):
         return False
-    with open(shard_dir(out_dir, shard) / "manifest.jsonl") as handle:
-        rows = [json.loads(line) for line in handle]
-    return ([(row["index"], row["label"], row["prompt"], row["seed"]) for row in rows]
-            == [(item.index, item.label, item.prompt, item.seed) for item in items])
+    return [_planned(row) for row in _read_manifest(out_dir, shard)] == [_planned(asdict(item)) for item in items]
 
 
 @torch.no_grad()
@@ -206,14 +213,13 @@ def finalize(out_dir: Path, plan: list[PlannedImage], cfg: GenerateConfig) -> di
     rows = []
     seconds = 0.0  # compute spent on the shards, wherever (and however in parallel) they were made
     for shard in range(len(ranges)):
-        with open(shard_dir(out_dir, shard) / "manifest.jsonl") as handle:
-            rows += [json.loads(line) for line in handle]
+        rows += _read_manifest(out_dir, shard)
         seconds += json.loads((shard_dir(out_dir, shard) / "shard.json").read_text())["seconds"]
     indices = [row["index"] for row in rows]
     if indices != list(range(len(plan))):
         raise GenerationError("shard manifests do not cover the plan exactly once (gap or duplicate)")
     for row, item in zip(rows, plan, strict=True):
-        if (row["label"], row["prompt"], row["seed"]) != (item.label, item.prompt, item.seed):
+        if _planned(row) != _planned(asdict(item)):
             raise GenerationError(f"image {item.index} was generated for another plan: delete {out_dir} and rerun")
     with open(out_dir / "manifest.jsonl", "w") as handle:
         handle.writelines(json.dumps(row) + "\n" for row in rows)

@@ -37,6 +37,11 @@ class S3Credentials:
     def env(self) -> dict[str, str]:
         return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
 
+    @classmethod
+    def from_env(cls, env: dict[str, str]) -> S3Credentials:
+        """The keys :meth:`env` wrote."""
+        return cls(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"])
+
 
 @dataclass(frozen=True)
 class S3Endpoint:

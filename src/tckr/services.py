@@ -117,15 +117,19 @@ def _executable(name: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- SeaweedFS
 
+def _write_private(path: Path, text: str) -> None:
+    """Write a file that holds keys: readable by its owner only, from the moment it exists."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as handle:
+        handle.write(text)
+
+
 def write_s3_identities(path: Path, credentials: S3Credentials) -> None:
     """SeaweedFS's identity file: one admin identity with the generated keys (mode 0600)."""
     identities = {"identities": [{"name": "tckr", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
                                   "credentials": [{"accessKey": credentials.access_key,
                                                    "secretKey": credentials.secret_key}]}]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(identities, handle)
+    _write_private(path, json.dumps(identities))
 
 
 def seaweedfs_command(data_dir: Path, identities: Path, s3_port: int) -> list[str]:
@@ -218,17 +222,13 @@ class StateDir:
 
     def update_env(self, values: dict[str, str], drop: tuple[str, ...] = ()) -> None:
         merged = {key: value for key, value in {**self.read_env(), **values}.items() if key not in drop}
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.writelines(f"{key}={value}\n" for key, value in sorted(merged.items()))
+        _write_private(self.env_file, "".join(f"{key}={value}\n" for key, value in sorted(merged.items())))
 
     def s3_endpoint(self) -> S3Endpoint:
         env = self.read_env()
         if "AWS_ENDPOINT_URL_S3" not in env or self.running_pid("seaweedfs") is None:
             raise ServiceError("the local S3 store is not running: start it with `make s3-up`")
-        return S3Endpoint(env["AWS_ENDPOINT_URL_S3"],
-                          S3Credentials(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]))
+        return S3Endpoint(env["AWS_ENDPOINT_URL_S3"], S3Credentials.from_env(env))
 
 
 def up_s3(state: StateDir, port: int) -> S3Endpoint:
@@ -236,8 +236,7 @@ def up_s3(state: StateDir, port: int) -> S3Endpoint:
     if state.running_pid("seaweedfs"):
         return state.s3_endpoint()
     env = state.read_env()
-    credentials = (S3Credentials(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"])
-                   if "AWS_ACCESS_KEY_ID" in env else S3Credentials.generate())
+    credentials = S3Credentials.from_env(env) if "AWS_ACCESS_KEY_ID" in env else S3Credentials.generate()
     server, endpoint = start_seaweedfs(state.root / "s3", port, credentials)
     state.pid_file("seaweedfs").write_text(str(server.process.pid))
     state.update_env(endpoint.env())
