@@ -14,10 +14,10 @@ import time
 
 import torch
 
-from tckr.config import load_config
-from tckr.generate import sample_pixel_images
-from tckr.generator import PixelGenerator, TextEncoder, build_noise_scheduler, build_unet, text_encoder_path
-from tckr.ingest import FASHION_MNIST_CLASSES
+from tckr.data.ingest import FASHION_MNIST_CLASSES
+from tckr.generators.generate import sample_pixel_images
+from tckr.generators.pixel import PixelGenerator, TextEncoder, build_noise_scheduler, build_unet, text_encoder_path
+from tckr.recipes.config import load_config
 
 
 def main() -> None:

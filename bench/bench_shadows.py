@@ -21,10 +21,10 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from tckr.config import load_config
-from tckr.ingest import _read_idx, fashion_mnist_dir
-from tckr.lira import balanced_keep_matrix
-from tckr.shadows import Population, train_shadow_group
+from tckr.data.ingest import _read_idx, fashion_mnist_dir
+from tckr.privacy.lira import balanced_keep_matrix
+from tckr.privacy.shadows import Population, train_shadow_group
+from tckr.recipes.config import load_config
 
 
 def population(size: int, image_size: int) -> tuple[Population, tuple[torch.Tensor, torch.Tensor]]:

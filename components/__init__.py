@@ -1,7 +1,11 @@
-"""KFP v2 components: thin typed wrappers over ``tckr.stages`` (installed as ``tckr.components``).
+"""KFP v2 components, one per declared stage (``tckr.core.stage``), installed as ``tckr.components``.
 
-Components run in the slim CPU image, pinned to the package version; the pipeline moves the tasks
-that get a GPU to the CUDA image (``docker/Dockerfile`` builds both, ``make images``). Set
+Nothing here is written per stage: :func:`component` turns a stage's declaration into a lightweight
+component with a typed signature (its sections as parameters, its artifacts as ``Input``/``Output``)
+whose body is one call to :func:`tckr.components.launcher.launch`, the launcher inside the image.
+
+Components run in the slim CPU image; the pipeline moves the tasks that get a GPU to the CUDA image
+(``docker/Dockerfile`` builds both, ``make images``). The tag lives here, in one place; set
 ``TCKR_IMAGE`` / ``TCKR_CUDA_IMAGE`` before compiling to use another registry or tag.
 """
 

@@ -1,4 +1,4 @@
-"""Where and how each task of a pipeline runs on Kubernetes, from ``TckrConfig.kubernetes``.
+"""Where and how each task of a pipeline runs on Kubernetes, from the run configuration's ``kubernetes:`` section.
 
 KFP fixes these settings when a pipeline is compiled; ``kfp.local`` ignores them, so ``tckr run``
 executes the same graph without a cluster.
@@ -10,8 +10,10 @@ from kfp import kubernetes
 from kfp.dsl import PipelineTask, pipeline_context
 
 from tckr.components import CUDA_IMAGE
-from tckr.config import KubernetesConfig
-from tckr.tracking import KFP_RUN_ID_ENV
+from tckr.core.config import KubernetesConfig
+from tckr.core.distributed import PROCESSES_ENV
+from tckr.core.stage import StageRegistry
+from tckr.platform.tracking import KFP_RUN_ID_ENV
 
 # Secret keys -> environment variables. KFP's object-store secret names its keys accesskey/secretkey.
 S3_KEYS = {"accesskey": "AWS_ACCESS_KEY_ID", "secretkey": "AWS_SECRET_ACCESS_KEY"}
@@ -20,16 +22,16 @@ MLFLOW_KEYS = {"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACK
 KFP_RUN_ID_FIELD = "metadata.labels['pipeline/runid']"
 
 
-def place_all_tasks(cluster: KubernetesConfig) -> None:
+def place_all_tasks(cluster: KubernetesConfig, stages: StageRegistry) -> None:
     """Place every task of the pipeline being defined (call last in its body), so none is missed."""
     for task in pipeline_context.Pipeline.get_default_pipeline().tasks.values():
-        place(task, cluster)
+        place(task, cluster, stages)
 
 
-def place(task: PipelineTask, cluster: KubernetesConfig) -> None:
-    """Resources, GPU, image, node placement, /dev/shm and credentials of one task."""
-    stage = task.component_spec.name.replace("-", "_")
-    need = cluster.stages[stage]
+def place(task: PipelineTask, cluster: KubernetesConfig, stages: StageRegistry) -> None:
+    """Resources, GPU, image, node placement, /dev/shm, processes and credentials of one task."""
+    stage = stages[task.component_spec.name.replace("-", "_")]
+    need = cluster.stages[stage.name]
     task.set_cpu_request(need.cpu).set_memory_request(need.memory).set_memory_limit(need.memory_limit)
     if need.cpu_limit:
         task.set_cpu_limit(need.cpu_limit)
@@ -40,10 +42,12 @@ def place(task: PipelineTask, cluster: KubernetesConfig) -> None:
             kubernetes.add_node_selector(task, label, value)
         for toleration in cluster.gpu_tolerations:
             kubernetes.add_toleration(task, **toleration.model_dump())
+    if stage.multi_gpu:  # one process per GPU of the pod (tckr.core.distributed)
+        task.set_env_variable(PROCESSES_ENV, str(max(1, need.gpus)))
     if need.shm:  # DataLoader workers pass batches through shared memory
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                    size_limit=need.shm)
-    if "tracking_uri" in task.component_spec.inputs:  # the task logs to MLflow
+    if stage.tracked:  # the task logs to MLflow
         # ... under the parent run tagged with this KFP run's id (tckr.tracking.pipeline_run_id)
         kubernetes.use_field_path_as_env(task, env_name=KFP_RUN_ID_ENV, field_path=KFP_RUN_ID_FIELD)
         if cluster.s3_secret:  # artifacts go straight to the store when the server does not proxy them

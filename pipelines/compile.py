@@ -1,25 +1,44 @@
-"""Compile every pipeline to YAML: by default beside its source, with the default ``kubernetes:``
-section (the committed files tests compare against)."""
+"""Compile a run configuration's pipeline to YAML; without one, the committed pipelines beside their source
+(the files tests compare against): each recipe's reference profile, its settings as parameter defaults."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from kfp import compiler
 
-from tckr.config import KubernetesConfig
-from tckr.pipelines.tckr_pipeline import build_pipeline
+from tckr.components.factory import parameter_value
+from tckr.core.errors import ConfigError
+from tckr.pipelines import tckr_pipeline
+from tckr.pipelines.build import build_pipeline
+from tckr.recipes.config import load_config
 
-PIPELINES = {"tckr_pipeline.yaml": build_pipeline}
+GRAPHS = {"tckr": (tckr_pipeline.tckr_graph, tckr_pipeline.DESCRIPTION)}
+COMMITTED = {"tckr_pipeline.yaml": "paper-cifar10"}
+"""Committed YAML -> the profile it is compiled from (the paper's settings on GPU nodes)."""
 
 
-def compile_all(out_dir: Path | None = None, cluster: KubernetesConfig | None = None) -> list[Path]:
-    """``cluster``: the resources, placement and secrets to compile in (default: ``KubernetesConfig()``)."""
+def pipeline_for(cfg: Any):
+    if cfg.recipe not in GRAPHS:
+        raise ConfigError(f"the {cfg.recipe} recipe has no pipeline yet: its stages are not built")
+    graph, description = GRAPHS[cfg.recipe]
+    return build_pipeline(cfg, graph, description)
+
+
+def compile_pipeline(cfg: Any, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(pipeline_for(cfg), str(path))
+    return path
+
+
+def compile_committed(out_dir: Path | None = None) -> list[Path]:
     out_dir = Path(out_dir or Path(__file__).parent)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for filename, build in PIPELINES.items():
-        path = out_dir / filename
-        compiler.Compiler().compile(build(cluster or KubernetesConfig()), str(path))
-        written.append(path)
-    return written
+    return [compile_pipeline(load_config(profile), out_dir / filename) for filename, profile in COMMITTED.items()]
+
+
+def pipeline_arguments(cfg: Any, run_name: str, tracking_uri: str) -> dict[str, Any]:
+    """A run's arguments: every section of ``cfg`` (as the defaults would be) and the per-run parameters."""
+    return {name: parameter_value(cfg.section_value(name)) for name in type(cfg).model_fields} | {
+        "run_name": run_name, "tracking_uri": tracking_uri, "experiment": cfg.experiment_name}

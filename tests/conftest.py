@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from tckr.ingest import FASHION_MNIST_CLASSES, _read_idx, fashion_mnist_dir  # noqa: E402
+from tckr.data.ingest import FASHION_MNIST_CLASSES, _read_idx, fashion_mnist_dir  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -169,7 +169,7 @@ os.environ["TCKR_CACHE"] = __import__("tempfile").mkdtemp(prefix="tckr-cache-") 
 @pytest.fixture(scope="session")
 def s3_store(tmp_path_factory):
     """A real SeaweedFS S3 endpoint on a free loopback port, with keys generated for this session."""
-    from tckr.services import start_seaweedfs
+    from tckr.platform.services import start_seaweedfs
 
     server, endpoint = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
     yield endpoint
@@ -179,7 +179,7 @@ def s3_store(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory, s3_store):
     """A real MLflow tracking server (sqlite backend) proxying artifacts to ``s3_store``; its URI."""
-    from tckr.services import start_mlflow
+    from tckr.platform.services import start_mlflow
 
     server, uri = start_mlflow(tmp_path_factory.mktemp("mlflow"), s3_store)
     yield uri
@@ -189,8 +189,8 @@ def mlflow_server(tmp_path_factory, s3_store):
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory, mlflow_server):
     """The smoke pipeline through kfp.local, tracked by ``mlflow_server``: (config, outcome, tracking URI)."""
-    from tckr.config import load_config
-    from tckr.runner import run_local
+    from tckr.platform.runner import run_local
+    from tckr.recipes.config import load_config
 
     cfg = load_config("smoke")
     return cfg, run_local(cfg, tmp_path_factory.mktemp("smoke") / "runs", tracking_uri=mlflow_server), mlflow_server

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tckr.caption import (
+from tckr.data.ingest import FASHION_MNIST_CLASSES, IngestConfig, prepare
+from tckr.generators.caption import (
     Blip2Captioner,
     CaptionError,
     ImageNetCaptioner,
@@ -16,8 +17,7 @@ from tckr.caption import (
     caption_split,
     caption_text,
 )
-from tckr.config import CaptionConfig, IngestConfig
-from tckr.ingest import FASHION_MNIST_CLASSES, prepare
+from tckr.generators.config import CaptionConfig
 from tests.conftest import make_dataset_dict
 
 CPU = torch.device("cpu")

@@ -3,10 +3,11 @@ import json
 import pytest
 import torch
 
-from tckr.classify import BatchAugment, ImageSplit, load_classifier, predict_logits, resolve_device, train_classifier
-from tckr.config import ClassifierConfig, IngestConfig
-from tckr.ingest import load_prepared, prepare
-from tckr.models import create_classifier
+from tckr.core.device import resolve_device
+from tckr.data.images import BatchAugment, ImageSplit
+from tckr.data.ingest import IngestConfig, load_prepared, prepare
+from tckr.training.classifier import ClassifierConfig, load_classifier, predict_logits, train_classifier
+from tckr.training.models import create_classifier
 
 
 @pytest.fixture

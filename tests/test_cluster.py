@@ -11,11 +11,14 @@ import yaml
 
 import tckr.pipelines
 from tckr.components import CUDA_IMAGE, IMAGE
-from tckr.config import PAPER_STAGE_RESOURCES, ConfigError, KubernetesConfig, load_config
+from tckr.config import PAPER_STAGE_RESOURCES
+from tckr.core.config import KubernetesConfig
+from tckr.core.errors import ConfigError
 from tckr.pipelines.cluster import KFP_RUN_ID_FIELD
 from tckr.pipelines.compile import compile_all
 from tckr.pipelines.tckr_pipeline import build_pipeline
-from tckr.tracking import KFP_RUN_ID_ENV
+from tckr.platform.tracking import KFP_RUN_ID_ENV
+from tckr.recipes.config import load_config
 
 GPU_STAGES = {name for name, need in PAPER_STAGE_RESOURCES.items() if need["gpus"]}
 TRACKED_STAGES = {"start_run", "ingest", "teacher", "caption", "generator", "finetune", "generate", "student",

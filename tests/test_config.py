@@ -1,6 +1,7 @@
 import pytest
 
-from tckr.config import ConfigError, available_profiles, load_config, parse_config
+from tckr.core.errors import ConfigError
+from tckr.recipes.config import available_profiles, load_config, parse_config
 
 
 def test_profiles_resolve_and_validate():

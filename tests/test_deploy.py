@@ -126,7 +126,7 @@ def test_mlflow_kustomization_renders_and_references_its_secrets():
         assert env[variable]["valueFrom"]["secretKeyRef"] == {"name": "mlpipeline-minio-artifact", "key": key}
         assert "value" not in env[variable]
     # The in-cluster URL the pipeline's tasks are given (kubernetes.tracking_uri) is this Service.
-    from tckr.config import KubernetesConfig
+    from tckr.core.config import KubernetesConfig
 
     service = objects["Service"]
     port = service["spec"]["ports"][0]["port"]

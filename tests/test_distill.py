@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from tckr.classify import load_classifier, train_classifier
-from tckr.config import ClassifierConfig, DistillConfig, IngestConfig
-from tckr.distill import distillation_objective, gkd_loss, kl_loss, train_student
-from tckr.ingest import load_prepared, prepare
+from tckr.data.ingest import IngestConfig, load_prepared, prepare
+from tckr.recipes.tckr.config import DistillConfig
+from tckr.recipes.tckr.distill import distillation_objective, gkd_loss, kl_loss, train_student
+from tckr.training.classifier import ClassifierConfig, load_classifier, train_classifier
 
 CPU = torch.device("cpu")
 

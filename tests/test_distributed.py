@@ -6,11 +6,13 @@ import mlflow
 import pytest
 import torch
 
-from tckr.classify import BatchAugment, ImageSplit, accuracy, load_classifier, predict_logits
-from tckr.config import ConfigError, IngestConfig, load_config
-from tckr.distributed import run_stage
-from tckr.ingest import load_prepared, prepare
-from tckr.stages import teacher_stage
+from tckr.core.distributed import run_stage
+from tckr.core.errors import ConfigError
+from tckr.data.images import BatchAugment, ImageSplit
+from tckr.data.ingest import IngestConfig, load_prepared, prepare
+from tckr.recipes.config import load_config
+from tckr.recipes.tckr.stages import teacher_stage
+from tckr.training.classifier import accuracy, load_classifier, predict_logits
 
 
 def test_teacher_trains_data_parallel_and_only_rank_0_writes_and_tracks(tmp_path, saved_dataset_dir, tracking_uri):

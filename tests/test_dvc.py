@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tckr.config import load_config
-from tckr.objectstore import file_sha256, list_keys, s3_client
-from tckr.services import DVC_BUCKET
+from tckr.platform.objectstore import file_sha256, list_keys, s3_client
+from tckr.platform.services import DVC_BUCKET
+from tckr.recipes.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 UPSTREAM = ("ingest", "teacher", "caption", "generator", "finetune")

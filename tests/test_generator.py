@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from tckr.config import ConfigError, FinetuneConfig, GenerateConfig, GeneratorConfig, load_config
-from tckr.finetune import ADAPTER_FILE, finetune_pixel_generator, load_finetuned
-from tckr.generate import (
+from tckr.core.errors import ConfigError
+from tckr.data.ingest import FASHION_MNIST_CLASSES
+from tckr.generators.config import FinetuneConfig, GenerateConfig, GeneratorConfig
+from tckr.generators.generate import (
     GenerationError,
     finalize,
     gather_shards,
@@ -17,7 +18,8 @@ from tckr.generate import (
     plan_generation,
     sample_pixel_images,
 )
-from tckr.generator import (
+from tckr.generators.lora import ADAPTER_FILE, finetune_pixel_generator, load_finetuned
+from tckr.generators.pixel import (
     DenoiserData,
     PixelGenerator,
     PromptBank,
@@ -28,7 +30,7 @@ from tckr.generator import (
     text_encoder_path,
     train_denoiser,
 )
-from tckr.ingest import FASHION_MNIST_CLASSES
+from tckr.recipes.config import load_config
 
 CPU = torch.device("cpu")
 TINY = GeneratorConfig(block_out_channels=[8, 16], attention_head_dim=4, steps=4, batch_size=16, max_text_tokens=12)
@@ -270,7 +272,7 @@ def test_two_ranks_make_the_same_shards_as_one(tmp_path, base_generator, monkeyp
     publishes the shard; the set is the one a single process makes, image for image."""
     from pathlib import Path
 
-    from tckr.distributed import run_stage
+    from tckr.core.distributed import run_stage
 
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))  # the ranks unpickle this helper
     monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # the same float arithmetic as here

@@ -4,8 +4,7 @@ import datasets
 import numpy as np
 import pytest
 
-from tckr.config import IngestConfig
-from tckr.ingest import FASHION_MNIST_CLASSES, DatasetError, load_prepared, prepare, stratified_split
+from tckr.data.ingest import FASHION_MNIST_CLASSES, DatasetError, IngestConfig, load_prepared, prepare, stratified_split
 from tests.conftest import make_dataset_dict
 
 FRACTIONS = {"validation_fraction": 0.1, "holdout_fraction": 0.3}

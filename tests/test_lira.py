@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from tckr.config import AttackConfig, ClassifierConfig, ConfigError, load_config
-from tckr.lira import (
+from tckr.core.errors import ConfigError
+from tckr.privacy.config import AttackConfig
+from tckr.privacy.lira import (
     AttackError,
     aop,
     balanced_keep_matrix,
@@ -17,7 +18,9 @@ from tckr.lira import (
     membership_statistic,
     roc,
 )
-from tckr.shadows import ModelStack, Population, train_shadow_group
+from tckr.privacy.shadows import ModelStack, Population, train_shadow_group
+from tckr.recipes.config import load_config
+from tckr.training.classifier import ClassifierConfig
 
 CPU = torch.device("cpu")
 
@@ -171,7 +174,7 @@ def test_killed_shadow_group_resumes_to_the_same_models(world, tmp_path, monkeyp
 
 def _train_shadow_group_0(cfg, population, validation, out_dir) -> list[int]:
     """What each rank of a shadow_group task given two GPUs runs (its share of group 0)."""
-    from tckr.attack import train_shadows
+    from tckr.privacy.attack import train_shadows
 
     return train_shadows(cfg, population, validation, INFO, out_dir, CPU, groups=[0])
 
@@ -179,9 +182,9 @@ def _train_shadow_group_0(cfg, population, validation, out_dir) -> list[int]:
 def test_two_ranks_split_a_shadow_group_and_each_shadow_is_the_one_trained_alone(world, tmp_path, monkeypatch):
     from pathlib import Path
 
-    from tckr.attack import shadow_recipe
-    from tckr.distributed import run_stage
-    from tckr.shadows import keep_matrix
+    from tckr.core.distributed import run_stage
+    from tckr.privacy.attack import shadow_recipe
+    from tckr.privacy.shadows import keep_matrix
 
     population, validation, _ = world
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))  # the ranks unpickle the helper

@@ -6,7 +6,7 @@ import stat
 import pytest
 
 from tckr.cli import main
-from tckr.objectstore import (
+from tckr.platform.objectstore import (
     ObjectStoreError,
     S3Credentials,
     S3Endpoint,
@@ -17,7 +17,7 @@ from tckr.objectstore import (
     s3_client,
     upload_file,
 )
-from tckr.services import DVC_BUCKET, MLFLOW_BUCKET, StateDir, free_port
+from tckr.platform.services import DVC_BUCKET, MLFLOW_BUCKET, StateDir, free_port
 
 
 def test_round_trip_is_byte_identical_and_checked(s3_store, tmp_path):

@@ -9,10 +9,10 @@ import torch
 import yaml
 
 from tckr.cli import main
-from tckr.config import load_config
 from tckr.pipelines.compile import compile_all
-from tckr.runner import run_local
-from tckr.tracking import configure
+from tckr.platform.runner import run_local
+from tckr.platform.tracking import configure
+from tckr.recipes.config import load_config
 
 
 def test_run_directory(smoke_run):
@@ -64,7 +64,7 @@ def test_attack_outputs(smoke_run):
 
 def test_base_generator_is_cached(smoke_run, tmp_path):
     """A second run with the same generator settings and public data reuses the pretrained weights."""
-    from tckr.stages import generator_stage
+    from tckr.recipes.tckr.stages import generator_stage
 
     cfg, outcome, _ = smoke_run  # (the generator may come from the cache already: the DVC test runs first)
     kfp_dir = next(outcome.run_dir.glob("kfp/*"))
@@ -107,8 +107,8 @@ def test_teacher_and_student_registered_and_loadable(smoke_run):
     cfg, outcome, uri = smoke_run
     client = mlflow.MlflowClient(uri, registry_uri=uri)
     configure(uri)
-    from tckr.classify import ImageSplit
-    from tckr.ingest import load_prepared
+    from tckr.data.images import ImageSplit
+    from tckr.data.ingest import load_prepared
 
     splits, info = load_prepared(next(outcome.run_dir.glob("kfp/*/ingest/dataset")))
     test = ImageSplit(splits["test"], cfg.image_size, info.channels)
@@ -134,7 +134,7 @@ def test_teacher_and_student_registered_and_loadable(smoke_run):
 
 
 def test_champion_moves_only_to_a_better_student(smoke_run):
-    from tckr.stages import register_stage
+    from tckr.recipes.tckr.stages import register_stage
 
     cfg, outcome, uri = smoke_run
     kfp_dir = next(outcome.run_dir.glob("kfp/*"))
@@ -160,10 +160,10 @@ def test_champion_moves_only_to_a_better_student(smoke_run):
 
 
 def test_unreachable_tracking_server_fails_fast(tmp_path):
-    from tckr.tracking import TrackingError
+    from tckr.platform.tracking import TrackingError
 
     with pytest.raises(TrackingError, match="unreachable after 2 attempts"):
-        from tckr.tracking import configure
+        from tckr.platform.tracking import configure
 
         configure("http://127.0.0.1:9", attempts=2, delay=0.01)
 
@@ -195,7 +195,7 @@ def test_compiled_pipeline_matches_committed_snapshot(tmp_path):
 
 
 def test_failed_stage_is_reported_and_marked_failed(tmp_path):
-    from tckr.runner import PipelineFailed
+    from tckr.platform.runner import PipelineFailed
 
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     cfg = load_config("smoke", ["ingest.source=disk", f"ingest.name={tmp_path / 'missing'}"])
@@ -239,8 +239,8 @@ def test_dvc_params_are_the_demo_profile():
 def test_artifacts_live_in_the_s3_bucket(smoke_run, s3_store, tmp_path):
     """The server proxies artifacts to S3: the report and both models are objects in the bucket, and
     come back byte-identical."""
-    from tckr.objectstore import download_file, list_keys, s3_client
-    from tckr.services import MLFLOW_BUCKET
+    from tckr.platform.objectstore import download_file, list_keys, s3_client
+    from tckr.platform.services import MLFLOW_BUCKET
 
     _, outcome, uri = smoke_run
     client = mlflow.MlflowClient(uri)
@@ -263,8 +263,8 @@ def test_mlflow_ui_serves_the_local_store(tmp_path):
     import urllib.request
     from pathlib import Path
 
-    from tckr.services import Server, free_port
-    from tckr.tracking import default_tracking_uri, stage_run
+    from tckr.platform.services import Server, free_port
+    from tckr.platform.tracking import default_tracking_uri, stage_run
 
     cfg = load_config("smoke")
     uri = default_tracking_uri(tmp_path)

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from tckr import generator as generator_module
-from tckr.config import FinetuneConfig, GenerateConfig, GeneratorConfig, load_config
-from tckr.finetune import ADAPTER_FILE, finetune_generator, load_finetuned
-from tckr.generate import finalize, generate_shards, load_synthetic, plan_generation
-from tckr.generator import DenoiserData, PromptBank, read_card
-from tckr.ingest import FASHION_MNIST_CLASSES
-from tckr.stable_diffusion import GeneratorUnavailableError, StableDiffusionGenerator, save_card
+from tckr.data.ingest import FASHION_MNIST_CLASSES
+from tckr.generators.config import FinetuneConfig, GenerateConfig, GeneratorConfig
+from tckr.generators.generate import finalize, generate_shards, load_synthetic, plan_generation
+from tckr.generators.lora import ADAPTER_FILE, finetune_generator, load_finetuned
+from tckr.generators.pixel import DenoiserData, PromptBank, read_card
+from tckr.generators.stable_diffusion import GeneratorUnavailableError, StableDiffusionGenerator, save_card
+from tckr.recipes.config import load_config
 
 CPU = torch.device("cpu")
 CLASSES = FASHION_MNIST_CLASSES[:3]
@@ -102,7 +103,7 @@ def test_stages_run_the_paper_generator_path(tmp_path, tiny_sd, tracking_uri):
     """generator -> finetune -> generate_shard on real (grey) Fashion-MNIST: a card instead of weights, RGB for SD."""
     from PIL import Image
 
-    from tckr import stages
+    from tckr.recipes.tckr import stages
 
     cfg = load_config("smoke", ["generator.kind=stable-diffusion", f"generator.model={tiny_sd}",
                                 "generator.prediction_type=v_prediction", f"image_size={SIZE}",

@@ -10,9 +10,9 @@ import kfp
 import pytest
 import yaml
 
-import tckr.submit
+import tckr.platform.submit
 from tckr.cli import main
-from tckr.config import load_config
+from tckr.recipes.config import load_config
 
 
 def test_unreachable_host_fails_fast_with_one_line(capsys):
@@ -64,7 +64,7 @@ class FakeClient:
 @pytest.fixture
 def fake_kfp(monkeypatch):
     monkeypatch.setattr(kfp, "Client", FakeClient)
-    monkeypatch.setattr(tckr.submit, "check_reachable", lambda host: None)
+    monkeypatch.setattr(tckr.platform.submit, "check_reachable", lambda host: None)
     monkeypatch.setattr(time, "sleep", lambda seconds: None)
     FakeClient.created, FakeClient.states = [], []
     return FakeClient

@@ -3,8 +3,8 @@
 import mlflow
 import pytest
 
-from tckr.config import load_config
-from tckr.tracking import KFP_RUN_ID_ENV, KFP_RUN_ID_TAG, TrackingError, stage_run, start_pipeline_run
+from tckr.platform.tracking import KFP_RUN_ID_ENV, KFP_RUN_ID_TAG, TrackingError, stage_run, start_pipeline_run
+from tckr.recipes.config import load_config
 
 
 def _parent_of(run) -> str | None:

@@ -12,9 +12,9 @@ import mlflow
 import pytest
 import torch
 
-from tckr.config import load_config
-from tckr.services import Server, free_port, start_mlflow, start_seaweedfs
-from tckr.tracking import TrackingError, log_classifier, register_model, stage_run
+from tckr.platform.services import Server, free_port, start_mlflow, start_seaweedfs
+from tckr.platform.tracking import TrackingError, log_classifier, register_model, stage_run
+from tckr.recipes.config import load_config
 
 
 @pytest.fixture
@@ -100,8 +100,8 @@ def test_postgresql_backend(tmp_path, s3_store, postgres_url, monkeypatch):
     artifacts in S3."""
     import psycopg
 
-    from tckr.objectstore import list_keys, s3_client
-    from tckr.services import MLFLOW_BUCKET
+    from tckr.platform.objectstore import list_keys, s3_client
+    from tckr.platform.services import MLFLOW_BUCKET
 
     server, uri = start_mlflow(tmp_path / "mlflow", s3_store, backend_store_uri=postgres_url)
     try:

@@ -1,4 +1,6 @@
-"""``tckr`` command line: run the pipeline locally or on a cluster, show the resolved config, compile pipelines."""
+"""``tckr`` command line: run a recipe's pipeline locally or on a cluster, run one stage, show the resolved
+config, compile pipelines, start local servers. Every user-fixable failure is a :class:`TckrError`: one line,
+non-zero exit."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from tckr.config import ConfigError, available_profiles, load_config
+from tckr.core.errors import ConfigError, TckrError
+from tckr.recipes.config import available_profiles, load_config
 
 
 def _config_arguments(parser: argparse.ArgumentParser, default: str | None = "demo") -> None:
@@ -18,11 +21,12 @@ def _config_arguments(parser: argparse.ArgumentParser, default: str | None = "de
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from tckr.report import render_privacy_table, render_table, results_table
-    from tckr.runner import run_local
+    from tckr.pipelines.compile import pipeline_for
+    from tckr.platform.runner import run_local
+    from tckr.recipes.tckr.report import render_privacy_table, render_table, results_table
 
     cfg = load_config(args.profile, args.overrides)
-    outcome = run_local(cfg, Path(args.runs_dir))
+    outcome = run_local(cfg, pipeline_for(cfg), Path(args.runs_dir))
     print("\n" + render_table(results_table(outcome.metrics)))
     print("\nteacher vs student, in % (TCKR Table 2 layout):\n" + render_privacy_table(outcome.metrics))
     print(f"\nreport:        {outcome.run_dir / 'report.md'}  (metrics.json, config.yaml, roc.png, samples.png)")
@@ -33,55 +37,45 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-# What each stage reads, as `tckr stage` options (the outputs of earlier stages).
-STAGE_INPUTS = {"ingest": (), "teacher": ("data",), "caption": ("data",), "generator": ("data", "captions"),
-                "finetune": ("data", "captions", "generator"),
-                "generate": ("data", "captions", "generator", "adapter", "teacher"),
-                "student": ("data", "synthetic", "teacher"), "attack": ("data", "teacher", "student"),
-                "register": ("teacher", "student")}
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
-def _cmd_stage(args: argparse.Namespace) -> int:
-    """One stage outside KFP (DVC's entry point): its own MLflow run; its metrics as JSON in ``--metrics``
-    (default: ``metrics.json`` in ``--out``)."""
+def _cmd_stage(args: argparse.Namespace, rest: list[str]) -> int:
+    """One declared stage outside KFP (DVC's entry point): its artifacts as options named after its ports, its
+    own MLflow run, its metrics as JSON in ``--metrics`` (default: ``metrics.json`` in its first output)."""
     import json
 
-    from tckr import stages
-    from tckr.tracking import default_tracking_uri
+    from tckr.platform.tracking import Tracking, default_tracking_uri
+    from tckr.recipes.invoke import invoke, recipe_stage, sections_of
 
     cfg = load_config(args.profile, args.overrides)
-    missing = [f"--{name}" for name in STAGE_INPUTS[args.name] if not getattr(args, name)]
-    if args.name == "register" and not args.stage_metrics:
-        missing.append("--stage-metrics")
-    if args.name != "register" and not args.out:
-        missing.append("--out")
-    if missing:
-        raise ConfigError(f"tckr stage {args.name} needs {' '.join(missing)} (earlier stages' outputs)")
-    out, uri = Path(args.out or "."), default_tracking_uri()
-    inputs = {name: Path(getattr(args, name)) for name in STAGE_INPUTS[args.name]}
-    runners = {
-        "ingest": lambda: stages.ingest_stage(cfg, cfg.ingest.seed, out, uri),
-        "teacher": lambda: stages.teacher_stage(cfg, cfg.teacher.seed, inputs["data"], out, uri),
-        "caption": lambda: stages.caption_stage(cfg, inputs["data"], out, uri),
-        "generator": lambda: stages.generator_stage(cfg, cfg.generator.seed, inputs["data"], inputs["captions"],
-                                                    out, uri),
-        "finetune": lambda: stages.finetune_stage(cfg, cfg.finetune.seed, inputs["data"], inputs["captions"],
-                                                  inputs["generator"], out, uri),
-        "generate": lambda: stages.generate_stage(cfg, cfg.generate.seed, inputs["data"], inputs["captions"],
-                                                  inputs["generator"], inputs["adapter"], inputs["teacher"], out, uri),
-        "student": lambda: stages.student_stage(cfg, cfg.student_recipe.seed, inputs["data"], inputs["synthetic"],
-                                                inputs["teacher"], out, uri),
-        "attack": lambda: stages.attack_stage(cfg, cfg.attack.seed, inputs["data"], inputs["teacher"],
-                                              inputs["student"], out, uri),
-        "register": lambda: stages.register_stage(
-            cfg, {"teacher": inputs["teacher"], "student": inputs["student"]},
-            [json.loads(Path(path).read_text()) for path in args.stage_metrics], uri),
-    }
-    metrics = runners[args.name]()
-    metrics_path = Path(args.metrics) if args.metrics else out / "metrics.json"
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(dict(sorted(metrics.items())), indent=2) + "\n")
-    print(json.dumps(metrics, indent=2))
+    _, stage = recipe_stage(cfg.recipe, args.name)
+    parser = argparse.ArgumentParser(prog=f"tckr stage {stage.name}", description=stage.summary)
+    for name, port in stage.inputs.items():
+        what = "JSON file of the stage's metrics" if port.kind == "metrics" else f"{port.kind} directory"
+        parser.add_argument(_option(name), dest=name, nargs="*" if port.many else None,
+                            default=[] if port.many else None, required=not port.many, help=f"input: {what}")
+    for name, port in stage.outputs.items():
+        parser.add_argument(_option(name), dest=name, required=True, help=f"output: {port.kind} "
+                            f"{'file' if port.kind == 'markdown' else 'directory'}")
+    for name, kind in stage.params.items():
+        parser.add_argument(_option(name), dest=name, type=kind, required=True)
+    given = vars(parser.parse_args(rest))
+    artifacts = {name: (json.loads(Path(given[name]).read_text()) if port.kind == "metrics"
+                        else [Path(p) for p in given[name]] if port.many else Path(given[name]))
+                 for name, port in stage.inputs.items()}
+    artifacts |= {name: Path(given[name]) for name in stage.outputs}
+    tracking = Tracking(default_tracking_uri(), cfg.experiment_name)
+    result = invoke(stage, sections_of(cfg, stage), artifacts, {name: given[name] for name in stage.params}, tracking)
+    if stage.returns == "metrics":
+        first_output = next(iter(stage.outputs), None)
+        metrics_path = Path(args.metrics) if args.metrics else Path(given[first_output] if first_output else ".") \
+            / "metrics.json"
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        metrics_path.write_text(json.dumps(dict(sorted(result.items())), indent=2) + "\n")
+    if result is not None:
+        print(json.dumps(result, indent=2))
     return 0
 
 
@@ -92,27 +86,34 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
-    """Without --profile: the default kubernetes section, beside the sources (the committed YAML)."""
-    from tckr.pipelines.compile import compile_all
+    """Without --profile: the committed pipelines beside their sources."""
+    from tckr.pipelines.compile import compile_committed, compile_pipeline
 
     if args.profile is None and args.overrides:
-        raise ConfigError("--set needs --profile (without one, tckr compile uses the default kubernetes section)")
-    cluster = load_config(args.profile, args.overrides).kubernetes if args.profile else None
-    out_dir = args.out_dir or (f"compiled/{Path(args.profile).stem}" if args.profile else None)
-    for path in compile_all(Path(out_dir) if out_dir else None, cluster):
+        raise ConfigError("--set needs --profile (without one, tckr compile writes the committed pipelines)")
+    if args.profile is None:
+        written = compile_committed(Path(args.out_dir) if args.out_dir else None)
+    else:
+        cfg = load_config(args.profile, args.overrides)
+        out_dir = Path(args.out_dir or f"compiled/{Path(args.profile).stem}")
+        written = [compile_pipeline(cfg, out_dir / f"{cfg.recipe}_pipeline.yaml")]
+    for path in written:
         print(f"compiled {path}")
     return 0
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from tckr.runner import new_run_name
-    from tckr.submit import follow, submit
+    from tckr.pipelines.compile import compile_pipeline, pipeline_arguments
+    from tckr.platform.runner import new_run_name
+    from tckr.platform.submit import follow, submit
 
     cfg = load_config(args.profile, args.overrides)
     run_name = new_run_name(cfg)
-    client, run_id = submit(cfg, args.host, run_name, args.experiment or cfg.experiment_name,
-                            enable_caching=not args.no_cache,
-                            tracking_uri=args.tracking_uri or cfg.kubernetes.tracking_uri, namespace=args.namespace)
+    tracking_uri = args.tracking_uri or cfg.kubernetes.tracking_uri
+    client, run_id = submit(args.host, lambda folder: compile_pipeline(cfg, folder / f"{cfg.recipe}_pipeline.yaml"),
+                            pipeline_arguments(cfg, run_name, tracking_uri), run_name,
+                            args.experiment or cfg.experiment_name, enable_caching=not args.no_cache,
+                            namespace=args.namespace)
     print(f"submitted {run_name}: {args.host.rstrip('/')}/#/runs/details/{run_id}")
     if not args.wait:
         return 0
@@ -121,8 +122,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_services(args: argparse.Namespace) -> int:
-    from tckr import services
-    from tckr.tracking import LOCAL_ARTIFACTS, LOCAL_DB
+    from tckr.platform import services
+    from tckr.platform.tracking import LOCAL_ARTIFACTS, LOCAL_DB
 
     state = services.StateDir(Path(args.state_dir))
     if args.action == "up":
@@ -149,23 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tckr", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run the TCKR pipeline locally (kfp.local, no cluster)")
+    run = commands.add_parser("run", help="run the profile's recipe pipeline locally (kfp.local, no cluster)")
     _config_arguments(run)
     run.add_argument("--runs-dir", default="runs", help="where run directories go (default: runs)")
     run.set_defaults(handler=_cmd_run)
 
-    stage = commands.add_parser("stage", help="run one stage on its own (used by dvc.yaml)")
-    stage.add_argument("name", choices=list(STAGE_INPUTS))
+    stage = commands.add_parser("stage", help="run one declared stage on its own (used by dvc.yaml)", add_help=False,
+                                description="tckr stage NAME --profile P [--set K=V] [--metrics FILE] then the stage's "
+                                "own options (its input and output artifacts, named after them: tckr stage NAME -h)")
+    stage.add_argument("name", help="the stage, e.g. ingest, teacher, caption, ..., register")
     _config_arguments(stage)
-    stage.add_argument("--out", help="the stage's output directory (every stage but register)")
-    stage.add_argument("--metrics", help="where to write the stage's metrics (default: OUT/metrics.json)")
-    stage.add_argument("--stage-metrics", nargs="+", metavar="JSON",
-                       help="register: the teacher, student and attack stages' metrics files")
-    for name, meaning in (("data", "prepared dataset (ingest)"), ("captions", "captions (caption)"),
-                          ("generator", "base generator (generator)"), ("adapter", "LoRA adapter (finetune)"),
-                          ("teacher", "teacher model (teacher)"), ("synthetic", "synthetic set (generate)"),
-                          ("student", "student model (student)")):
-        stage.add_argument(f"--{name}", help=f"directory of the {meaning}")
+    stage.add_argument("--metrics", help="where to write the stage's metrics (default: OUTPUT/metrics.json)")
     stage.set_defaults(handler=_cmd_stage)
 
     show = commands.add_parser("config", help="print the resolved configuration")
@@ -201,26 +196,16 @@ def main(argv: list[str] | None = None) -> int:
                                 "--state-dir; a postgresql:// URL works too)")
     services_.set_defaults(handler=_cmd_services)
 
-    args = parser.parse_args(argv)
-    from tckr.caption import CaptionError
-    from tckr.generate import GenerationError
-    from tckr.ingest import DatasetError
-    from tckr.lira import AttackError
-    from tckr.objectstore import ObjectStoreError
-    from tckr.runner import PipelineFailed
-    from tckr.services import ServiceError
-    from tckr.submit import SubmitError
-    from tckr.tracking import TrackingError
-
+    args, rest = parser.parse_known_args(argv)
     try:
+        if args.handler is _cmd_stage:
+            return _cmd_stage(args, rest)
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return args.handler(args)
-    except ConfigError as error:
+    except TckrError as error:
         print(f"tckr: {error}", file=sys.stderr)
-        return 2
-    except (DatasetError, CaptionError, GenerationError, AttackError, TrackingError, PipelineFailed,
-            SubmitError, ServiceError, ObjectStoreError) as error:
-        print(f"tckr: {error}", file=sys.stderr)
-        return 1
+        return error.exit_code
 
 
 if __name__ == "__main__":

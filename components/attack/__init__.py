@@ -1,3 +1,0 @@
-from tckr.components.attack.component import attack
-
-__all__ = ["attack"]

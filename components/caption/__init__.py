@@ -1,3 +1,0 @@
-from tckr.components.caption.component import caption
-
-__all__ = ["caption"]

@@ -1,3 +1,0 @@
-from tckr.components.finetune.component import finetune
-
-__all__ = ["finetune"]

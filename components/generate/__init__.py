@@ -1,3 +1,0 @@
-from tckr.components.generate.component import generate
-
-__all__ = ["generate"]

@@ -1,3 +1,0 @@
-from tckr.components.generator.component import generator
-
-__all__ = ["generator"]

@@ -1,3 +1,0 @@
-from tckr.components.ingest.component import ingest
-
-__all__ = ["ingest"]

@@ -1,3 +1,0 @@
-from tckr.components.register.component import register
-
-__all__ = ["register"]

@@ -1,3 +1,0 @@
-from tckr.components.report.component import report
-
-__all__ = ["report"]

@@ -1,3 +1,0 @@
-from tckr.components.student.component import student
-
-__all__ = ["student"]

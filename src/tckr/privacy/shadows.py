@@ -1,0 +1,292 @@
+"""Stage 7a: LiRA's shadow models, trained many at once.
+
+A shadow imitates the teacher: same architecture, same recipe (:class:`tckr.classify.Recipe`), same
+selection on the real validation split, trained on its half of the attack population (private
+train members + holdout non-members, see :func:`build_population`). Shadows are trained in groups:
+a group is one :class:`ModelStack` — the models' parameters stacked along a leading axis — stepped
+by one optimiser. On a GPU the stack runs as a single ``torch.func.vmap``-ed call, so many small
+models fill the device that one would leave idle; on a CPU, where even one small model saturates
+the cores, the same stack runs its models one after another (``attack.vectorize``). A group is the
+unit of resume (a checkpoint per epoch) and of fan-out (one pipeline task per group), and each
+shadow's outputs are written the moment its group finishes, so finished shadows are never redone.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from tckr.core.atomic import torch_save
+from tckr.core.progress import progress
+from tckr.data.images import BatchAugment
+from tckr.data.ingest import DatasetInfo
+from tckr.privacy.config import AttackConfig
+from tckr.privacy.lira import QUERIES, AttackError, balanced_keep_matrix
+from tckr.training.classifier import ClassifierConfig, Recipe, batch_logits
+from tckr.training.models import create_classifier
+
+
+@dataclass
+class Population:
+    """The attack's challenge set: ``n`` private-train members then ``n`` holdout non-members."""
+
+    images: torch.Tensor  # uint8 [P, C, S, S]
+    labels: torch.Tensor  # long [P]
+    is_member: np.ndarray  # bool [P]: in the targets' training set
+    split_rows: np.ndarray  # row of each example in its own split (train or holdout)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def build_population(splits, image_size: int, channels: int, limit: int | None, seed: int) -> Population:
+    """Equal numbers of members (private train) and non-members (holdout), at most ``limit`` each.
+
+    Balanced so that AUC and balanced accuracy mean what they say, and so that a shadow's half of
+    the population is as large as the targets' member set when train and holdout are equal-sized.
+    """
+    from tckr.data.images import decode_split
+
+    if "holdout" not in splits:
+        raise AttackError("the prepared dataset has no holdout split (LiRA's non-members): set "
+                          "ingest.holdout_fraction > 0")
+    count = min(len(splits["train"]), len(splits["holdout"]), limit or len(splits["train"]))
+    rng = np.random.default_rng(seed)
+    members = np.sort(rng.choice(len(splits["train"]), count, replace=False))
+    non_members = np.sort(rng.choice(len(splits["holdout"]), count, replace=False))
+    chosen = [splits["train"].select(members), splits["holdout"].select(non_members)]
+    images = torch.cat([decode_split(part, image_size, channels) for part in chosen])
+    labels = torch.cat([torch.as_tensor(np.asarray(part["label"])) for part in chosen])
+    return Population(images, labels.long(), np.r_[np.ones(count, bool), np.zeros(count, bool)],
+                      np.r_[members, non_members])
+
+
+def keep_matrix(cfg: AttackConfig, population_size: int) -> np.ndarray:
+    return balanced_keep_matrix(cfg.shadows, population_size, cfg.seed)
+
+
+def shadow_groups(cfg: AttackConfig) -> list[list[int]]:
+    """Shadow indices per group: consecutive runs of ``shadows_per_group``."""
+    return [list(range(start, min(start + cfg.shadows_per_group, cfg.shadows)))
+            for start in range(0, cfg.shadows, cfg.shadows_per_group)]
+
+
+def use_vmap(cfg: AttackConfig, device: torch.device) -> bool:
+    return cfg.vectorize == "on" or (cfg.vectorize == "auto" and device.type == "cuda")
+
+
+# ------------------------------------------------------------------------------------- model stack
+class ModelStack(nn.Module):
+    """``M`` models of one architecture held as stacked parameters and buffers (leading axis ``M``).
+
+    ``forward(x)`` maps ``[M, B, ...]`` (or a shared ``[B, ...]``) to ``[M, B, K]``. With ``vectorize``
+    all models run as one vmap-ed call; without, one after another on slices of the same stacked
+    tensors. Either way the optimiser sees one tensor per parameter name: AdamW is elementwise, so
+    stepping the stack equals stepping every model on its own.
+    """
+
+    def __init__(self, models: list[nn.Module], vectorize: bool) -> None:
+        from torch.func import stack_module_state
+
+        super().__init__()
+        params, buffers = stack_module_state(models)
+        self.names = list(params)
+        self.buffer_names = list(buffers)
+        self.stacked = nn.ParameterList([nn.Parameter(params[name]) for name in self.names])
+        for index, name in enumerate(self.buffer_names):
+            self.register_buffer(f"buffer_{index}", buffers[name])
+        self.template = [copy.deepcopy(models[0]).to("meta")]  # a list: not registered as a submodule
+        self.size = len(models)
+        self.vectorize = vectorize
+
+    def _buffers_stacked(self) -> list[torch.Tensor]:
+        return [getattr(self, f"buffer_{index}") for index in range(len(self.buffer_names))]
+
+    def _call_one(self, params: list[torch.Tensor], buffers: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        from torch.func import functional_call
+
+        state = dict(zip(self.names, params, strict=True)) | dict(zip(self.buffer_names, buffers, strict=True))
+        return functional_call(self.template[0], state, (x,))
+
+    def forward(self, x: torch.Tensor, shared: bool = False) -> torch.Tensor:
+        self.template[0].train(self.training)
+        params, buffers = list(self.stacked), self._buffers_stacked()
+        if self.vectorize:
+            return torch.vmap(self._call_one, in_dims=(0, 0, None if shared else 0), randomness="different")(
+                params, buffers, x)
+        return torch.stack([self._call_one([p[m] for p in params], [b[m] for b in buffers], x if shared else x[m])
+                            for m in range(self.size)])
+
+    @torch.no_grad()
+    def copy_model(self, source: ModelStack, m: int) -> None:
+        """Overwrite model ``m`` with model ``m`` of ``source`` (keeping a best epoch)."""
+        for target, value in zip([*self.stacked, *self._buffers_stacked()],
+                                 [*source.stacked, *source._buffers_stacked()], strict=True):
+            target[m].copy_(value[m])
+
+
+def stack_logits(stack: ModelStack | nn.Module, augment: BatchAugment, images: torch.Tensor, batch_size: int,
+                 device: torch.device, flip: bool = False, desc: str = "eval") -> torch.Tensor:
+    """Logits for uint8 ``images`` (one shared input for every model), float32 on the CPU:
+    ``[M, N, K]`` for a stack, ``[N, K]`` for a single model. ``flip`` is LiRA's mirrored query."""
+    stack.eval()
+    forward = functools.partial(stack, shared=True) if isinstance(stack, ModelStack) else stack
+    batches = (images[start:start + batch_size]
+               for start in progress(range(0, len(images), batch_size), desc=desc, unit="batch"))
+    return batch_logits(forward, augment, batches, device, flip=flip)
+
+
+def query_logits(model: ModelStack | nn.Module, augment: BatchAugment, images: torch.Tensor, batch_size: int,
+                 device: torch.device, desc: str = "query") -> torch.Tensor:
+    """LiRA's queries (identity, flip): ``[..., Q, N, K]``."""
+    return torch.stack([stack_logits(model, augment, images, batch_size, device, flip=query == "flip",
+                                     desc=f"{desc} ({query})") for query in QUERIES], dim=-3)
+
+
+# -------------------------------------------------------------------------------------- training
+def shadow_dir(out_dir: Path, index: int) -> Path:
+    return Path(out_dir) / f"shadow-{index:04d}"
+
+
+def is_done(out_dir: Path, index: int) -> bool:
+    return (shadow_dir(out_dir, index) / "shadow.json").is_file()
+
+
+def train_shadow_group(cfg: ClassifierConfig, indices: list[int], keep: np.ndarray, population: Population,
+                       validation: tuple[torch.Tensor, torch.Tensor], info: DatasetInfo, out_dir: Path,
+                       device: torch.device, vectorize: bool,
+                       on_epoch: Callable[[dict], None] | None = None) -> list[int]:
+    """Train shadows ``indices`` (rows of ``keep``) as one stack; returns those written now.
+
+    Model ``m`` starts from its own seed and draws its own batch order per epoch, both derived from
+    ``(recipe seed, shadow index)``; a checkpoint per epoch makes a killed group resume where it was.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = [index for index in indices if not is_done(out_dir, index)]
+    if not todo:
+        return []
+    started = time.perf_counter()
+    members = [torch.as_tensor(np.flatnonzero(keep[index])) for index in indices]
+    per_model = len(members[0])
+    if any(len(rows) != per_model for rows in members):
+        raise AttackError("shadows of one group must train on equally many examples (use balanced_keep_matrix)")
+    steps = per_model // cfg.batch_size
+    if steps == 0:
+        raise AttackError(f"a shadow's {per_model} training examples make no batch of {cfg.batch_size}: "
+                          "raise attack.population_limit or lower the batch size")
+    models = []
+    for index in indices:
+        torch.manual_seed(cfg.seed * 100_003 + index)
+        models.append(create_classifier(cfg.model, info.num_classes, info.channels, cfg.pretrained))
+    stack = ModelStack(models, vectorize).to(device)
+    best = copy.deepcopy(stack)
+    augment = BatchAugment(info.mean, info.std, cfg.crop_padding, cfg.hflip).to(device)
+    recipe = Recipe.build(cfg, stack.parameters(), info.num_classes, device)
+    augmix = _augmix() if cfg.augmix else None
+
+    checkpoint = out_dir / f"group-{indices[0]:04d}-{indices[-1]:04d}.pt"
+    recipe_key = f"{cfg.model_dump_json()}|{indices}|{keep[indices].sum(1).tolist()}|{len(population)}"
+    state = {"epoch": 0, "best_val": [-1.0] * len(indices), "best_epoch": [0] * len(indices), "history": []}
+    if checkpoint.exists():
+        saved = torch.load(checkpoint, map_location=device, weights_only=False)
+        if saved["recipe"] == recipe_key:
+            stack.load_state_dict(saved["stack"])
+            best.load_state_dict(saved["best"])
+            recipe.optimizer.load_state_dict(saved["optimizer"])
+            recipe.scheduler.load_state_dict(saved["scheduler"])
+            recipe.scaler.load_state_dict(saved["scaler"])
+            torch.set_rng_state(saved["torch_rng"])
+            state = saved["state"]
+            tqdm.write(f"resuming shadows {indices[0]}-{indices[-1]} after epoch {state['epoch']}/{cfg.epochs}")
+
+    shape = population.images.shape[1:]
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        stack.train()
+        orders = torch.stack([rows[torch.randperm(per_model, generator=torch.Generator().manual_seed(
+            cfg.seed * 100_003 + index * 1_009 + epoch))] for rows, index in zip(members, indices, strict=True)])
+        running = 0.0
+        bar = progress(range(steps), desc=f"shadows {indices[0]}-{indices[-1]} epoch {epoch}/{cfg.epochs}",
+                       unit="batch")
+        for step in bar:
+            rows = orders[:, step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            images = population.images[rows.reshape(-1)]
+            if augmix is not None:
+                images = torch.stack([augmix(image) for image in images])
+            images = augment(images.to(device, non_blocking=True), train=True).view(len(indices), -1, *shape)
+            targets = population.labels[rows].to(device)
+            if recipe.mixup is not None:  # per model: MixUp must never blend one shadow's data into another's
+                mixed = [recipe.mixup(images[m], targets[m]) for m in range(len(indices))]
+                images = torch.stack([x for x, _ in mixed])
+                targets = torch.stack([t for _, t in mixed])
+            with torch.autocast(device.type, enabled=recipe.scaler.is_enabled()):
+                logits = stack(images)
+                loss = sum(recipe.objective(logits[m], images[m], targets[m]) for m in range(len(indices)))
+            recipe.optimizer.zero_grad(set_to_none=True)
+            recipe.scaler.scale(loss).backward()
+            recipe.scaler.step(recipe.optimizer)
+            recipe.scaler.update()
+            running += loss.item() / len(indices)
+            bar.set_postfix(loss=f"{loss.item() / len(indices):.3f}", refresh=False)
+        recipe.scheduler.step()
+        val_logits = stack_logits(stack, augment, validation[0], cfg.eval_batch_size, device, desc="validate")
+        val_accuracy = (val_logits.argmax(-1) == validation[1]).float().mean(-1).tolist()
+        for m, value in enumerate(val_accuracy):
+            if value > state["best_val"][m]:
+                state["best_val"][m], state["best_epoch"][m] = value, epoch
+                best.copy_model(stack, m)
+        record = {"epoch": epoch, "train_loss": running / steps, "val_accuracy": val_accuracy}
+        state["history"].append(record)
+        state["epoch"] = epoch
+        torch_save({"recipe": recipe_key, "stack": stack.state_dict(), "best": best.state_dict(),
+                    "optimizer": recipe.optimizer.state_dict(), "scheduler": recipe.scheduler.state_dict(),
+                    "scaler": recipe.scaler.state_dict(), "torch_rng": torch.get_rng_state(), "state": state},
+                   checkpoint)
+        if on_epoch:
+            on_epoch(record)
+
+    logits = query_logits(best, augment, population.images, cfg.eval_batch_size, device, desc="shadow queries")
+    labels = population.labels
+    seconds = (time.perf_counter() - started) / len(indices)  # this call's share: a resumed group counts its rest
+    for m, index in enumerate(indices):
+        if index in todo:
+            predictions = logits[m, 0].argmax(-1) == labels
+            summary = {"index": index, "members": per_model, "seconds": seconds, "best_epoch": state["best_epoch"][m],
+                       "val_accuracy": state["best_val"][m],
+                       "in_accuracy": float(predictions[keep[index]].float().mean()),
+                       "out_accuracy": float(predictions[~keep[index]].float().mean()),
+                       "history": [{"epoch": r["epoch"], "val_accuracy": r["val_accuracy"][m]}
+                                   for r in state["history"]]}
+            _write_shadow(out_dir, index, logits[m].numpy(), summary)
+    checkpoint.unlink(missing_ok=True)
+    return todo
+
+
+def _augmix():
+    from torchvision.transforms import v2
+
+    return v2.AugMix()
+
+
+def _write_shadow(out_dir: Path, index: int, logits: np.ndarray, summary: dict) -> None:
+    """``logits.npy`` (``[Q, P, K]``) then ``shadow.json``, renamed into place together."""
+    final = shadow_dir(out_dir, index)
+    partial = final.with_name(final.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    np.save(partial / "logits.npy", logits.astype(np.float32))
+    (partial / "shadow.json").write_text(json.dumps(summary, indent=2) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    partial.replace(final)
+

@@ -1,0 +1,60 @@
+"""Calling a declared stage: its sections typed, its artifacts and parameters passed by keyword, its
+processes launched (one per GPU for a multi-GPU stage). The KFP launcher and ``tckr stage`` both go
+through :func:`invoke`, so a stage runs the same way in a pod, in DVC and in a test."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from tckr.core import distributed
+from tckr.core.errors import ConfigError
+from tckr.core.stage import ALL_SECTIONS, Stage
+from tckr.platform.tracking import Tracking
+from tckr.recipes.config import RECIPES, Recipe, parse_config
+
+
+def sections_of(cfg: Any, stage: Stage) -> dict[str, Any]:
+    """The stage's sections of a validated run configuration, by keyword."""
+    if stage.sections == (ALL_SECTIONS,):
+        return {"config": cfg}
+    return {name: getattr(cfg, name) for name in stage.sections}
+
+
+def parse_sections(recipe: Recipe, stage: Stage, values: dict[str, Any]) -> dict[str, Any]:
+    """The stage's sections from the values a task receives: scalars as themselves, sections as JSON text
+    (each validated as its own field of the recipe's configuration)."""
+    def decoded(name: str) -> Any:
+        value = values[name]
+        return json.loads(value) if isinstance(value, str) and isinstance(recipe.config.model_fields[name].annotation,
+                                                                          type) and issubclass(
+            recipe.config.model_fields[name].annotation, BaseModel) else value
+
+    if stage.sections == (ALL_SECTIONS,):
+        return {"config": parse_config({name: decoded(name) for name in recipe.config.model_fields},
+                                       origin=f"{stage.name} task's configuration")}
+    typed = {}
+    for name in stage.sections:
+        field = recipe.config.model_fields[name]
+        try:
+            typed[name] = TypeAdapter(Annotated[field.annotation, field]).validate_python(decoded(name))
+        except ValidationError as error:
+            raise ConfigError(f"invalid {name} section of the {stage.name} task: {error}") from None
+    return typed
+
+
+def invoke(stage: Stage, sections: dict[str, Any], artifacts: dict[str, Any], params: dict[str, Any],
+           tracking: Tracking | None) -> Any:
+    """Run ``stage``: in this process, or (multi-GPU stages) in :func:`tckr.core.distributed.processes` ranks."""
+    kwargs = {**sections, **artifacts, **params} | ({"tracking": tracking} if stage.tracked else {})
+    count = distributed.processes() if stage.multi_gpu else 1
+    return distributed.run_stage(stage.name, stage.run, kwargs, count, kwargs["runtime"].device if count > 1 else "")
+
+
+def recipe_stage(recipe: str, name: str) -> tuple[Recipe, Stage]:
+    if name not in RECIPES[recipe].stages:
+        raise ConfigError(f"the {recipe} recipe has no stage '{name}'; its stages are "
+                          f"{', '.join(RECIPES[recipe].stages.names()) or '(none yet)'}")
+    return RECIPES[recipe], RECIPES[recipe].stages[name]

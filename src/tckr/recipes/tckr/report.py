@@ -1,0 +1,117 @@
+"""The run report: teacher vs student in the layout of the TCKR paper's Table 2, the log-log ROC of
+the attack, the synthetic samples, and a table of every stage's key metrics and wall time
+(Markdown, beside a flat ``metrics.json``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tckr.recipes.tckr.config import TckrRun
+
+# Rows of the report: stage -> the metrics that summarise it (present ones only).
+STAGE_ROWS: dict[str, tuple[str, ...]] = {
+    "ingest": ("data.train_images", "data.validation_images", "data.holdout_images",
+               "data.public_images", "data.test_images", "data.num_classes"),
+    "teacher": ("teacher.test_accuracy", "teacher.val_accuracy", "teacher.best_epoch",
+                "teacher.images_per_second"),
+    "caption": ("caption.train_images", "caption.train_distinct", "caption.public_images",
+                "caption.public_distinct"),
+    "generator": ("generator.cached",),
+    "finetune": ("finetune.steps", "finetune.final_loss"),
+    # The shards' compute (ParallelFor tasks, summed), then the gathering and scoring step.
+    "generate_shards": ("synthetic.shards", "synthetic.images_per_second"),
+    "generate": ("synthetic.images", "synthetic.teacher_agreement"),
+    "student": ("student.test_accuracy", "student.val_accuracy", "student.best_epoch", "student.synthetic_images"),
+    # The shadow groups' compute (ParallelFor tasks, summed), then the attack itself.
+    "shadows": ("attack.shadows", "attack.shadow_val_accuracy"),
+    "attack": ("attack.population", "attack.shadows_trained_here"),  # its figures: the table above
+}
+
+# The paper's Table 2 columns (header, metric suffix per role), all shown in percent.
+TABLE2_COLUMNS = (("Accuracy", "test_accuracy"), ("AUC_MIA", "mia.auc"), ("TPR@0.1%FPR", "mia.tpr_at_0.1pct_fpr"),
+                  ("TPR@1%FPR", "mia.tpr_at_1pct_fpr"), ("AOP", "aop"))
+
+
+def _format(value: float) -> str:
+    if float(value).is_integer():
+        return f"{int(value)}"
+    return f"{value:.4f}" if abs(value) < 100 else f"{value:.0f}"
+
+
+def results_table(metrics: dict[str, float]) -> list[tuple[str, str, str]]:
+    """``(stage, key metrics, wall time)`` rows, in pipeline order."""
+    rows = []
+    for stage, keys in STAGE_ROWS.items():
+        seconds = metrics.get(f"stage.{stage}.seconds")
+        if seconds is None:
+            continue
+        shown = ", ".join(f"{key.split('.', 1)[1]}={_format(metrics[key])}" for key in keys if key in metrics)
+        rows.append((stage, shown, f"{seconds:.1f}s"))
+    if "run.seconds" in metrics:
+        rows.append(("total", "", f"{metrics['run.seconds']:.1f}s"))
+    return rows
+
+
+def privacy_table(metrics: dict[str, float]) -> list[tuple[str, ...]]:
+    """Teacher, student and their difference, in percent (the paper's Table 2); empty before the attack."""
+    roles = [role for role in ("teacher", "student") if f"{role}.aop" in metrics]
+    rows = [(role, *(f"{100 * metrics[f'{role}.{key}']:.2f}" for _, key in TABLE2_COLUMNS)) for role in roles]
+    if len(roles) == 2:
+        rows.append(("student - teacher", *(f"{100 * (metrics[f'student.{key}'] - metrics[f'teacher.{key}']):+.2f}"
+                                             for _, key in TABLE2_COLUMNS)))
+    return rows
+
+
+def render_privacy_table(metrics: dict[str, float]) -> str:
+    rows = privacy_table(metrics)
+    return render_table(rows, ("model", *(name for name, _ in TABLE2_COLUMNS))) if rows else ""
+
+
+def render_table(rows: list[tuple[str, ...]], header: tuple[str, ...] = ("stage", "key metrics", "wall time")) -> str:
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "| " + " | ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)) + " |"
+
+    separator = "|" + "|".join("-" * (width + 2) for width in widths) + "|"
+    return "\n".join([line(header), separator, *(line(row) for row in rows)])
+
+
+def write_report(cfg: TckrRun, metrics: dict[str, float], out_dir: Path, parent_run: Any) -> list[Path]:
+    """Write ``metrics.json``, ``report.md`` and ``config.yaml`` into ``out_dir``; returns them and the
+    figures the report shows (everything to log with it)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = out_dir / "metrics.json"
+    metrics_path.write_text(json.dumps(dict(sorted(metrics.items())), indent=2) + "\n")
+    config_path = out_dir / "config.yaml"
+    config_path.write_text(cfg.to_yaml())
+    report = [
+        f"# tckr run `{parent_run.info.run_name}`",
+        "",
+        f"profile `{cfg.profile}` · dataset `{cfg.dataset}` · image size {cfg.image_size} px · "
+        f"config hash `{cfg.fingerprint()}` · MLflow run `{parent_run.info.run_id}` "
+        f"(experiment `{cfg.experiment_name}`)",
+        "",
+    ]
+    if privacy_table(metrics):
+        report += [
+            "## Utility and privacy (the layout of TCKR's Table 2, in %)", "",
+            render_privacy_table(metrics), "",
+            f"LiRA ({cfg.attack.variant}, {cfg.attack.variance} variance, {cfg.attack.shadows} shadow models of the "
+            "teacher's recipe) on a balanced population of private-train members and holdout non-members; "
+            "AOP = accuracy x (0.5 / AUC_MIA)^2. Accuracy on the real test split.", "",
+        ]
+    if (out_dir / "roc.png").is_file():
+        report += ["![LiRA ROC, log-log](roc.png)", ""]
+    report += ["## Stages", "", render_table(results_table(metrics)), ""]
+    if (out_dir / "samples.png").is_file():
+        report += ["## Synthetic samples", "",
+                   "One row per class (first ten images of each), generated from the private captions "
+                   f"(teacher agreement {metrics.get('synthetic.teacher_agreement', float('nan')):.3f}).", "",
+                   "![synthetic samples per class](samples.png)", ""]
+    report_path = out_dir / "report.md"
+    report_path.write_text("\n".join(report))
+    figures = [path for path in (out_dir / "roc.png", out_dir / "samples.png") if path.is_file()]
+    return [metrics_path, report_path, config_path, *figures]

@@ -1,0 +1,522 @@
+"""The TCKR recipe's stages, each declared once (:class:`tckr.core.stage.Stage`) beside its function.
+
+A stage receives its own config sections, its input and output directories and, when tracked, where to
+log; it opens its nested MLflow run, times itself and returns flat, dotted metrics. The same functions
+serve the KFP components, ``tckr stage`` and DVC. Stages declared ``multi_gpu`` run in every rank of a
+multi-process launch (:mod:`tckr.core.distributed`): rank 0 alone tracks, writes the outputs that exist
+once and returns metrics; the other ranks return ``{}`` once their share is done.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tckr.core import distributed
+from tckr.core.config import RuntimeConfig
+from tckr.core.stage import (
+    ALL_SECTIONS,
+    ARTIFACT,
+    DATASET,
+    MARKDOWN,
+    METRICS,
+    MODEL,
+    StageRegistry,
+    collected,
+    resources,
+)
+from tckr.data.ingest import IngestConfig
+from tckr.generators.config import CaptionConfig, FinetuneConfig, GenerateConfig, GeneratorConfig
+from tckr.platform.tracking import Tracking, stage_run
+from tckr.privacy.config import AttackConfig
+from tckr.recipes.tckr.config import DistillConfig, TckrRun
+from tckr.training.classifier import ClassifierConfig
+
+Metrics = dict[str, float]
+STAGES = StageRegistry("tckr")
+stage = STAGES.declare
+
+# Default resources are the paper profile's on a cluster of GPU nodes (one 24-80 GB NVIDIA GPU per GPU task):
+# every stage that resolves a torch device gets a GPU, since `runtime.device: cuda` refuses to run without one.
+
+
+@stage(sections=(ALL_SECTIONS,), params={"run_name": str}, returns="nothing", cache=False,
+       resources=resources("250m", "1", "1Gi", "2Gi"))
+def start_run(*, config: TckrRun, run_name: str, tracking: Tracking) -> None:
+    """Open the pipeline's parent MLflow run (config logged as params and config.yaml), tagged with the KFP
+    run id by which every later task finds it: no task takes the parent's id, so cache keys stay stable."""
+    from tckr.platform.tracking import start_pipeline_run
+
+    tags = {"tckr.recipe": config.recipe, "tckr.profile": config.profile, "tckr.dataset": config.dataset,
+            "tckr.config_hash": config.fingerprint()}
+    start_pipeline_run(tracking, run_name, tags, params=config.model_dump(mode="json"), config_yaml=config.to_yaml())
+
+
+@stage(sections=("dataset", "ingest"), outputs={"data": DATASET}, resources=resources("4", "8", "16Gi", "32Gi"))
+def ingest(*, dataset: str, ingest: IngestConfig, data: Path, tracking: Tracking) -> Metrics:
+    """Load, validate and split the private dataset (splits, statistics, fingerprint)."""
+    import mlflow
+
+    from tckr.data.ingest import prepare
+
+    with stage_run("ingest", tracking, params=ingest.model_dump(mode="json")):
+        started = time.perf_counter()
+        info = prepare(ingest, data, dataset)
+        metrics = {f"data.{name}_images": float(split.count) for name, split in info.splits.items()}
+        metrics |= {"data.num_classes": float(info.num_classes), "stage.ingest.seconds": time.perf_counter() - started}
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifact(str(data / "dataset.json"))
+        mlflow.set_tag("tckr.dataset_fingerprint", info.fingerprint)
+    return metrics
+
+
+@stage(sections=("image_size", "teacher", "runtime"), inputs={"data": DATASET}, outputs={"model": MODEL},
+       multi_gpu=True, resources=resources("8", "16", "32Gi", "48Gi", gpus=1, shm="8Gi"))
+def teacher(*, image_size: int, teacher: ClassifierConfig, runtime: RuntimeConfig, data: Path, model: Path,
+            tracking: Tracking) -> Metrics:
+    """Train the teacher on the private train split and log it (registered after the attack)."""
+    from tckr.data.ingest import load_prepared
+    from tckr.training.classifier import train_classifier
+
+    with stage_run("teacher", tracking, params=teacher.model_dump(mode="json") | {"image_size": image_size}):
+        started = time.perf_counter()
+        splits, info = load_prepared(data)
+        result = train_classifier(teacher, splits, info, image_size, model, _device(runtime), name="teacher",
+                                  on_epoch=_log_epoch)
+        if result is None:  # not the lead rank
+            return {}
+        return _classifier_metrics("teacher", result, model, splits, info, image_size, started)
+
+
+@stage(sections=("caption", "runtime"), inputs={"data": DATASET}, outputs={"captions": ARTIFACT},
+       resources=resources("4", "8", "32Gi", "48Gi", gpus=1))  # BLIP-2 2.7B loads on the host first
+def caption(*, caption: CaptionConfig, runtime: RuntimeConfig, data: Path, captions: Path,
+            tracking: Tracking) -> Metrics:
+    """Caption the private train split (and the public split) into ``captions/<split>/``."""
+    import mlflow
+
+    from tckr.generators.caption import caption_dataset
+
+    with stage_run("caption", tracking, params=caption.model_dump(mode="json")):
+        started = time.perf_counter()
+        summary = caption_dataset(caption, data, captions, _device(runtime))
+        metrics: Metrics = {}
+        for split, part in summary["splits"].items():
+            metrics |= {f"caption.{split}_images": float(part["images"]),
+                        f"caption.{split}_distinct": float(part["distinct_captions"]),
+                        f"caption.{split}_empty": float(part["empty_captions"])}
+        metrics["stage.caption.seconds"] = time.perf_counter() - started
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifact(str(captions / "captions.json"))
+        mlflow.log_artifact(str(captions / "train" / "captions_by_class.json"))
+    return metrics
+
+
+@stage(sections=("image_size", "generator", "runtime"), inputs={"data": DATASET, "captions": ARTIFACT},
+       outputs={"base_model": MODEL},
+       resources=resources("2", "4", "16Gi", "24Gi"))  # SD2: checks the hub pipeline loads; trains nothing
+def generator(*, image_size: int, generator: GeneratorConfig, runtime: RuntimeConfig, data: Path, captions: Path,
+              base_model: Path, tracking: Tracking) -> Metrics:
+    """The base generator. Pixel: reused from the cache when one with the same key exists, else
+    pretrained on the public split (never on private data) and cached. Stable Diffusion: nothing to
+    pretrain (SD2 was pretrained on public data); the pipeline is loaded once to check it is reachable
+    and matches the configuration, and a card naming it is written for the later stages."""
+    import mlflow
+
+    from tckr.generators import stable_diffusion
+
+    with stage_run("generator", tracking, params=generator.model_dump(mode="json")):
+        started = time.perf_counter()
+        if generator.kind == stable_diffusion.KIND:
+            card = stable_diffusion.save_card(generator, image_size, base_model)
+            mlflow.set_tag("tckr.generator_model", card["model"])
+            metrics: Metrics = {}
+        else:
+            metrics = _pixel_base_generator(generator, image_size, runtime, data, captions, base_model)
+        metrics["stage.generator.seconds"] = time.perf_counter() - started
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifact(str(base_model / "generator.json"))
+    return metrics
+
+
+def _pixel_base_generator(cfg: GeneratorConfig, image_size: int, runtime: RuntimeConfig, data: Path, captions: Path,
+                          out_dir: Path) -> Metrics:
+    import mlflow
+
+    from tckr.core.atomic import copy_tree
+    from tckr.core.errors import ConfigError
+    from tckr.data.images import decode_split
+    from tckr.data.ingest import load_prepared
+    from tckr.generators.pixel import cache_key, digest_files, generator_cache_dir, pretrain_pixel_generator, read_texts
+
+    splits, info = load_prepared(data)
+    if "public" not in splits:
+        raise ConfigError("the pixel generator is pretrained on the public split, and the prepared dataset "
+                          "has none: set ingest.public_fraction > 0")
+    public_captions = captions / "public" / "captions.jsonl"
+    # Keyed on the public split only: a new private set reuses the same pretrained generator.
+    key = cache_key(cfg, image_size, info.split_fingerprints["public"], digest_files([public_captions]))
+    cached = generator_cache_dir() / key
+    hit = (cached / "generator.json").is_file()
+    if hit:
+        copy_tree(cached, out_dir)
+    else:
+        images = decode_split(splits["public"], image_size, info.channels)
+        pretrain_pixel_generator(cfg, images, read_texts(public_captions), out_dir, _device(runtime),
+                                 on_step=lambda step, loss: _log_every(step, 25, {"pretrain_loss": loss}))
+        copy_tree(out_dir, cached)
+    mlflow.set_tag("tckr.generator_cache_key", key)
+    return {"generator.cached": float(hit)}
+
+
+@stage(sections=("image_size", "finetune", "runtime"),
+       inputs={"data": DATASET, "captions": ARTIFACT, "base_model": MODEL}, outputs={"adapter": MODEL},
+       resources=resources("8", "16", "32Gi", "48Gi", gpus=1))
+def finetune(*, image_size: int, finetune: FinetuneConfig, runtime: RuntimeConfig, data: Path, captions: Path,
+             base_model: Path, adapter: Path, tracking: Tracking) -> Metrics:
+    """LoRA fine-tuning on the private train split's (image, caption) pairs; saves the adapter only."""
+    import mlflow
+
+    from tckr.data.images import decode_split
+    from tckr.data.ingest import load_prepared
+    from tckr.generators.lora import finetune_generator
+    from tckr.generators.pixel import read_card, read_texts
+
+    with stage_run("finetune", tracking, params=finetune.model_dump(mode="json")):
+        started = time.perf_counter()
+        splits, _ = load_prepared(data)
+        # The channels the generator models: the dataset's for the pixel UNet, RGB for Stable Diffusion's VAE.
+        images = decode_split(splits["train"], image_size, read_card(base_model)["channels"])
+        texts = read_texts(captions / "train" / "captions.jsonl")
+        summary = finetune_generator(base_model, images, texts, finetune, adapter, _device(runtime),
+                                     on_step=lambda step, loss: _log_every(step, 10, {"lora_loss": loss}))
+        metrics = {"finetune.final_loss": summary["final_loss"], "finetune.steps": float(summary["steps"]),
+                   "stage.finetune.seconds": time.perf_counter() - started}
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifact(str(adapter / "loss.csv"))
+        mlflow.log_artifact(str(adapter / "adapter.json"))
+    return metrics
+
+
+def _generation_plan(cfg: GenerateConfig, data: Path, captions: Path):
+    import json
+
+    from tckr.data.ingest import DatasetInfo
+    from tckr.generators.generate import plan_generation
+
+    info = DatasetInfo.load(data / "dataset.json")
+    by_class = json.loads((captions / "train" / "captions_by_class.json").read_text())
+    return plan_generation(by_class, info.classes, info.splits["train"].count, cfg), info
+
+
+@stage(sections=("generate",), inputs={"data": DATASET, "captions": ARTIFACT}, returns="fan-out", tracked=False,
+       resources=resources("500m", "2", "4Gi", "8Gi"))
+def generation_plan(*, generate: GenerateConfig, data: Path, captions: Path) -> list[int]:
+    """The shard numbers of the generation plan, for the ParallelFor fan-out."""
+    from tckr.generators.generate import shard_ranges
+
+    plan, _ = _generation_plan(generate, data, captions)
+    return list(range(len(shard_ranges(len(plan), generate.shard_size))))
+
+
+@stage(sections=("generate", "runtime"), params={"shard": int},
+       inputs={"data": DATASET, "captions": ARTIFACT, "base_model": MODEL, "adapter": MODEL},
+       outputs={"images": DATASET}, returns="nothing", tracked=False, multi_gpu=True,
+       resources=resources("4", "8", "24Gi", "32Gi", gpus=1))
+def generate_shard(*, generate: GenerateConfig, runtime: RuntimeConfig, shard: int, data: Path, captions: Path,
+                   base_model: Path, adapter: Path, images: Path) -> None:
+    """One shard of the synthetic set (one task of the fan-out), resumable like any shard."""
+    from tckr.generators.generate import generate_shards
+    from tckr.generators.lora import load_finetuned
+
+    plan, _ = _generation_plan(generate, data, captions)
+    generate_shards(load_finetuned(base_model, adapter, _device(runtime)), plan, images, generate, shards=[int(shard)])
+
+
+@stage(sections=("image_size", "generate", "runtime"),
+       inputs={"data": DATASET, "captions": ARTIFACT, "base_model": MODEL, "adapter": MODEL, "teacher_model": MODEL,
+               "shards": collected(DATASET)},
+       outputs={"synthetic": DATASET}, multi_gpu=True,
+       resources=resources("8", "16", "32Gi", "48Gi", gpus=1))  # missing shards + the teacher over all images
+def generate(*, image_size: int, generate: GenerateConfig, runtime: RuntimeConfig, data: Path, captions: Path,
+             base_model: Path, adapter: Path, teacher_model: Path, shards: list[Path], synthetic: Path,
+             tracking: Tracking) -> Metrics:
+    """The synthetic set: shards made by the fan-out are gathered, any missing shard is generated here, the
+    whole is checked against the plan and scored by the teacher's agreement with the prompts' classes."""
+    import mlflow
+
+    from tckr.data.images import BatchAugment, ImageSplit
+    from tckr.generators.generate import finalize, gather_shards, generate_shards, load_synthetic, sample_grid
+    from tckr.generators.lora import load_finetuned
+    from tckr.training.classifier import accuracy, load_classifier, predict_logits
+
+    with stage_run("generate", tracking, params=generate.model_dump(mode="json")):
+        started = time.perf_counter()
+        plan, info = _generation_plan(generate, data, captions)
+        device = _device(runtime)
+        gathered = gather_shards(shards, synthetic) if distributed.is_lead() else []
+        distributed.barrier()  # the gathered shards are in place before any rank looks for missing ones
+        made_here = generate_shards(load_finetuned(base_model, adapter, device), plan, synthetic, generate)
+        if not distributed.is_lead():
+            return {}
+        summary = finalize(synthetic, plan, generate)
+        images = ImageSplit(load_synthetic(synthetic, info.classes), image_size, info.channels)
+        logits = predict_logits(load_classifier(teacher_model, device), BatchAugment(info.mean, info.std).to(device),
+                                images, 512, device, "teacher on synthetic")
+        grid = sample_grid(synthetic, info.classes, per_class=10)
+        metrics = {"synthetic.images": float(summary["images"]), "synthetic.shards": float(summary["shards"]),
+                   "synthetic.shards_gathered": float(len(gathered)),
+                   "synthetic.shards_generated_here": float(len(made_here)),
+                   "synthetic.teacher_agreement": accuracy(logits, images.labels),
+                   "synthetic.images_per_second": summary["images"] / summary["generation_seconds"],
+                   "stage.generate_shards.seconds": summary["generation_seconds"],
+                   "stage.generate.seconds": time.perf_counter() - started}
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifact(str(grid))
+        mlflow.log_artifact(str(synthetic / "synthetic.json"))
+    return metrics
+
+
+@stage(sections=("image_size", "student", "distill", "runtime"),
+       inputs={"data": DATASET, "synthetic": DATASET, "teacher_model": MODEL}, outputs={"model": MODEL},
+       multi_gpu=True, resources=resources("8", "16", "32Gi", "48Gi", gpus=1, shm="8Gi"))
+def student(*, image_size: int, student: ClassifierConfig, distill: DistillConfig, runtime: RuntimeConfig,
+            data: Path, synthetic: Path, teacher_model: Path, model: Path, tracking: Tracking) -> Metrics:
+    """Distil the teacher into the student on the synthetic set only (GKD); select and test on real data."""
+    from tckr.data.ingest import load_prepared
+    from tckr.generators.generate import load_synthetic
+    from tckr.generators.pixel import digest_files
+    from tckr.recipes.tckr.distill import train_student
+
+    params = student.model_dump(mode="json") | {f"distill.{k}": v for k, v in distill.model_dump().items()}
+    with stage_run("student", tracking, params=params):
+        started = time.perf_counter()
+        splits, info = load_prepared(data)
+        images = load_synthetic(synthetic, info.classes)
+        sources = digest_files([synthetic / "manifest.jsonl", teacher_model / "model.safetensors"])
+        result = train_student(student, distill, images, splits, info, image_size, teacher_model, model,
+                               _device(runtime), sources_key=sources, on_epoch=_log_epoch)
+        if result is None:  # not the lead rank
+            return {}
+        return _classifier_metrics("student", result, model, splits, info, image_size, started,
+                                   **{"student.synthetic_images": float(len(images))})
+
+
+@stage(sections=("attack",), returns="fan-out", tracked=False, resources=resources("250m", "1", "1Gi", "2Gi"))
+def shadow_plan(*, attack: AttackConfig) -> list[int]:
+    """The shadow-model groups, for the ParallelFor fan-out."""
+    from tckr.privacy.shadows import shadow_groups
+
+    return list(range(len(shadow_groups(attack))))
+
+
+@stage(sections=("image_size", "teacher", "attack", "runtime"), params={"group": int}, inputs={"data": DATASET},
+       outputs={"shadows": MODEL}, returns="nothing", tracked=False, multi_gpu=True,
+       resources=resources("8", "16", "32Gi", "48Gi", gpus=1, shm="8Gi"))
+def shadow_group(*, image_size: int, teacher: ClassifierConfig, attack: AttackConfig, runtime: RuntimeConfig,
+                 group: int, data: Path, shadows: Path) -> None:
+    """One group of LiRA shadow models of the teacher's recipe, trained together (one task of the fan-out),
+    split over its GPUs; resumable."""
+    from tckr.privacy.attack import load_population, shadow_recipe, train_shadows
+
+    population, validation, info = load_population(attack, image_size, data)
+    train_shadows(shadow_recipe(teacher, attack), attack, population, validation, info, shadows, _device(runtime),
+                  groups=[int(group)])
+
+
+@stage(sections=("image_size", "teacher", "attack", "runtime"),
+       inputs={"data": DATASET, "teacher_model": MODEL, "student_model": MODEL, "shadows": collected(MODEL)},
+       outputs={"results": ARTIFACT},
+       resources=resources("8", "16", "32Gi", "48Gi", gpus=1))  # both targets over the population, two queries
+def attack(*, image_size: int, teacher: ClassifierConfig, attack: AttackConfig, runtime: RuntimeConfig, data: Path,
+           teacher_model: Path, student_model: Path, shadows: list[Path], results: Path,
+           tracking: Tracking) -> Metrics:
+    """LiRA against teacher and student: the fan-out's shadows are used, missing ones are trained here;
+    each shadow becomes a nested MLflow run under the attack's."""
+    import mlflow
+
+    from tckr.privacy.attack import attack as run_attack
+    from tckr.privacy.attack import collect_shadows, load_population, shadow_recipe, train_shadows
+
+    with stage_run("attack", tracking, params=attack.model_dump(mode="json")) as run:
+        started = time.perf_counter()
+        device = _device(runtime)
+        shadows_here = results / "shadows"
+        population, validation, info = load_population(attack, image_size, data)
+        trained_here = train_shadows(shadow_recipe(teacher, attack), attack, population, validation, info,
+                                     shadows_here, device, done_elsewhere=shadows)
+        logits, summaries = collect_shadows([shadows_here, *shadows], attack.shadows)
+        outcome = run_attack(attack, population, info, logits, {"teacher": teacher_model, "student": student_model},
+                             results, device, teacher.eval_batch_size)
+        _log_shadow_runs(run.info.experiment_id, run.info.run_id, summaries)
+        metrics: Metrics = {}
+        for name, result in outcome.items():
+            metrics |= result.metrics(f"{name}.mia")
+        metrics |= {"attack.shadows": float(len(summaries)), "attack.shadows_trained_here": float(len(trained_here)),
+                    "attack.shadow_val_accuracy": sum(s["val_accuracy"] for s in summaries) / len(summaries),
+                    "attack.population": float(len(population)),
+                    "stage.shadows.seconds": sum(s["seconds"] for s in summaries),
+                    "stage.attack.seconds": time.perf_counter() - started}
+        mlflow.log_metrics(metrics)
+        for name in ("attack.json", "roc.png", "roc-teacher.csv", "roc-student.csv", "scores.csv"):
+            mlflow.log_artifact(str(results / name))
+    return metrics
+
+
+def _log_shadow_runs(experiment_id: str, attack_run_id: str, summaries: list[dict]) -> None:
+    """One finished nested run per shadow: its half of the population, selection and fit."""
+    import mlflow
+    from mlflow.entities import Metric, Param
+
+    client = mlflow.MlflowClient()
+    now = int(time.time() * 1000)
+    for summary in summaries:
+        run = client.create_run(experiment_id, run_name=f"shadow-{summary['index']:03d}",
+                                tags={"mlflow.parentRunId": attack_run_id, "tckr.stage": "shadow"})
+        history = [Metric("val_accuracy", r["val_accuracy"], now, r["epoch"]) for r in summary["history"]]
+        final = [Metric(key, float(summary[key]), now, 0) for key in ("in_accuracy", "out_accuracy")]
+        client.log_batch(run.info.run_id, metrics=history + final,
+                         params=[Param("index", str(summary["index"])), Param("members", str(summary["members"])),
+                                 Param("best_epoch", str(summary["best_epoch"]))])
+        client.set_terminated(run.info.run_id)
+
+
+# TCKR's champion: the student with the best accuracy over privacy (AOP), compared within this recipe's own
+# registered models only (their names carry the recipe).
+CHAMPION_ROLE, CHAMPION_METRIC = "student", "aop"
+
+
+@stage(sections=(ALL_SECTIONS,),
+       inputs={"teacher_model": MODEL, "student_model": MODEL, "teacher_metrics": METRICS,
+               "student_metrics": METRICS, "attack_metrics": METRICS},
+       cache=False,  # registering twice makes two versions: only on purpose
+       resources=resources("1", "2", "4Gi", "8Gi"))
+def register(*, config: TckrRun, teacher_model: Path, student_model: Path, teacher_metrics: Metrics,
+             student_metrics: Metrics, attack_metrics: Metrics, tracking: Tracking) -> Metrics:
+    """AOP of teacher and student, then both registered with what they leak; the student becomes
+    ``champion`` only if its AOP beats the current champion's (and ``candidate`` either way)."""
+    import json
+
+    import mlflow
+
+    from tckr.platform.tracking import champion_score, register_model
+    from tckr.privacy.lira import aop
+
+    merged = teacher_metrics | student_metrics | attack_metrics
+    model_dirs = {"teacher": teacher_model, "student": student_model}
+    with stage_run("register", tracking):
+        metrics: Metrics = {f"{role}.aop": aop(merged[f"{role}.test_accuracy"], merged[f"{role}.mia.auc"])
+                            for role in model_dirs}
+        metrics["student.accuracy_ratio"] = merged["student.test_accuracy"] / merged["teacher.test_accuracy"]
+        if config.tracking.register_models:
+            for role, model_dir in model_dirs.items():
+                name = config.registered_model_name(role)
+                card = json.loads((model_dir / "model.json").read_text())
+                tags = {"recipe": config.recipe, "dataset": config.dataset, "profile": config.profile,
+                        "config_hash": config.fingerprint(), "dataset_fingerprint": card["dataset_fingerprint"],
+                        "classes": ",".join(card["classes"]),
+                        "input": f"float32 [N, {card['in_chans']}, {config.image_size}, {config.image_size}] in [0, 1]",
+                        "accuracy": f"{merged[f'{role}.test_accuracy']:.4f}",
+                        "auc_mia": f"{merged[f'{role}.mia.auc']:.4f}",
+                        "tpr_at_1pct_fpr": f"{merged[f'{role}.mia.tpr_at_1pct_fpr']:.4f}",
+                        "aop": f"{metrics[f'{role}.aop']:.4f}"}
+                aliases: tuple[str, ...] = ()
+                if role == CHAMPION_ROLE:
+                    current = champion_score(name, CHAMPION_METRIC)
+                    promoted = current is None or metrics[f"{role}.{CHAMPION_METRIC}"] > current
+                    metrics[f"{role}.champion"] = float(promoted)
+                    aliases = ("candidate", "champion") if promoted else ("candidate",)
+                uri = json.loads((model_dir / "logged_model.json").read_text())["model_uri"]
+                metrics[f"{role}.registry_version"] = float(register_model(uri, name, tags, aliases))
+        mlflow.log_metrics(metrics)
+    return metrics
+
+
+@stage(sections=(ALL_SECTIONS,),
+       inputs={"ingest_metrics": METRICS, "teacher_metrics": METRICS, "caption_metrics": METRICS,
+               "generator_metrics": METRICS, "finetune_metrics": METRICS, "generate_metrics": METRICS,
+               "student_metrics": METRICS, "attack_metrics": METRICS, "register_metrics": METRICS,
+               "synthetic": DATASET, "attack_results": ARTIFACT},
+       outputs={"summary": MARKDOWN}, cache=False, resources=resources("500m", "2", "2Gi", "4Gi"))
+def report(*, config: TckrRun, ingest_metrics: Metrics, teacher_metrics: Metrics, caption_metrics: Metrics,
+           generator_metrics: Metrics, finetune_metrics: Metrics, generate_metrics: Metrics, student_metrics: Metrics,
+           attack_metrics: Metrics, register_metrics: Metrics, synthetic: Path, attack_results: Path, summary: Path,
+           tracking: Tracking) -> Metrics:
+    """Merge the stages' metrics into the run report (``report/`` beside ``summary``: report.md, metrics.json,
+    config.yaml and the figures) and close the pipeline's parent run."""
+    import shutil
+
+    import mlflow
+
+    from tckr.platform.tracking import TrackingError, configure, finish_pipeline_run, pipeline_run_id
+    from tckr.recipes.tckr.report import write_report
+
+    out_dir = summary.parent / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(synthetic / "samples.png", out_dir / "samples.png")
+    shutil.copyfile(attack_results / "roc.png", out_dir / "roc.png")
+    configure(tracking.uri)
+    parent_run_id = pipeline_run_id(tracking.experiment)
+    if parent_run_id is None:
+        raise TrackingError("the report closes the pipeline's parent run, and this process is not in a pipeline run")
+    parent = mlflow.get_run(parent_run_id)
+    metrics: Metrics = {}
+    for part in (ingest_metrics, teacher_metrics, caption_metrics, generator_metrics, finetune_metrics,
+                 generate_metrics, student_metrics, attack_metrics, register_metrics):
+        metrics.update(part)
+    metrics["run.seconds"] = time.time() - parent.info.start_time / 1000.0
+    paths = write_report(config, metrics, out_dir, parent)
+    shutil.copyfile(out_dir / "report.md", summary)
+    client = mlflow.MlflowClient()
+    client.log_batch(parent_run_id, metrics=[mlflow.entities.Metric(k, float(v), int(time.time() * 1000), 0)
+                                             for k, v in metrics.items()])
+    for path in paths:
+        client.log_artifact(parent_run_id, str(path))
+    finish_pipeline_run(parent_run_id)
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _device(runtime: RuntimeConfig):
+    from tckr.core.device import stage_device
+
+    return stage_device(runtime)
+
+
+def _log_every(step: int, every: int, values: dict[str, float]) -> None:
+    import mlflow
+
+    if step % every == 0:
+        mlflow.log_metrics(values, step=step)
+
+
+def _log_epoch(record: dict) -> None:
+    import mlflow
+
+    mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
+
+
+def _classifier_metrics(role: str, result, model_dir: Path, splits, info, image_size: int, started: float,
+                        **extra: float) -> Metrics:
+    """A trained classifier's metrics (logged) and its logged model (served form: float images in [0, 1] -> logits), its
+    URI noted in ``model_dir/logged_model.json`` for the register stage."""
+    import json
+
+    import mlflow
+    import torch
+
+    from tckr.data.images import ImageSplit
+    from tckr.platform.tracking import log_classifier
+    from tckr.training.classifier import load_classifier
+    from tckr.training.models import NormalizedClassifier
+
+    metrics = {f"{role}.test_accuracy": result.test_accuracy, f"{role}.val_accuracy": result.val_accuracy,
+               f"{role}.best_epoch": float(result.best_epoch), f"{role}.images_per_second": result.images_per_second,
+               f"stage.{role}.seconds": time.perf_counter() - started} | extra
+    mlflow.log_metrics(metrics)
+    mlflow.log_artifact(str(model_dir / "model.json"))
+    model = NormalizedClassifier(load_classifier(model_dir), info.mean, info.std).eval()
+    test = ImageSplit(splits["test"], image_size, info.channels)
+    example = torch.stack([test[0][0], test[1][0]]).float().div(255).numpy()  # batch >= 2 for pt2
+    (model_dir / "logged_model.json").write_text(json.dumps({"model_uri": log_classifier(model, example)}))
+    return metrics
