@@ -259,7 +259,7 @@ class _Counting:
         return self.generator.sample(prompts, *args)
 
 
-def _generate_every_shard(generator_dir, cfg: GenerateConfig, out_dir) -> tuple[list[int], int]:
+def _generate_every_shard(*, generator_dir, cfg: GenerateConfig, out_dir) -> tuple[list[int], int]:
     """What each rank runs: load the generator, make its share of every shard; the shards written and
     how many images this rank sampled."""
     generator = _Counting(PixelGenerator.load(generator_dir, CPU))
@@ -277,9 +277,8 @@ def test_two_ranks_make_the_same_shards_as_one(tmp_path, base_generator, monkeyp
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))  # the ranks unpickle this helper
     monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # the same float arithmetic as here
     cfg = GenerateConfig(ratio=1.0, steps=2, batch_size=2, shard_size=5, seed=5)  # 12 images: shards of 5, 5, 2
-    two_ranks = load_config("smoke", ["runtime.device=cpu", "kubernetes.stages.generate.gpus=2"])
-    written, sampled_by_rank_0 = run_stage(two_ranks, "generate", _generate_every_shard, base_generator, cfg,
-                                           tmp_path / "ranks")
+    written, sampled_by_rank_0 = run_stage("generate", _generate_every_shard, {
+        "generator_dir": base_generator, "cfg": cfg, "out_dir": tmp_path / "ranks"}, count=2, device="cpu")
     assert written == [0, 1, 2]
     assert sampled_by_rank_0 == 3 + 3 + 2  # batches 0 and 2 of the two full shards, the last shard's only batch
     plan = plan_generation(CAPTIONS, CLASSES, 12, cfg)

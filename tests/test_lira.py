@@ -87,7 +87,8 @@ def test_attack_config_is_declared_and_checked():
     assert cfg.attack.variant == "online" and cfg.attack.shadows % 2 == 0
     with pytest.raises(ConfigError, match="shadows must be even"):
         load_config("demo", ["attack.shadows=5"])
-    assert cfg.student_recipe.mixup_alpha == 0.0 and cfg.student_recipe.model == cfg.teacher.model
+    derived = load_config("demo", ["student=null"]).student  # resolved from the teacher, as the reference does
+    assert derived.mixup_alpha == 0.0 and derived.model == cfg.teacher.model and derived.epochs == cfg.teacher.epochs
 
 
 # ------------------------------------------------------------------- the attack on real models
