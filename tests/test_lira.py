@@ -173,11 +173,12 @@ def test_killed_shadow_group_resumes_to_the_same_models(world, tmp_path, monkeyp
     assert train_shadow_group(recipe, [0, 1], keep, population, validation, INFO, killed, CPU, False) == []
 
 
-def _train_shadow_group_0(cfg, population, validation, out_dir) -> list[int]:
+def _train_shadow_group_0(*, cfg, population, validation, out_dir) -> list[int]:
     """What each rank of a shadow_group task given two GPUs runs (its share of group 0)."""
-    from tckr.privacy.attack import train_shadows
+    from tckr.privacy.attack import shadow_recipe, train_shadows
 
-    return train_shadows(cfg, population, validation, INFO, out_dir, CPU, groups=[0])
+    return train_shadows(shadow_recipe(cfg.teacher, cfg.attack), cfg.attack, population, validation, INFO, out_dir,
+                         CPU, groups=[0])
 
 
 def test_two_ranks_split_a_shadow_group_and_each_shadow_is_the_one_trained_alone(world, tmp_path, monkeypatch):
@@ -190,14 +191,15 @@ def test_two_ranks_split_a_shadow_group_and_each_shadow_is_the_one_trained_alone
     population, validation, _ = world
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))  # the ranks unpickle the helper
     monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # the same float arithmetic as here
-    cfg = load_config("smoke", ["runtime.device=cpu", "kubernetes.stages.shadow_group.gpus=2"])
+    cfg = load_config("smoke", ["runtime.device=cpu"])
     assert cfg.attack.shadows_per_group == 2
-    trained_by_rank_0 = run_stage(cfg, "shadow_group", _train_shadow_group_0, cfg, population, validation,
-                                  tmp_path / "ranks")
+    trained_by_rank_0 = run_stage("shadow_group", _train_shadow_group_0, {
+        "cfg": cfg, "population": population, "validation": validation, "out_dir": tmp_path / "ranks"},
+        count=2, device="cpu")
     assert trained_by_rank_0 == [0]
     keep = keep_matrix(cfg.attack, len(population))
     for index in (0, 1):  # rank 0 trained shadow 0, rank 1 shadow 1: each from its own seeds
-        train_shadow_group(shadow_recipe(cfg), [index], keep, population, validation, INFO, tmp_path / "alone", CPU,
+        train_shadow_group(shadow_recipe(cfg.teacher, cfg.attack), [index], keep, population, validation, INFO, tmp_path / "alone", CPU,
                            vectorize=False)
         name = f"shadow-{index:04d}/logits.npy"
         assert np.array_equal(np.load(tmp_path / "ranks" / name), np.load(tmp_path / "alone" / name))
