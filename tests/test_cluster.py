@@ -11,21 +11,18 @@ import yaml
 
 import tckr.pipelines
 from tckr.components import CUDA_IMAGE, IMAGE
-from tckr.config import PAPER_STAGE_RESOURCES
-from tckr.core.config import KubernetesConfig
+from tckr.core.distributed import PROCESSES_ENV
 from tckr.core.errors import ConfigError
 from tckr.pipelines.cluster import KFP_RUN_ID_FIELD
-from tckr.pipelines.compile import compile_all
-from tckr.pipelines.tckr_pipeline import build_pipeline
+from tckr.pipelines.compile import COMMITTED, compile_pipeline, pipeline_for
 from tckr.platform.tracking import KFP_RUN_ID_ENV
 from tckr.recipes.config import load_config
+from tckr.recipes.tckr.stages import STAGES
 
-GPU_STAGES = {name for name, need in PAPER_STAGE_RESOURCES.items() if need["gpus"]}
+GPU_STAGES = {stage.name for stage in STAGES if stage.resources["gpus"]}
 TRACKED_STAGES = {"start_run", "ingest", "teacher", "caption", "generator", "finetune", "generate", "student",
                   "attack", "register", "report"}  # the components that take tracking_uri
-SEEDED_STAGES = {"ingest", "teacher", "generator", "finetune", "generation_plan", "generate_shard", "generate",
-                 "student", "shadow_group", "attack"}
-PER_RUN_PARAMETERS = {"run_name"}  # tckr.runner.new_run_name: new every run
+PER_RUN_PARAMETERS = {"run_name"}  # tckr.platform.runner.new_run_name: new every run
 CREDENTIAL_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_USERNAME",
                         "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"}
 
@@ -37,9 +34,8 @@ def _read(path: Path) -> tuple[dict, dict, str]:
     return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"], text
 
 
-def _compile(tmp_path: Path, cluster: KubernetesConfig | None = None) -> tuple[dict, dict, str]:
-    (path,) = compile_all(tmp_path, cluster)
-    return _read(path)
+def _compile(tmp_path: Path, overrides: list[str] = (), profile: str = "paper-cifar10") -> tuple[dict, dict, str]:
+    return _read(compile_pipeline(load_config(profile, overrides), tmp_path / "pipeline.yaml"))
 
 
 @pytest.fixture(scope="module")
@@ -63,19 +59,21 @@ def _tasks(spec: dict):
                 yield executor.removeprefix("exec-").replace("-", "_"), task, dag_name
 
 
-def test_paper_profile_is_the_default_section():
-    assert load_config("paper-cifar10").kubernetes == KubernetesConfig()
+def test_the_committed_pipeline_is_the_paper_profile_with_a_task_for_every_declared_stage():
+    assert COMMITTED == {"tckr_pipeline.yaml": "paper-cifar10"}
     committed, _, _ = _read(Path(tckr.pipelines.__file__).parent / "tckr_pipeline.yaml")
-    assert set(_executors(committed)) == set(PAPER_STAGE_RESOURCES)  # a resources entry for every stage
+    assert set(_executors(committed)) == set(STAGES.names())
+    assert load_config("paper-cifar10").kubernetes.stages == {
+        stage.name: load_config("paper-cifar10").kubernetes.stages[stage.name] for stage in STAGES}
 
 
-def test_every_task_requests_cpu_and_memory(paper):
+def test_every_task_requests_its_declared_cpu_and_memory(paper):
     spec, _, _ = paper
     for stage, container in _executors(spec).items():
-        need, resources = KubernetesConfig().stages[stage], container["resources"]
-        assert resources["resourceCpuRequest"] == need.cpu and resources["resourceCpuLimit"] == need.cpu_limit
-        assert resources["resourceMemoryRequest"] == need.memory
-        assert resources["resourceMemoryLimit"] == need.memory_limit
+        need, resources = STAGES[stage].resources, container["resources"]
+        assert resources["resourceCpuRequest"] == need["cpu"] and resources["resourceCpuLimit"] == need["cpu_limit"]
+        assert resources["resourceMemoryRequest"] == need["memory"]
+        assert resources["resourceMemoryLimit"] == need["memory_limit"]
 
 
 def test_gpu_stages_get_one_gpu_the_cuda_image_and_gpu_nodes(paper):
@@ -116,7 +114,7 @@ def test_tracked_tasks_get_credentials_from_secrets_only(paper):
     spec, platform, text = paper
     for stage, container in _executors(spec).items():
         secrets = platform.get(f"exec-{stage.replace('_', '-')}", {}).get("secretAsEnv", [])
-        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        env = {e["name"]: e["value"] for e in container.get("env", []) if e["name"] != PROCESSES_ENV}
         assert not CREDENTIAL_VARIABLES & set(env)
         if stage not in TRACKED_STAGES:
             assert secrets == [] and env == {}
@@ -138,30 +136,61 @@ def test_tracked_tasks_get_credentials_from_secrets_only(paper):
 
 
 def test_secrets_can_be_switched_off(tmp_path):
-    cluster = load_config("paper-cifar10", ["kubernetes.s3_secret=null", "kubernetes.mlflow_secret=null"]).kubernetes
-    spec, platform, _ = _compile(tmp_path, cluster)
+    spec, platform, _ = _compile(tmp_path, ["kubernetes.s3_secret=null", "kubernetes.mlflow_secret=null"])
     assert not any("secretAsEnv" in p for p in platform.values())
-    assert all("env" not in c for c in _executors(spec).values())
+    assert all(set(e["name"] for e in c.get("env", [])) <= {PROCESSES_ENV} for c in _executors(spec).values())
 
 
-def test_stochastic_stages_are_cached_by_their_seed(paper):
-    """Caching is on in a cluster: a stage that draws random numbers must take its seed as an input,
-    wired from the pipeline's own ``*_seed`` parameter (through the fan-out loops' inputs)."""
-    spec, _, _ = paper
-    loops = {task["componentRef"]["name"]: task for task in spec["root"]["dag"]["tasks"].values()
-             if "parameterIterator" in task}
-    seeded = set()
+def _resolved_inputs(spec: dict) -> dict[str, dict]:
+    """Each stage's task inputs as the KFP backend resolves them for its cache key: pipeline parameters to their
+    (default) values, constants to themselves, other tasks' outputs to ``producer.output``; a fan-out loop's
+    inputs followed to what the loop task was given."""
+    root = spec["root"]["inputDefinitions"]["parameters"]
+    loops = {t["componentRef"]["name"]: t for t in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in t}
+
+    def value(parameter: dict, dag: str):
+        if dag != "root" and parameter.get("componentInputParameter") in loops[dag]["inputs"]["parameters"]:
+            parameter = loops[dag]["inputs"]["parameters"][parameter["componentInputParameter"]]
+        if "componentInputParameter" in parameter:
+            name = parameter["componentInputParameter"]
+            return root[name].get("defaultValue") if name in root else f"loop item {name}"
+        if "taskOutputParameter" in parameter:
+            output = parameter["taskOutputParameter"]
+            return f"{output['producerTask']}.{output['outputParameterKey']}"
+        return parameter.get("runtimeValue", {}).get("constant")
+
+    resolved = {}
     for stage, task, dag in _tasks(spec):
-        seed = task["inputs"]["parameters"].get("seed")
-        if seed is None:
-            continue
-        seeded.add(stage)
-        source = seed["componentInputParameter"]
-        if dag != "root":  # the loop DAG receives the pipeline parameter under a channel name
-            source = loops[dag]["inputs"]["parameters"][source]["componentInputParameter"]
-        assert source.endswith("_seed") and source in spec["root"]["inputDefinitions"]["parameters"], stage
-        assert task["cachingOptions"] == {"enableCache": True}, stage
-    assert seeded == SEEDED_STAGES
+        inputs = {name: value(parameter, dag) for name, parameter in task["inputs"].get("parameters", {}).items()}
+        for name, artifact in task["inputs"].get("artifacts", {}).items():
+            source = artifact.get("taskOutputArtifact") or artifact
+            inputs[name] = str(source)
+        resolved[stage] = inputs
+    return resolved
+
+
+def test_every_task_receives_only_its_own_sections(paper):
+    """Sections travel as pipeline parameters of their own name; a task takes exactly those its stage declares."""
+    spec, _, _ = paper
+    sections = set(load_config("paper-cifar10").model_fields)
+    for stage, inputs in _resolved_inputs(spec).items():
+        declared = STAGES[stage].sections
+        expected = sections if declared == ("*",) else set(declared)
+        assert set(inputs) & sections == expected, stage
+
+
+def test_an_attack_setting_leaves_every_earlier_task_cached(tmp_path):
+    """Cluster caching keys on a task's resolved inputs: changing attack.* must give the upstream tasks exactly
+    the inputs they had (so they are reused), and the shadow and attack tasks new ones."""
+    before = _resolved_inputs(_compile(tmp_path / "a")[0])
+    after = _resolved_inputs(_compile(tmp_path / "b", ["attack.shadows=32", "attack.seed=7",
+                                                       "attack.variance=per_example"])[0])
+    for stage in ("ingest", "teacher", "caption", "generator", "finetune", "generation_plan", "generate_shard",
+                  "generate", "student"):
+        assert before[stage] == after[stage], stage
+    for stage in ("shadow_plan", "shadow_group", "attack"):
+        assert before[stage] != after[stage], stage
+    assert after["attack"]["attack"] != before["attack"]["attack"]
 
 
 def _parameter_sources(spec: dict, task: dict, dag: str) -> set[str]:
@@ -212,7 +241,7 @@ def test_only_run_bookkeeping_is_uncached(paper):
 
 
 def test_demo_profile_compiles_for_a_cpu_cluster(tmp_path):
-    spec, platform, _ = _compile(tmp_path, load_config("demo").kubernetes)
+    spec, platform, _ = _compile(tmp_path, profile="demo")
     containers = _executors(spec)
     assert all("accelerator" not in c["resources"] and c["image"] == IMAGE for c in containers.values())
     assert not any("nodeSelector" in p or "tolerations" in p or "emptyDirMounts" in p for p in platform.values())
@@ -220,20 +249,23 @@ def test_demo_profile_compiles_for_a_cpu_cluster(tmp_path):
 
 
 def test_overrides_reach_the_compiled_task(tmp_path):
-    cluster = load_config("paper-cifar10", ["kubernetes.stages.teacher.memory=40Gi",
+    spec, platform, _ = _compile(tmp_path, ["kubernetes.stages.teacher.memory=40Gi",
                                             "kubernetes.gpu_node_selector={cloud.google.com/gke-accelerator: "
-                                            "nvidia-l4}"]).kubernetes
-    spec, platform, _ = _compile(tmp_path, cluster)
+                                            "nvidia-l4}"])
     assert _executors(spec)["teacher"]["resources"]["resourceMemoryRequest"] == "40Gi"
     assert _executors(spec)["teacher"]["resources"]["resourceMemoryLimit"] == "48Gi"  # merged over the default
     assert platform["exec-teacher"]["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
 
 
 def test_a_multi_gpu_stage_requests_all_its_gpus(tmp_path):
-    """Its pod gets every GPU; the component runs one process per GPU in it (tests/test_distributed.py)."""
-    spec, _, _ = _compile(tmp_path, load_config("paper-cifar10", ["kubernetes.stages.teacher.gpus=4"]).kubernetes)
-    assert _executors(spec)["teacher"]["resources"]["accelerator"]["resourceCount"] == "4"
-    assert _executors(spec)["student"]["resources"]["accelerator"]["resourceCount"] == "1"
+    """Its pod gets every GPU; the launcher runs one process per GPU in it (tests/test_distributed.py)."""
+    spec, _, _ = _compile(tmp_path, ["kubernetes.stages.teacher.gpus=4"])
+    containers = _executors(spec)
+    assert containers["teacher"]["resources"]["accelerator"]["resourceCount"] == "4"
+    assert containers["student"]["resources"]["accelerator"]["resourceCount"] == "1"
+    assert {e["name"]: e["value"] for e in containers["teacher"]["env"]}[PROCESSES_ENV] == "4"
+    assert {e["name"]: e["value"] for e in containers["student"]["env"]}[PROCESSES_ENV] == "1"
+    assert PROCESSES_ENV not in {e["name"] for e in containers["caption"].get("env", [])}  # one device only
 
 
 @pytest.mark.parametrize(("override", "message"), [
@@ -250,15 +282,16 @@ def test_kfp_local_ignores_the_cluster_settings(tmp_path):
     """`tckr run` executes the placed graph: kfp.local must run tasks that carry GPUs, secrets and mounts."""
     from kfp import compiler, dsl, local
 
-    from tckr.components.shadow_plan import shadow_plan
+    from tckr.components.factory import component, parameter_value
+    from tckr.core.config import KubernetesConfig
     from tckr.pipelines.cluster import place_all_tasks
 
-    cluster = KubernetesConfig(stages={"shadow_plan": {"gpus": 1, "shm": "1Gi"}})
+    cluster = KubernetesConfig(stages={"shadow_plan": {**STAGES["shadow_plan"].resources, "gpus": 1, "shm": "1Gi"}})
 
     @dsl.pipeline(name="placed")
-    def placed(config_json: str) -> list[int]:
-        plan = shadow_plan(config_json=config_json)
-        place_all_tasks(cluster)
+    def placed(attack: str) -> list[int]:
+        plan = component("tckr", "shadow_plan")(attack=attack)
+        place_all_tasks(cluster, STAGES)
         return plan.output
 
     compiler.Compiler().compile(placed, str(tmp_path / "placed.yaml"))
@@ -267,11 +300,12 @@ def test_kfp_local_ignores_the_cluster_settings(tmp_path):
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"),
                raise_on_error=True)
     cfg = load_config("smoke")
-    assert [int(g) for g in placed(config_json=cfg.model_dump_json()).output] == [0, 1]
+    assert [int(g) for g in placed(attack=parameter_value(cfg.section_value("attack"))).output] == [0, 1]
 
 
-def test_pipeline_factory_places_every_task(tmp_path):
-    """build_pipeline and the module's tckr_pipeline are the same graph; only placement differs."""
-    demo = build_pipeline(load_config("demo").kubernetes).pipeline_spec
-    default = build_pipeline(KubernetesConfig()).pipeline_spec
-    assert demo.root == default.root and demo.components == default.components
+def test_profiles_change_placement_and_defaults_not_the_graph():
+    """The demo and paper pipelines are one graph; only placement and the parameters' defaults differ."""
+    demo = pipeline_for(load_config("demo")).pipeline_spec
+    paper = pipeline_for(load_config("paper-cifar10")).pipeline_spec
+    assert demo.root.dag == paper.root.dag and demo.components == paper.components
+    assert demo.root.input_definitions != paper.root.input_definitions

@@ -24,22 +24,21 @@ def sections_of(cfg: Any, stage: Stage) -> dict[str, Any]:
 
 
 def parse_sections(recipe: Recipe, stage: Stage, values: dict[str, Any]) -> dict[str, Any]:
-    """The stage's sections from the values a task receives: scalars as themselves, sections as JSON text
-    (each validated as its own field of the recipe's configuration)."""
+    """The stage's sections from the values a task receives: scalars as themselves, sections as their JSON
+    text (``tckr.components.factory.parameter_value``), each validated as its field of the recipe's model."""
+    fields = recipe.config.model_fields
+
     def decoded(name: str) -> Any:
-        value = values[name]
-        return json.loads(value) if isinstance(value, str) and isinstance(recipe.config.model_fields[name].annotation,
-                                                                          type) and issubclass(
-            recipe.config.model_fields[name].annotation, BaseModel) else value
+        is_section = isinstance(fields[name].annotation, type) and issubclass(fields[name].annotation, BaseModel)
+        return json.loads(values[name]) if is_section and isinstance(values[name], str) else values[name]
 
     if stage.sections == (ALL_SECTIONS,):
-        return {"config": parse_config({name: decoded(name) for name in recipe.config.model_fields},
+        return {"config": parse_config({name: decoded(name) for name in fields},
                                        origin=f"{stage.name} task's configuration")}
     typed = {}
     for name in stage.sections:
-        field = recipe.config.model_fields[name]
         try:
-            typed[name] = TypeAdapter(Annotated[field.annotation, field]).validate_python(decoded(name))
+            typed[name] = TypeAdapter(Annotated[fields[name].annotation, fields[name]]).validate_python(decoded(name))
         except ValidationError as error:
             raise ConfigError(f"invalid {name} section of the {stage.name} task: {error}") from None
     return typed
