@@ -199,8 +199,8 @@ def test_two_ranks_split_a_shadow_group_and_each_shadow_is_the_one_trained_alone
     assert trained_by_rank_0 == [0]
     keep = keep_matrix(cfg.attack, len(population))
     for index in (0, 1):  # rank 0 trained shadow 0, rank 1 shadow 1: each from its own seeds
-        train_shadow_group(shadow_recipe(cfg.teacher, cfg.attack), [index], keep, population, validation, INFO, tmp_path / "alone", CPU,
-                           vectorize=False)
+        train_shadow_group(shadow_recipe(cfg.teacher, cfg.attack), [index], keep, population, validation, INFO,
+                           tmp_path / "alone", CPU, vectorize=False)
         name = f"shadow-{index:04d}/logits.npy"
         assert np.array_equal(np.load(tmp_path / "ranks" / name), np.load(tmp_path / "alone" / name))
 

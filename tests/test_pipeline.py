@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from tckr.cli import main
-from tckr.pipelines.compile import compile_all
+from tckr.pipelines.compile import compile_committed, pipeline_for
 from tckr.platform.runner import run_local
 from tckr.platform.tracking import configure
 from tckr.recipes.config import load_config
@@ -64,12 +64,15 @@ def test_attack_outputs(smoke_run):
 
 def test_base_generator_is_cached(smoke_run, tmp_path):
     """A second run with the same generator settings and public data reuses the pretrained weights."""
-    from tckr.recipes.tckr.stages import generator_stage
+    from tckr.platform.tracking import Tracking
+    from tckr.recipes.tckr.stages import STAGES
 
     cfg, outcome, _ = smoke_run  # (the generator may come from the cache already: the DVC test runs first)
     kfp_dir = next(outcome.run_dir.glob("kfp/*"))
-    metrics = generator_stage(cfg, cfg.generator.seed, kfp_dir / "ingest" / "dataset", kfp_dir / "caption" / "captions",
-                              tmp_path / "again", f"sqlite:///{tmp_path / 'mlruns.db'}")
+    metrics = STAGES["generator"].run(image_size=cfg.image_size, generator=cfg.generator, runtime=cfg.runtime,
+                                      data=kfp_dir / "ingest" / "data", captions=kfp_dir / "caption" / "captions",
+                                      base_model=tmp_path / "again",
+                                      tracking=Tracking(f"sqlite:///{tmp_path / 'mlruns.db'}", cfg.experiment_name))
     assert metrics["generator.cached"] == 1
     weights = "unet/diffusion_pytorch_model.safetensors"
     assert (tmp_path / "again" / weights).read_bytes() == (kfp_dir / "generator" / "base_model" / weights).read_bytes()
@@ -134,11 +137,11 @@ def test_teacher_and_student_registered_and_loadable(smoke_run):
 
 
 def test_champion_moves_only_to_a_better_student(smoke_run):
-    from tckr.recipes.tckr.stages import register_stage
+    from tckr.platform.tracking import Tracking
+    from tckr.recipes.tckr.stages import STAGES
 
     cfg, outcome, uri = smoke_run
     kfp_dir = next(outcome.run_dir.glob("kfp/*"))
-    model_dirs = {"student": kfp_dir / "student" / "model"}
     name = "tckr-fashion-mnist-student"
     client = mlflow.MlflowClient(uri, registry_uri=uri)
 
@@ -148,8 +151,13 @@ def test_champion_moves_only_to_a_better_student(smoke_run):
     champion_aop = float(client.get_model_version_by_alias(name, "champion").tags["aop"])
 
     def register(accuracy: float) -> dict:
-        return register_stage(cfg, model_dirs, [{"student.test_accuracy": accuracy, "student.mia.auc": 0.5,
-                                                 "student.mia.tpr_at_1pct_fpr": 0.01}], uri)
+        return STAGES["register"].run(
+            config=cfg, teacher_model=kfp_dir / "teacher" / "model", student_model=kfp_dir / "student" / "model",
+            teacher_metrics={"teacher.test_accuracy": 0.9, "teacher.mia.auc": 0.6},
+            student_metrics={"student.test_accuracy": accuracy},
+            attack_metrics={"student.mia.auc": 0.5, "student.mia.tpr_at_1pct_fpr": 0.01,
+                            "teacher.mia.tpr_at_1pct_fpr": 0.02},
+            tracking=Tracking(uri, cfg.experiment_name))
 
     worse = register(champion_aop / 2)
     assert worse["student.champion"] == 0
@@ -181,13 +189,15 @@ def test_compiled_pipeline_matches_committed_snapshot(tmp_path):
     import tckr.pipelines
 
     committed = Path(tckr.pipelines.__file__).parent
-    for fresh in compile_all(tmp_path):
+    for fresh in compile_committed(tmp_path):
         assert fresh.read_text() == (committed / fresh.name).read_text(), (
             f"{fresh.name} is stale: run `make compile` and commit the result")
         spec, _ = yaml.safe_load_all(fresh.read_text())  # the pipeline, then its Kubernetes settings
         tasks = spec["root"]["dag"]["tasks"]
         assert tasks["ingest"]["componentRef"] and "teacher" in tasks and "report" in tasks
-        assert {"ingest_seed", "teacher_seed", "generate_seed"} <= set(spec["root"]["inputDefinitions"]["parameters"])
+        parameters = spec["root"]["inputDefinitions"]["parameters"]
+        assert {"ingest", "teacher", "generate", "attack", "run_name", "tracking_uri", "experiment"} <= set(parameters)
+        assert json.loads(parameters["teacher"]["defaultValue"])["seed"] == 420  # the paper profile's settings
         fan_out = sorted(str(t["parameterIterator"]) for t in tasks.values() if "parameterIterator" in t)
         assert len(fan_out) == 2 and "generation-plan" in fan_out[0] and "shadow-plan" in fan_out[1]
         assert {"student", "attack", "register"} <= set(tasks)
@@ -200,7 +210,7 @@ def test_failed_stage_is_reported_and_marked_failed(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     cfg = load_config("smoke", ["ingest.source=disk", f"ingest.name={tmp_path / 'missing'}"])
     with pytest.raises(PipelineFailed, match="failed at stage 'ingest'.*marked FAILED"):
-        run_local(cfg, tmp_path / "runs", tracking_uri=uri)
+        run_local(cfg, pipeline_for(cfg), tmp_path / "runs", tracking_uri=uri)
     client = mlflow.MlflowClient(uri, registry_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("tckr-fashion-mnist").experiment_id])
     statuses = {r.data.tags.get("tckr.stage", "parent"): r.info.status for r in runs}
@@ -212,10 +222,11 @@ def test_stage_command_runs_one_stage_at_a_time(tmp_path, monkeypatch):
     """The DVC entry point: each stage on its own, metrics.json beside its outputs."""
     monkeypatch.chdir(tmp_path)
     overrides = ["--set", "ingest.train_limit=400", "--set", "ingest.test_limit=100"]
-    assert main(["stage", "ingest", "--profile", "smoke", *overrides, "--out", "data"]) == 0
+    assert main(["stage", "ingest", "--profile", "smoke", *overrides, "--data", "data"]) == 0
     assert json.loads((tmp_path / "data" / "metrics.json").read_text())["data.test_images"] == 100
-    assert main(["stage", "teacher", "--profile", "smoke", *overrides, "--out", "teacher"]) == 2
-    assert main(["stage", "teacher", "--profile", "smoke", *overrides, "--data", "data", "--out", "teacher"]) == 0
+    assert main(["stage", "teacher", "--profile", "smoke", *overrides, "--model", "teacher"]) == 2
+    assert main(["stage", "teachr", "--profile", "smoke"]) == 2
+    assert main(["stage", "teacher", "--profile", "smoke", *overrides, "--data", "data", "--model", "teacher"]) == 0
     assert (tmp_path / "teacher" / "model.safetensors").is_file()
     assert "teacher.test_accuracy" in json.loads((tmp_path / "teacher" / "metrics.json").read_text())
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
@@ -231,9 +242,12 @@ def test_dvc_params_are_the_demo_profile():
     assert params.model_dump(exclude={"profile"}) == load_config("demo").model_dump(exclude={"profile"})
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
     assert all("--profile params.yaml" in stage["cmd"] for stage in stages.values())
-    from tckr.cli import STAGE_INPUTS
+    from tckr.recipes.tckr.stages import STAGES
 
-    assert set(stages) == set(STAGE_INPUTS)
+    assert set(stages) <= set(STAGES.names())
+    for name, stage in stages.items():  # each DVC stage depends on exactly the sections its declaration reads
+        declared = STAGES[name].sections
+        assert stage["params"] == (list(params.model_fields) if declared == ("*",) else list(declared)), name
 
 
 def test_artifacts_live_in_the_s3_bucket(smoke_run, s3_store, tmp_path):
@@ -264,11 +278,10 @@ def test_mlflow_ui_serves_the_local_store(tmp_path):
     from pathlib import Path
 
     from tckr.platform.services import Server, free_port
-    from tckr.platform.tracking import default_tracking_uri, stage_run
+    from tckr.platform.tracking import Tracking, default_tracking_uri, stage_run
 
-    cfg = load_config("smoke")
     uri = default_tracking_uri(tmp_path)
-    with stage_run("ingest", cfg, uri):
+    with stage_run("ingest", Tracking(uri, "tckr-fashion-mnist")):
         mlflow.log_metric("ingest.train_images", 300)
     port = free_port()
     tckr = str(Path(sys.executable).with_name("tckr"))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tckr import generator as generator_module
+from tckr.generators import pixel as generator_module
 from tckr.data.ingest import FASHION_MNIST_CLASSES
 from tckr.generators.config import FinetuneConfig, GenerateConfig, GeneratorConfig
 from tckr.generators.generate import finalize, generate_shards, load_synthetic, plan_generation
@@ -103,15 +103,23 @@ def test_stages_run_the_paper_generator_path(tmp_path, tiny_sd, tracking_uri):
     """generator -> finetune -> generate_shard on real (grey) Fashion-MNIST: a card instead of weights, RGB for SD."""
     from PIL import Image
 
-    from tckr.recipes.tckr import stages
+    from tckr.platform.tracking import Tracking
+    from tckr.recipes.invoke import sections_of
+    from tckr.recipes.tckr.stages import STAGES
 
     cfg = load_config("smoke", ["generator.kind=stable-diffusion", f"generator.model={tiny_sd}",
                                 "generator.prediction_type=v_prediction", f"image_size={SIZE}",
                                 "finetune.batch_size=32"])
+    tracking = Tracking(tracking_uri, cfg.experiment_name)
+
+    def run(name: str, **arguments):
+        stage = STAGES[name]
+        return stage.run(**sections_of(cfg, stage), **arguments, **({"tracking": tracking} if stage.tracked else {}))
+
     data, captions, base, lora, shards = (tmp_path / name for name in ("data", "captions", "base", "lora", "shards"))
-    stages.ingest_stage(cfg, 0, data, tracking_uri)
-    stages.caption_stage(cfg, data, captions, tracking_uri)
-    assert stages.generator_stage(cfg, 0, data, captions, base, tracking_uri)["stage.generator.seconds"] > 0
+    run("ingest", data=data)
+    run("caption", data=data, captions=captions)
+    assert run("generator", data=data, captions=captions, base_model=base)["stage.generator.seconds"] > 0
     assert read_card(base) == {
         "kind": "stable-diffusion", "model": str(tiny_sd), "revision": None, "variant": None,
         "prediction_type": "v_prediction", "image_size": SIZE, "channels": 3, "latent_size": SIZE // 2}
@@ -120,9 +128,9 @@ def test_stages_run_the_paper_generator_path(tmp_path, tiny_sd, tracking_uri):
     runs = client.search_runs([client.get_experiment_by_name(cfg.experiment_name).experiment_id])
     assert {run.data.tags.get("tckr.generator_model") for run in runs} >= {str(tiny_sd)}
 
-    metrics = stages.finetune_stage(cfg, 0, data, captions, base, lora, tracking_uri)
+    metrics = run("finetune", data=data, captions=captions, base_model=base, adapter=lora)
     assert metrics["finetune.steps"] == 10  # ceil(300 private images / 32 per step)
-    stages.generate_shard_stage(cfg, 0, 0, data, captions, base, lora, shards)
+    run("generate_shard", shard=0, data=data, captions=captions, base_model=base, adapter=lora, images=shards)
     images = sorted((shards / "shards" / "shard-00000").glob("*.png"))
     assert len(images) == cfg.generate.shard_size
     with Image.open(images[0]) as image:

@@ -1,6 +1,7 @@
 """`tckr submit`: a clear, quick failure without a server; the run it creates (against a stand-in client)."""
 
 import http.server
+import json
 import threading
 import time
 from pathlib import Path
@@ -35,8 +36,8 @@ def test_a_server_that_is_not_an_open_kfp_api_is_named():
     server = http.server.HTTPServer(("127.0.0.1", 0), Unauthorized)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        with pytest.raises(tckr.submit.SubmitError, match="answered HTTP 401: not a Kubeflow Pipelines API"):
-            tckr.submit.check_reachable(f"http://127.0.0.1:{server.server_port}")
+        with pytest.raises(tckr.platform.submit.SubmitError, match="answered HTTP 401: not a Kubeflow Pipelines API"):
+            tckr.platform.submit.check_reachable(f"http://127.0.0.1:{server.server_port}")
     finally:
         server.shutdown()
 
@@ -77,8 +78,10 @@ def test_submit_compiles_the_profiles_resources_and_passes_the_run_arguments(fak
     cfg = load_config("demo")
     assert request["experiment_name"] == cfg.experiment_name and request["enable_caching"] is False
     arguments = request["arguments"]
-    assert arguments["teacher_seed"] == 7 and arguments["tracking_uri"] == cfg.kubernetes.tracking_uri
-    assert load_config("demo", ["teacher.seed=7"]).model_dump_json() == arguments["config_json"]
+    assert arguments["tracking_uri"] == cfg.kubernetes.tracking_uri and arguments["experiment"] == "tckr-fashion-mnist"
+    chosen = load_config("demo", ["teacher.seed=7"])
+    assert json.loads(arguments["teacher"]) == chosen.teacher.model_dump(mode="json")  # each section as JSON text
+    assert set(arguments) == set(chosen.model_fields) | {"run_name", "tracking_uri", "experiment"}
     assert arguments["run_name"] == request["run_name"] and request["run_name"].endswith("-demo")
     # The demo's kubernetes section was compiled in: CPU only, 4Gi for the teacher.
     teacher = request["spec"]["deploymentSpec"]["executors"]["exec-teacher"]["container"]["resources"]

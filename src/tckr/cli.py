@@ -55,13 +55,17 @@ def _cmd_stage(args: argparse.Namespace, rest: list[str]) -> int:
     for name, port in stage.inputs.items():
         what = "JSON file of the stage's metrics" if port.kind == "metrics" else f"{port.kind} directory"
         parser.add_argument(_option(name), dest=name, nargs="*" if port.many else None,
-                            default=[] if port.many else None, required=not port.many, help=f"input: {what}")
+                            default=[] if port.many else None, help=f"input: {what}")
     for name, port in stage.outputs.items():
-        parser.add_argument(_option(name), dest=name, required=True, help=f"output: {port.kind} "
-                            f"{'file' if port.kind == 'markdown' else 'directory'}")
+        parser.add_argument(_option(name), dest=name,
+                            help=f"output: {port.kind} {'file' if port.kind == 'markdown' else 'directory'}")
     for name, kind in stage.params.items():
-        parser.add_argument(_option(name), dest=name, type=kind, required=True)
+        parser.add_argument(_option(name), dest=name, type=kind)
     given = vars(parser.parse_args(rest))
+    missing = [_option(name) for name, value in given.items() if value is None]
+    if missing:
+        raise ConfigError(f"tckr stage {stage.name} needs {' '.join(missing)} (its inputs are earlier stages' "
+                          "outputs; `tckr stage NAME --help` lists them)")
     artifacts = {name: (json.loads(Path(given[name]).read_text()) if port.kind == "metrics"
                         else [Path(p) for p in given[name]] if port.many else Path(given[name]))
                  for name, port in stage.inputs.items()}
