@@ -49,9 +49,10 @@ run: demo
 test: setup  ## run the test suite
 	$(BIN)/python -m pytest
 
-lint: setup  ## ruff, hadolint
-	$(BIN)/ruff check src components pipelines tests bench
+lint: setup  ## ruff, hadolint, the import contracts (pyproject.toml [tool.importlinter])
+	$(BIN)/ruff check src components pipelines tests bench scripts
 	$(BIN)/hadolint docker/Dockerfile
+	$(BIN)/python scripts/lint_imports.py
 
 bench: setup  ## performance benchmarks (each prints a ratio against a baseline run alongside)
 	$(BIN)/python bench/bench_generation.py

@@ -113,7 +113,7 @@ def test_teacher_and_student_registered_and_loadable(smoke_run):
     from tckr.data.images import ImageSplit
     from tckr.data.ingest import load_prepared
 
-    splits, info = load_prepared(next(outcome.run_dir.glob("kfp/*/ingest/dataset")))
+    splits, info = load_prepared(next(outcome.run_dir.glob("kfp/*/ingest/data")))
     test = ImageSplit(splits["test"], cfg.image_size, info.channels)
     images = torch.stack([test[i][0] for i in range(len(test))]).float() / 255
     for role in ("teacher", "student"):

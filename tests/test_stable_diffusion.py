@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from tckr.generators import pixel as generator_module
 from tckr.data.ingest import FASHION_MNIST_CLASSES
+from tckr.generators import pixel as generator_module
 from tckr.generators.config import FinetuneConfig, GenerateConfig, GeneratorConfig
 from tckr.generators.generate import finalize, generate_shards, load_synthetic, plan_generation
 from tckr.generators.lora import ADAPTER_FILE, finetune_generator, load_finetuned

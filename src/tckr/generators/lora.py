@@ -120,7 +120,8 @@ def train_adapter(unet: nn.Module, data: DenoiserData, noise_scheduler, cfg: Fin
         unet, parameters, data, noise_scheduler, steps=steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
         lr=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, caption_dropout=0.0,
         random_flip=cfg.random_flip, seed=cfg.seed, device=device, checkpoint=out_dir / "lora-checkpoint.pt",
-        mixed_precision=cfg.mixed_precision, desc="LoRA fine-tune", on_step=on_step)
+        mixed_precision=cfg.mixed_precision, desc="LoRA fine-tune", on_step=on_step, recipe="tckr.lora",
+        resume_key=cfg.model_dump_json())
     save_adapter(unet, out_dir)
     with open(out_dir / "loss.csv", "w", newline="") as handle:
         writer = csv.writer(handle)

