@@ -7,6 +7,11 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from tckr.core.config import Section
+from tckr.core.errors import TckrError
+
+
+class GeneratorError(TckrError, ValueError):
+    """A generator, an adapter or their training data that cannot be used; the message says what to change."""
 
 
 class CaptionConfig(Section):

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from tckr.core.errors import ConfigError
 from tckr.generators import stable_diffusion
-from tckr.generators.config import FinetuneConfig
+from tckr.generators.config import FinetuneConfig, GeneratorError
 from tckr.generators.generate import ImageGenerator
 from tckr.generators.pixel import DenoiserData, PixelGenerator, PromptBank, read_card, steps_for_epochs, train_denoiser
 
@@ -36,7 +37,7 @@ def add_lora(unet: nn.Module, cfg: FinetuneConfig) -> list[nn.Parameter]:
                                 init_lora_weights="gaussian" if cfg.init == "gaussian" else True))
     parameters = [p for p in unet.parameters() if p.requires_grad]
     if not parameters:
-        raise ValueError(f"no UNet module matches finetune.target_modules={cfg.target_modules}")
+        raise ConfigError(f"no UNet module matches finetune.target_modules={cfg.target_modules}")
     for parameter in parameters:
         parameter.data = parameter.data.float()
     return parameters
@@ -56,7 +57,7 @@ def save_adapter(unet: nn.Module, out_dir: Path) -> Path:
 
 def _require_adapter(adapter_dir: Path) -> None:
     if not (Path(adapter_dir) / ADAPTER_FILE).is_file():
-        raise FileNotFoundError(f"no LoRA adapter ({ADAPTER_FILE}) in {adapter_dir}")
+        raise GeneratorError(f"no LoRA adapter ({ADAPTER_FILE}) in {adapter_dir}")
 
 
 def load_adapter(unet: nn.Module, adapter_dir: Path) -> None:
@@ -136,7 +137,7 @@ def train_adapter(unet: nn.Module, data: DenoiserData, noise_scheduler, cfg: Fin
 
 def _check_pairs(images: torch.Tensor, texts: list[str]) -> None:
     if len(images) != len(texts):
-        raise ValueError(f"{len(images)} images but {len(texts)} captions")
+        raise GeneratorError(f"{len(images)} images but {len(texts)} captions")
 
 
 def load_finetuned(generator_dir: Path, adapter_dir: Path, device: torch.device) -> ImageGenerator:

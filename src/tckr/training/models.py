@@ -10,6 +10,8 @@ import torch
 from timm.models import register_model
 from torch import nn
 
+from tckr.core.errors import ConfigError, TckrError
+
 
 def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
@@ -41,8 +43,12 @@ class CompactCNN(nn.Module):
 @register_model
 def tckr_cnn(pretrained: bool = False, **kwargs: object) -> CompactCNN:
     if pretrained:
-        raise ValueError("tckr_cnn has no pretrained weights: set pretrained: false")
+        raise ConfigError("tckr_cnn has no pretrained weights: set pretrained: false")
     return CompactCNN(**kwargs)
+
+
+class ModelUnavailableError(TckrError, RuntimeError):
+    """Pretrained weights that are neither cached nor reachable."""
 
 
 def create_classifier(name: str, num_classes: int, in_chans: int, pretrained: bool = False) -> nn.Module:
@@ -51,11 +57,11 @@ def create_classifier(name: str, num_classes: int, in_chans: int, pretrained: bo
         return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans)
     except RuntimeError as error:
         if "Unknown model" in str(error):
-            raise ValueError(f"unknown classifier '{name}': use a timm model name "
+            raise ConfigError(f"unknown classifier '{name}': use a timm model name "
                              "(e.g. mobilenetv3_large_100) or tckr_cnn") from None
         raise
     except OSError as error:  # huggingface_hub: not cached and the hub is unreachable
-        raise RuntimeError(
+        raise ModelUnavailableError(
             f"pretrained weights for '{name}' are not in the local Hugging Face cache and the hub is "
             f"unreachable ({type(error).__name__}); pre-fetch them into HF_HOME on a connected machine, "
             "or set pretrained: false to train from scratch") from error
