@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install real Fashion-MNIST from Debian's `dataset-fashion-mnist` package.
 # As root: apt-get install. Otherwise: apt-get download + dpkg-deb -x into the user's cache, which
-# tckr searches too (see tckr.ingest.fashion_mnist_dir).
+# tckr searches too (see tckr.data.ingest.fashion_mnist_dir).
 set -euo pipefail
 
 readonly system_dir=/usr/share/datasets/fashion-mnist

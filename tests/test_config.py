@@ -1,7 +1,9 @@
 import pytest
 
 from tckr.core.errors import ConfigError
+from tckr.data.ingest import IngestConfig
 from tckr.recipes.config import available_profiles, load_config, parse_config
+from tckr.recipes.tckr.stages import STAGES
 
 
 def test_profiles_resolve_and_validate():
@@ -85,3 +87,38 @@ def test_json_round_trip_and_fingerprint():
     again = parse_config(cfg.model_dump_json())
     assert again == cfg and again.fingerprint() == cfg.fingerprint()
     assert load_config("demo", ["teacher.seed=1"]).fingerprint() != cfg.fingerprint()
+
+
+PRIVIMAGE = "recipe: privimage\ndataset: fashion-mnist\nimage_size: 16\ningest: {source: fashion-mnist}\n"
+
+
+def test_one_configuration_for_either_recipe(tmp_path):
+    """``recipe`` selects the model: the shared sections are the same, each recipe adds its own; experiments and
+    registered models carry the recipe, so one recipe's model can never take the other's alias."""
+    tckr_run = load_config("demo")
+    (tmp_path / "private.yaml").write_text(PRIVIMAGE)
+    privimage = load_config(str(tmp_path / "private.yaml"))
+    assert (tckr_run.recipe, privimage.recipe) == ("tckr", "privimage")
+    assert privimage.ingest == IngestConfig(source="fashion-mnist") and not hasattr(privimage, "teacher")
+    assert (tckr_run.experiment_name, privimage.experiment_name) == ("tckr-fashion-mnist", "privimage-fashion-mnist")
+    assert privimage.registered_model_name("student") != tckr_run.registered_model_name("student")
+    assert parse_config(privimage.model_dump_json()) == privimage
+    (tmp_path / "mixed.yaml").write_text(PRIVIMAGE + "teacher: {model: tckr_cnn, epochs: 1}\n")
+    with pytest.raises(ConfigError, match="teacher: unknown setting"):
+        load_config(str(tmp_path / "mixed.yaml"))
+    with pytest.raises(ConfigError, match="recipe: unknown recipe 'dp-gan' \\(choose one of tckr, privimage\\)"):
+        load_config("demo", ["recipe=dp-gan"])
+
+
+def test_kubernetes_stages_are_the_recipes_declared_ones():
+    cfg = load_config("demo")
+    assert list(cfg.kubernetes.stages) == STAGES.names()
+    with pytest.raises(ConfigError, match="the tckr recipe's stages are start_run, ingest"):
+        load_config("demo", ["kubernetes.stages.dp_finetune.gpus=1"])
+
+
+def test_errors_are_one_line_and_name_every_setting():
+    with pytest.raises(ConfigError) as error:
+        load_config("demo", ["teacher.epochs=0", "attack.shadows=3"])
+    message = str(error.value)
+    assert "\n" not in message and "teacher.epochs" in message and "shadows must be even" in message

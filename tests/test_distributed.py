@@ -6,24 +6,28 @@ import mlflow
 import pytest
 import torch
 
-from tckr.core.distributed import StageProcessFailed, run_stage
+from tckr.core.distributed import PROCESSES_ENV, StageProcessFailed, run_stage
 from tckr.core.errors import ConfigError
 from tckr.data.images import BatchAugment, ImageSplit
 from tckr.data.ingest import IngestConfig, load_prepared, prepare
 from tckr.platform.tracking import Tracking
 from tckr.recipes.config import load_config
+from tckr.recipes.invoke import invoke, sections_of
 from tckr.recipes.tckr.stages import STAGES
 from tckr.training.classifier import accuracy, load_classifier, predict_logits
 
 
-def test_teacher_trains_data_parallel_and_only_rank_0_writes_and_tracks(tmp_path, saved_dataset_dir, tracking_uri):
+def test_teacher_trains_data_parallel_and_only_rank_0_writes_and_tracks(tmp_path, saved_dataset_dir, tracking_uri,
+                                                                         monkeypatch):
     prepare(IngestConfig(source="disk", name=str(saved_dataset_dir), validation_fraction=0.1, holdout_fraction=0.2),
             tmp_path / "data", "fm", min_train_images=32)
     epochs = 3
     cfg = load_config("smoke", ["runtime.device=cpu", "kubernetes.stages.teacher.gpus=2", f"teacher.epochs={epochs}",
                                 "teacher.batch_size=32", "teacher.seed=3"])
-    arguments = _teacher_arguments(cfg, tmp_path / "data", tmp_path, tracking_uri)
-    metrics = run_stage("teacher", STAGES["teacher"].run, arguments, count=2, device="cpu")
+    monkeypatch.setenv(PROCESSES_ENV, "2")  # what the cluster sets on a pod given two GPUs
+    metrics = invoke(STAGES["teacher"], sections_of(cfg, STAGES["teacher"]),
+                     {"data": tmp_path / "data", "model": tmp_path / "teacher"}, {},
+                     Tracking(tracking_uri, cfg.experiment_name))
 
     # One set of outputs, written by rank 0: the best weights, their card, the last checkpoint, the training
     # curve, the logged model.
@@ -49,23 +53,18 @@ def test_teacher_trains_data_parallel_and_only_rank_0_writes_and_tracks(tmp_path
     assert json.loads((tmp_path / "teacher" / "model.json").read_text())["architecture"] == cfg.teacher.model
 
 
-def _teacher_arguments(cfg, data, tmp_path, tracking_uri) -> dict:
-    return {"image_size": cfg.image_size, "teacher": cfg.teacher, "runtime": cfg.runtime, "data": data,
-            "model": tmp_path / "teacher", "tracking": Tracking(tracking_uri, cfg.experiment_name)}
-
-
-def test_a_rank_that_fails_fails_the_stage(tmp_path, tracking_uri):
+def test_a_rank_that_fails_fails_the_stage(tmp_path):
     cfg = load_config("smoke", ["runtime.device=cpu"])
+    arguments = {"image_size": cfg.image_size, "teacher": cfg.teacher, "runtime": cfg.runtime,
+                 "data": tmp_path / "no-data", "model": tmp_path / "teacher"}
     with pytest.raises(StageProcessFailed, match="stage teacher failed in one of its 2 processes"):
-        run_stage("teacher", STAGES["teacher"].run, _teacher_arguments(cfg, tmp_path / "no-data", tmp_path,
-                                                                        tracking_uri), count=2, device="cpu")
+        run_stage("teacher", STAGES["teacher"].run, arguments, count=2, device="cpu")
 
 
 def test_the_launcher_runs_a_multi_gpu_stage_as_one_process_per_gpu_of_its_pod(tmp_path, monkeypatch, tracking_uri):
     """The pod's TCKR_PROCESSES (compiled in from kubernetes.stages.<stage>.gpus) decides; one-device stages
     ignore it."""
     from tckr.core import distributed
-    from tckr.recipes.invoke import invoke, sections_of
 
     counts = []
     monkeypatch.setattr(distributed, "run_stage", lambda stage, function, kwargs, count, device: counts.append(count))

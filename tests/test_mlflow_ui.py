@@ -142,7 +142,8 @@ def test_stage_run_page_shows_the_logged_test_accuracy(ui, pipeline, screenshot,
     value = ui.visible(By.XPATH, f"//div[@role='row'][div[@role='cell'][1][normalize-space()='{metric}']]"
                                  "/div[@role='cell'][2]")
     parent = ui.visible(By.XPATH, f"//a[normalize-space()='{pipeline.parent.info.run_name}']")
-    [version] = pipeline.client.search_model_versions(f"run_id = '{run_id}'")
+    # The pipeline's own version: the first (other tests may register the same run's model again).
+    version = min(pipeline.client.search_model_versions(f"run_id = '{run_id}'"), key=lambda v: int(v.version))
     registered = ui.visible(By.CSS_SELECTOR, f"a[href$='#/models/{version.name}/versions/{version.version}']")
     screenshot(ui.driver, f"{role}-run")
 

@@ -65,14 +65,15 @@ def test_attack_outputs(smoke_run):
 def test_base_generator_is_cached(smoke_run, tmp_path):
     """A second run with the same generator settings and public data reuses the pretrained weights."""
     from tckr.platform.tracking import Tracking
+    from tckr.recipes.invoke import invoke, sections_of
     from tckr.recipes.tckr.stages import STAGES
 
     cfg, outcome, _ = smoke_run  # (the generator may come from the cache already: the DVC test runs first)
     kfp_dir = next(outcome.run_dir.glob("kfp/*"))
-    metrics = STAGES["generator"].run(image_size=cfg.image_size, generator=cfg.generator, runtime=cfg.runtime,
-                                      data=kfp_dir / "ingest" / "data", captions=kfp_dir / "caption" / "captions",
-                                      base_model=tmp_path / "again",
-                                      tracking=Tracking(f"sqlite:///{tmp_path / 'mlruns.db'}", cfg.experiment_name))
+    metrics = invoke(STAGES["generator"], sections_of(cfg, STAGES["generator"]),
+                     {"data": kfp_dir / "ingest" / "data", "captions": kfp_dir / "caption" / "captions",
+                      "base_model": tmp_path / "again"}, {},
+                     Tracking(f"sqlite:///{tmp_path / 'mlruns.db'}", cfg.experiment_name))
     assert metrics["generator.cached"] == 1
     weights = "unet/diffusion_pytorch_model.safetensors"
     assert (tmp_path / "again" / weights).read_bytes() == (kfp_dir / "generator" / "base_model" / weights).read_bytes()
@@ -98,7 +99,8 @@ def test_mlflow_parent_and_stage_runs(smoke_run):
                            "register"}
     assert all(r.info.status == "FINISHED" for r in stages.values())
     teacher = stages["teacher"]
-    assert teacher.data.params["epochs"] == str(cfg.teacher.epochs)
+    assert teacher.data.params["teacher.epochs"] == str(cfg.teacher.epochs)  # its sections, by dotted name
+    assert teacher.data.params["image_size"] == str(cfg.image_size) and "attack.shadows" not in teacher.data.params
     history = client.get_metric_history(teacher.info.run_id, "val_accuracy")
     assert [m.step for m in history] == list(range(1, cfg.teacher.epochs + 1))
     shadows = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == stages["attack"].info.run_id]
@@ -138,6 +140,7 @@ def test_teacher_and_student_registered_and_loadable(smoke_run):
 
 def test_champion_moves_only_to_a_better_student(smoke_run):
     from tckr.platform.tracking import Tracking
+    from tckr.recipes.invoke import invoke
     from tckr.recipes.tckr.stages import STAGES
 
     cfg, outcome, uri = smoke_run
@@ -151,13 +154,12 @@ def test_champion_moves_only_to_a_better_student(smoke_run):
     champion_aop = float(client.get_model_version_by_alias(name, "champion").tags["aop"])
 
     def register(accuracy: float) -> dict:
-        return STAGES["register"].run(
-            config=cfg, teacher_model=kfp_dir / "teacher" / "model", student_model=kfp_dir / "student" / "model",
-            teacher_metrics={"teacher.test_accuracy": 0.9, "teacher.mia.auc": 0.6},
-            student_metrics={"student.test_accuracy": accuracy},
-            attack_metrics={"student.mia.auc": 0.5, "student.mia.tpr_at_1pct_fpr": 0.01,
-                            "teacher.mia.tpr_at_1pct_fpr": 0.02},
-            tracking=Tracking(uri, cfg.experiment_name))
+        return invoke(STAGES["register"], {"config": cfg}, {
+            "teacher_model": kfp_dir / "teacher" / "model", "student_model": kfp_dir / "student" / "model",
+            "teacher_metrics": {"teacher.test_accuracy": 0.9, "teacher.mia.auc": 0.6},
+            "student_metrics": {"student.test_accuracy": accuracy},
+            "attack_metrics": {"student.mia.auc": 0.5, "student.mia.tpr_at_1pct_fpr": 0.01,
+                               "teacher.mia.tpr_at_1pct_fpr": 0.02}}, {}, Tracking(uri, cfg.experiment_name))
 
     worse = register(champion_aop / 2)
     assert worse["student.champion"] == 0

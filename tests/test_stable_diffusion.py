@@ -104,7 +104,7 @@ def test_stages_run_the_paper_generator_path(tmp_path, tiny_sd, tracking_uri):
     from PIL import Image
 
     from tckr.platform.tracking import Tracking
-    from tckr.recipes.invoke import sections_of
+    from tckr.recipes.invoke import invoke, sections_of
     from tckr.recipes.tckr.stages import STAGES
 
     cfg = load_config("smoke", ["generator.kind=stable-diffusion", f"generator.model={tiny_sd}",
@@ -112,9 +112,9 @@ def test_stages_run_the_paper_generator_path(tmp_path, tiny_sd, tracking_uri):
                                 "finetune.batch_size=32"])
     tracking = Tracking(tracking_uri, cfg.experiment_name)
 
-    def run(name: str, **arguments):
-        stage = STAGES[name]
-        return stage.run(**sections_of(cfg, stage), **arguments, **({"tracking": tracking} if stage.tracked else {}))
+    def run(name: str, **artifacts):
+        params = {p: artifacts.pop(p) for p in STAGES[name].params}
+        return invoke(STAGES[name], sections_of(cfg, STAGES[name]), artifacts, params, tracking)
 
     data, captions, base, lora, shards = (tmp_path / name for name in ("data", "captions", "base", "lora", "shards"))
     run("ingest", data=data)

@@ -8,8 +8,9 @@ stage's ``params:`` list, the Kubernetes resource defaults and the pipeline task
 receives only its own sections, so a setting of a later stage never changes an earlier task's cache key.
 
 Stage functions take keyword arguments only: each section by name (the validated section model), each
-artifact by port name (a directory path; a list of them for a fan-in; a ``dict`` of floats for metrics),
-each parameter by name and, when tracked, ``tracking`` (where to log).
+artifact by port name (a directory path; a list of them for a fan-in; a ``dict`` of floats for metrics) and
+each parameter by name; a tracked stage runs inside its own MLflow run, or (``own_run=False``, the pipeline's
+bookkeeping) receives ``tracking``, where to log.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class Stage:
     params: dict[str, type] = field(default_factory=dict)
     returns: Literal["metrics", "fan-out", "nothing"] = "metrics"
     tracked: bool = True
+    own_run: bool = True
     multi_gpu: bool = False
     cache: bool = True
 
@@ -81,10 +83,16 @@ class StageRegistry:
     def declare(self, *, sections: tuple[str, ...], resources: dict[str, Any], inputs: dict[str, Port] | None = None,
                 outputs: dict[str, Port] | None = None, params: dict[str, type] | None = None,
                 returns: Literal["metrics", "fan-out", "nothing"] = "metrics", tracked: bool = True,
-                multi_gpu: bool = False, cache: bool = True) -> Callable[[Callable], Callable]:
+                own_run: bool = True, multi_gpu: bool = False, cache: bool = True) -> Callable[[Callable], Callable]:
+        """``tracked``: the stage logs to MLflow. With ``own_run`` (the default) it is called inside its own run,
+        nested under the pipeline's, which logs its sections as params, its returned metrics and
+        ``stage.<name>.seconds`` (:func:`tckr.recipes.invoke.call`): the function logs only what is particular to
+        it (artifacts, tags, curves) to the active run. Without, it receives ``tracking`` and manages runs itself
+        (the pipeline's parent run). ``cache``: False for the bookkeeping stages a cluster must run every time."""
+
         def register(function: Callable) -> Callable:
             stage = Stage(function.__name__, function, tuple(sections), dict(inputs or {}), dict(outputs or {}),
-                          resources, dict(params or {}), returns, tracked, multi_gpu, cache)
+                          resources, dict(params or {}), returns, tracked, own_run and tracked, multi_gpu, cache)
             _check_signature(stage)
             self._stages[stage.name] = stage
             return function
@@ -106,7 +114,8 @@ class StageRegistry:
 
 def _check_signature(stage: Stage) -> None:
     """The function must take exactly what the declaration says, by keyword: a mismatch is a bug caught at import."""
-    expected = set(stage.inputs) | set(stage.outputs) | set(stage.params) | ({"tracking"} if stage.tracked else set())
+    expected = set(stage.inputs) | set(stage.outputs) | set(stage.params)
+    expected |= {"tracking"} if stage.tracked and not stage.own_run else set()  # an own run: the stage is inside it
     expected |= {"config"} if stage.sections == (ALL_SECTIONS,) else set(stage.sections)
     parameters = inspect.signature(stage.run).parameters
     if any(p.kind is not inspect.Parameter.KEYWORD_ONLY for p in parameters.values()):

@@ -4,7 +4,9 @@ through :func:`invoke`, so a stage runs the same way in a pod, in DVC and in a t
 
 from __future__ import annotations
 
+import functools
 import json
+import time
 from typing import Annotated, Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -12,7 +14,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from tckr.core import distributed
 from tckr.core.errors import ConfigError
 from tckr.core.stage import ALL_SECTIONS, Stage
-from tckr.platform.tracking import Tracking
+from tckr.platform.tracking import Tracking, stage_run
 from tckr.recipes.config import RECIPES, Recipe, parse_config
 
 
@@ -49,7 +51,26 @@ def invoke(stage: Stage, sections: dict[str, Any], artifacts: dict[str, Any], pa
     """Run ``stage``: in this process, or (multi-GPU stages) in :func:`tckr.core.distributed.processes` ranks."""
     kwargs = {**sections, **artifacts, **params} | ({"tracking": tracking} if stage.tracked else {})
     count = distributed.processes() if stage.multi_gpu else 1
-    return distributed.run_stage(stage.name, stage.run, kwargs, count, kwargs["runtime"].device if count > 1 else "")
+    function = functools.partial(call, stage) if stage.own_run else stage.run
+    return distributed.run_stage(stage.name, function, kwargs, count, kwargs["runtime"].device if count > 1 else "")
+
+
+def call(stage: Stage, **kwargs: Any) -> Any:
+    """One process's run of a stage with its own MLflow run: the run (nested under the pipeline's) gets the
+    stage's sections as params, its returned metrics and ``stage.<name>.seconds``. Only the lead rank tracks."""
+    import mlflow
+
+    params = {} if stage.sections == (ALL_SECTIONS,) else {
+        name: value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+        for name, value in kwargs.items() if name in stage.sections}
+    with stage_run(stage.name, kwargs.pop("tracking"), params=params) as run:
+        started = time.perf_counter()
+        metrics = stage.run(**kwargs)
+        if run is None:  # a rank other than the lead: its share is done, rank 0 reports
+            return metrics
+        metrics = {**metrics, f"stage.{stage.name}.seconds": time.perf_counter() - started}
+        mlflow.log_metrics(metrics)
+    return metrics
 
 
 def recipe_stage(recipe: str, name: str) -> tuple[Recipe, Stage]:

@@ -27,7 +27,7 @@ from tckr.core.stage import (
 )
 from tckr.data.ingest import IngestConfig
 from tckr.generators.config import CaptionConfig, FinetuneConfig, GenerateConfig, GeneratorConfig
-from tckr.platform.tracking import Tracking, stage_run
+from tckr.platform.tracking import Tracking
 from tckr.privacy.config import AttackConfig
 from tckr.recipes.tckr.config import DistillConfig, TckrRun
 from tckr.training.classifier import ClassifierConfig
@@ -40,7 +40,7 @@ stage = STAGES.declare
 # every stage that resolves a torch device gets a GPU, since `runtime.device: cuda` refuses to run without one.
 
 
-@stage(sections=(ALL_SECTIONS,), params={"run_name": str}, returns="nothing", cache=False,
+@stage(sections=(ALL_SECTIONS,), params={"run_name": str}, returns="nothing", own_run=False, cache=False,
        resources=resources("250m", "1", "1Gi", "2Gi"))
 def start_run(*, config: TckrRun, run_name: str, tracking: Tracking) -> None:
     """Open the pipeline's parent MLflow run (config logged as params and config.yaml), tagged with the KFP
@@ -53,62 +53,50 @@ def start_run(*, config: TckrRun, run_name: str, tracking: Tracking) -> None:
 
 
 @stage(sections=("dataset", "ingest"), outputs={"data": DATASET}, resources=resources("4", "8", "16Gi", "32Gi"))
-def ingest(*, dataset: str, ingest: IngestConfig, data: Path, tracking: Tracking) -> Metrics:
+def ingest(*, dataset: str, ingest: IngestConfig, data: Path) -> Metrics:
     """Load, validate and split the private dataset (splits, statistics, fingerprint)."""
     import mlflow
 
     from tckr.data.ingest import prepare
 
-    with stage_run("ingest", tracking, params=ingest.model_dump(mode="json")):
-        started = time.perf_counter()
-        info = prepare(ingest, data, dataset)
-        metrics = {f"data.{name}_images": float(split.count) for name, split in info.splits.items()}
-        metrics |= {"data.num_classes": float(info.num_classes), "stage.ingest.seconds": time.perf_counter() - started}
-        mlflow.log_metrics(metrics)
-        mlflow.log_artifact(str(data / "dataset.json"))
-        mlflow.set_tag("tckr.dataset_fingerprint", info.fingerprint)
-    return metrics
+    info = prepare(ingest, data, dataset)
+    mlflow.log_artifact(str(data / "dataset.json"))
+    mlflow.set_tag("tckr.dataset_fingerprint", info.fingerprint)
+    return {f"data.{name}_images": float(split.count) for name, split in info.splits.items()} | {
+        "data.num_classes": float(info.num_classes)}
 
 
 @stage(sections=("image_size", "teacher", "runtime"), inputs={"data": DATASET}, outputs={"model": MODEL},
        multi_gpu=True, resources=resources("8", "16", "32Gi", "48Gi", gpus=1, shm="8Gi"))
-def teacher(*, image_size: int, teacher: ClassifierConfig, runtime: RuntimeConfig, data: Path, model: Path,
-            tracking: Tracking) -> Metrics:
+def teacher(*, image_size: int, teacher: ClassifierConfig, runtime: RuntimeConfig, data: Path, model: Path) -> Metrics:
     """Train the teacher on the private train split and log it (registered after the attack)."""
     from tckr.data.ingest import load_prepared
     from tckr.training.classifier import train_classifier
 
-    with stage_run("teacher", tracking, params=teacher.model_dump(mode="json") | {"image_size": image_size}):
-        started = time.perf_counter()
-        splits, info = load_prepared(data)
-        result = train_classifier(teacher, splits, info, image_size, model, _device(runtime), name="teacher",
-                                  on_epoch=_log_epoch)
-        if result is None:  # not the lead rank
-            return {}
-        return _classifier_metrics("teacher", result, model, splits, info, image_size, started)
+    splits, info = load_prepared(data)
+    result = train_classifier(teacher, splits, info, image_size, model, _device(runtime), name="teacher",
+                              on_epoch=_log_epoch)
+    if result is None:  # not the lead rank
+        return {}
+    return _classifier_metrics("teacher", result, model, splits, info, image_size)
 
 
 @stage(sections=("caption", "runtime"), inputs={"data": DATASET}, outputs={"captions": ARTIFACT},
        resources=resources("4", "8", "32Gi", "48Gi", gpus=1))  # BLIP-2 2.7B loads on the host first
-def caption(*, caption: CaptionConfig, runtime: RuntimeConfig, data: Path, captions: Path,
-            tracking: Tracking) -> Metrics:
+def caption(*, caption: CaptionConfig, runtime: RuntimeConfig, data: Path, captions: Path) -> Metrics:
     """Caption the private train split (and the public split) into ``captions/<split>/``."""
     import mlflow
 
     from tckr.generators.caption import caption_dataset
 
-    with stage_run("caption", tracking, params=caption.model_dump(mode="json")):
-        started = time.perf_counter()
-        summary = caption_dataset(caption, data, captions, _device(runtime))
-        metrics: Metrics = {}
-        for split, part in summary["splits"].items():
-            metrics |= {f"caption.{split}_images": float(part["images"]),
-                        f"caption.{split}_distinct": float(part["distinct_captions"]),
-                        f"caption.{split}_empty": float(part["empty_captions"])}
-        metrics["stage.caption.seconds"] = time.perf_counter() - started
-        mlflow.log_metrics(metrics)
-        mlflow.log_artifact(str(captions / "captions.json"))
-        mlflow.log_artifact(str(captions / "train" / "captions_by_class.json"))
+    summary = caption_dataset(caption, data, captions, _device(runtime))
+    mlflow.log_artifact(str(captions / "captions.json"))
+    mlflow.log_artifact(str(captions / "train" / "captions_by_class.json"))
+    metrics: Metrics = {}
+    for split, part in summary["splits"].items():
+        metrics |= {f"caption.{split}_images": float(part["images"]),
+                    f"caption.{split}_distinct": float(part["distinct_captions"]),
+                    f"caption.{split}_empty": float(part["empty_captions"])}
     return metrics
 
 
@@ -116,7 +104,7 @@ def caption(*, caption: CaptionConfig, runtime: RuntimeConfig, data: Path, capti
        outputs={"base_model": MODEL},
        resources=resources("2", "4", "16Gi", "24Gi"))  # SD2: checks the hub pipeline loads; trains nothing
 def generator(*, image_size: int, generator: GeneratorConfig, runtime: RuntimeConfig, data: Path, captions: Path,
-              base_model: Path, tracking: Tracking) -> Metrics:
+              base_model: Path) -> Metrics:
     """The base generator. Pixel: reused from the cache when one with the same key exists, else
     pretrained on the public split (never on private data) and cached. Stable Diffusion: nothing to
     pretrain (SD2 was pretrained on public data); the pipeline is loaded once to check it is reachable
@@ -125,17 +113,13 @@ def generator(*, image_size: int, generator: GeneratorConfig, runtime: RuntimeCo
 
     from tckr.generators import stable_diffusion
 
-    with stage_run("generator", tracking, params=generator.model_dump(mode="json")):
-        started = time.perf_counter()
-        if generator.kind == stable_diffusion.KIND:
-            card = stable_diffusion.save_card(generator, image_size, base_model)
-            mlflow.set_tag("tckr.generator_model", card["model"])
-            metrics: Metrics = {}
-        else:
-            metrics = _pixel_base_generator(generator, image_size, runtime, data, captions, base_model)
-        metrics["stage.generator.seconds"] = time.perf_counter() - started
-        mlflow.log_metrics(metrics)
-        mlflow.log_artifact(str(base_model / "generator.json"))
+    if generator.kind == stable_diffusion.KIND:
+        card = stable_diffusion.save_card(generator, image_size, base_model)
+        mlflow.set_tag("tckr.generator_model", card["model"])
+        metrics: Metrics = {}
+    else:
+        metrics = _pixel_base_generator(generator, image_size, runtime, data, captions, base_model)
+    mlflow.log_artifact(str(base_model / "generator.json"))
     return metrics
 
 
@@ -173,7 +157,7 @@ def _pixel_base_generator(cfg: GeneratorConfig, image_size: int, runtime: Runtim
        inputs={"data": DATASET, "captions": ARTIFACT, "base_model": MODEL}, outputs={"adapter": MODEL},
        resources=resources("8", "16", "32Gi", "48Gi", gpus=1))
 def finetune(*, image_size: int, finetune: FinetuneConfig, runtime: RuntimeConfig, data: Path, captions: Path,
-             base_model: Path, adapter: Path, tracking: Tracking) -> Metrics:
+             base_model: Path, adapter: Path) -> Metrics:
     """LoRA fine-tuning on the private train split's (image, caption) pairs; saves the adapter only."""
     import mlflow
 
@@ -182,20 +166,15 @@ def finetune(*, image_size: int, finetune: FinetuneConfig, runtime: RuntimeConfi
     from tckr.generators.lora import finetune_generator
     from tckr.generators.pixel import read_card, read_texts
 
-    with stage_run("finetune", tracking, params=finetune.model_dump(mode="json")):
-        started = time.perf_counter()
-        splits, _ = load_prepared(data)
-        # The channels the generator models: the dataset's for the pixel UNet, RGB for Stable Diffusion's VAE.
-        images = decode_split(splits["train"], image_size, read_card(base_model)["channels"])
-        texts = read_texts(captions / "train" / "captions.jsonl")
-        summary = finetune_generator(base_model, images, texts, finetune, adapter, _device(runtime),
-                                     on_step=lambda step, loss: _log_every(step, 10, {"lora_loss": loss}))
-        metrics = {"finetune.final_loss": summary["final_loss"], "finetune.steps": float(summary["steps"]),
-                   "stage.finetune.seconds": time.perf_counter() - started}
-        mlflow.log_metrics(metrics)
-        mlflow.log_artifact(str(adapter / "loss.csv"))
-        mlflow.log_artifact(str(adapter / "adapter.json"))
-    return metrics
+    splits, _ = load_prepared(data)
+    # The channels the generator models: the dataset's for the pixel UNet, RGB for Stable Diffusion's VAE.
+    images = decode_split(splits["train"], image_size, read_card(base_model)["channels"])
+    texts = read_texts(captions / "train" / "captions.jsonl")
+    summary = finetune_generator(base_model, images, texts, finetune, adapter, _device(runtime),
+                                 on_step=lambda step, loss: _log_every(step, 10, {"lora_loss": loss}))
+    mlflow.log_artifact(str(adapter / "loss.csv"))
+    mlflow.log_artifact(str(adapter / "adapter.json"))
+    return {"finetune.final_loss": summary["final_loss"], "finetune.steps": float(summary["steps"])}
 
 
 def _generation_plan(cfg: GenerateConfig, data: Path, captions: Path):
@@ -239,8 +218,7 @@ def generate_shard(*, generate: GenerateConfig, runtime: RuntimeConfig, shard: i
        outputs={"synthetic": DATASET}, multi_gpu=True,
        resources=resources("8", "16", "32Gi", "48Gi", gpus=1))  # missing shards + the teacher over all images
 def generate(*, image_size: int, generate: GenerateConfig, runtime: RuntimeConfig, data: Path, captions: Path,
-             base_model: Path, adapter: Path, teacher_model: Path, shards: list[Path], synthetic: Path,
-             tracking: Tracking) -> Metrics:
+             base_model: Path, adapter: Path, teacher_model: Path, shards: list[Path], synthetic: Path) -> Metrics:
     """The synthetic set: shards made by the fan-out are gathered, any missing shard is generated here, the
     whole is checked against the plan and scored by the teacher's agreement with the prompts' classes."""
     import mlflow
@@ -250,56 +228,46 @@ def generate(*, image_size: int, generate: GenerateConfig, runtime: RuntimeConfi
     from tckr.generators.lora import load_finetuned
     from tckr.training.classifier import accuracy, load_classifier, predict_logits
 
-    with stage_run("generate", tracking, params=generate.model_dump(mode="json")):
-        started = time.perf_counter()
-        plan, info = _generation_plan(generate, data, captions)
-        device = _device(runtime)
-        gathered = gather_shards(shards, synthetic) if distributed.is_lead() else []
-        distributed.barrier()  # the gathered shards are in place before any rank looks for missing ones
-        made_here = generate_shards(load_finetuned(base_model, adapter, device), plan, synthetic, generate)
-        if not distributed.is_lead():
-            return {}
-        summary = finalize(synthetic, plan, generate)
-        images = ImageSplit(load_synthetic(synthetic, info.classes), image_size, info.channels)
-        logits = predict_logits(load_classifier(teacher_model, device), BatchAugment(info.mean, info.std).to(device),
-                                images, 512, device, "teacher on synthetic")
-        grid = sample_grid(synthetic, info.classes, per_class=10)
-        metrics = {"synthetic.images": float(summary["images"]), "synthetic.shards": float(summary["shards"]),
-                   "synthetic.shards_gathered": float(len(gathered)),
-                   "synthetic.shards_generated_here": float(len(made_here)),
-                   "synthetic.teacher_agreement": accuracy(logits, images.labels),
-                   "synthetic.images_per_second": summary["images"] / summary["generation_seconds"],
-                   "stage.generate_shards.seconds": summary["generation_seconds"],
-                   "stage.generate.seconds": time.perf_counter() - started}
-        mlflow.log_metrics(metrics)
-        mlflow.log_artifact(str(grid))
-        mlflow.log_artifact(str(synthetic / "synthetic.json"))
-    return metrics
+    plan, info = _generation_plan(generate, data, captions)
+    device = _device(runtime)
+    gathered = gather_shards(shards, synthetic) if distributed.is_lead() else []
+    distributed.barrier()  # the gathered shards are in place before any rank looks for missing ones
+    made_here = generate_shards(load_finetuned(base_model, adapter, device), plan, synthetic, generate)
+    if not distributed.is_lead():
+        return {}
+    summary = finalize(synthetic, plan, generate)
+    images = ImageSplit(load_synthetic(synthetic, info.classes), image_size, info.channels)
+    logits = predict_logits(load_classifier(teacher_model, device), BatchAugment(info.mean, info.std).to(device),
+                            images, 512, device, "teacher on synthetic")
+    mlflow.log_artifact(str(sample_grid(synthetic, info.classes, per_class=10)))
+    mlflow.log_artifact(str(synthetic / "synthetic.json"))
+    return {"synthetic.images": float(summary["images"]), "synthetic.shards": float(summary["shards"]),
+            "synthetic.shards_gathered": float(len(gathered)), "synthetic.shards_generated_here": float(len(made_here)),
+            "synthetic.teacher_agreement": accuracy(logits, images.labels),
+            "synthetic.images_per_second": summary["images"] / summary["generation_seconds"],
+            "stage.generate_shards.seconds": summary["generation_seconds"]}
 
 
 @stage(sections=("image_size", "student", "distill", "runtime"),
        inputs={"data": DATASET, "synthetic": DATASET, "teacher_model": MODEL}, outputs={"model": MODEL},
        multi_gpu=True, resources=resources("8", "16", "32Gi", "48Gi", gpus=1, shm="8Gi"))
 def student(*, image_size: int, student: ClassifierConfig, distill: DistillConfig, runtime: RuntimeConfig,
-            data: Path, synthetic: Path, teacher_model: Path, model: Path, tracking: Tracking) -> Metrics:
+            data: Path, synthetic: Path, teacher_model: Path, model: Path) -> Metrics:
     """Distil the teacher into the student on the synthetic set only (GKD); select and test on real data."""
     from tckr.data.ingest import load_prepared
     from tckr.generators.generate import load_synthetic
     from tckr.generators.pixel import digest_files
     from tckr.recipes.tckr.distill import train_student
 
-    params = student.model_dump(mode="json") | {f"distill.{k}": v for k, v in distill.model_dump().items()}
-    with stage_run("student", tracking, params=params):
-        started = time.perf_counter()
-        splits, info = load_prepared(data)
-        images = load_synthetic(synthetic, info.classes)
-        sources = digest_files([synthetic / "manifest.jsonl", teacher_model / "model.safetensors"])
-        result = train_student(student, distill, images, splits, info, image_size, teacher_model, model,
-                               _device(runtime), sources_key=sources, on_epoch=_log_epoch)
-        if result is None:  # not the lead rank
-            return {}
-        return _classifier_metrics("student", result, model, splits, info, image_size, started,
-                                   **{"student.synthetic_images": float(len(images))})
+    splits, info = load_prepared(data)
+    images = load_synthetic(synthetic, info.classes)
+    sources = digest_files([synthetic / "manifest.jsonl", teacher_model / "model.safetensors"])
+    result = train_student(student, distill, images, splits, info, image_size, teacher_model, model,
+                           _device(runtime), sources_key=sources, on_epoch=_log_epoch)
+    if result is None:  # not the lead rank
+        return {}
+    return _classifier_metrics("student", result, model, splits, info, image_size) | {
+        "student.synthetic_images": float(len(images))}
 
 
 @stage(sections=("attack",), returns="fan-out", tracked=False, resources=resources("250m", "1", "1Gi", "2Gi"))
@@ -329,8 +297,7 @@ def shadow_group(*, image_size: int, teacher: ClassifierConfig, attack: AttackCo
        outputs={"results": ARTIFACT},
        resources=resources("8", "16", "32Gi", "48Gi", gpus=1))  # both targets over the population, two queries
 def attack(*, image_size: int, teacher: ClassifierConfig, attack: AttackConfig, runtime: RuntimeConfig, data: Path,
-           teacher_model: Path, student_model: Path, shadows: list[Path], results: Path,
-           tracking: Tracking) -> Metrics:
+           teacher_model: Path, student_model: Path, shadows: list[Path], results: Path) -> Metrics:
     """LiRA against teacher and student: the fan-out's shadows are used, missing ones are trained here;
     each shadow becomes a nested MLflow run under the attack's."""
     import mlflow
@@ -338,36 +305,33 @@ def attack(*, image_size: int, teacher: ClassifierConfig, attack: AttackConfig, 
     from tckr.privacy.attack import attack as run_attack
     from tckr.privacy.attack import collect_shadows, load_population, shadow_recipe, train_shadows
 
-    with stage_run("attack", tracking, params=attack.model_dump(mode="json")) as run:
-        started = time.perf_counter()
-        device = _device(runtime)
-        shadows_here = results / "shadows"
-        population, validation, info = load_population(attack, image_size, data)
-        trained_here = train_shadows(shadow_recipe(teacher, attack), attack, population, validation, info,
-                                     shadows_here, device, done_elsewhere=shadows)
-        logits, summaries = collect_shadows([shadows_here, *shadows], attack.shadows)
-        outcome = run_attack(attack, population, info, logits, {"teacher": teacher_model, "student": student_model},
-                             results, device, teacher.eval_batch_size)
-        _log_shadow_runs(run.info.experiment_id, run.info.run_id, summaries)
-        metrics: Metrics = {}
-        for name, result in outcome.items():
-            metrics |= result.metrics(f"{name}.mia")
-        metrics |= {"attack.shadows": float(len(summaries)), "attack.shadows_trained_here": float(len(trained_here)),
-                    "attack.shadow_val_accuracy": sum(s["val_accuracy"] for s in summaries) / len(summaries),
-                    "attack.population": float(len(population)),
-                    "stage.shadows.seconds": sum(s["seconds"] for s in summaries),
-                    "stage.attack.seconds": time.perf_counter() - started}
-        mlflow.log_metrics(metrics)
-        for name in ("attack.json", "roc.png", "roc-teacher.csv", "roc-student.csv", "scores.csv"):
-            mlflow.log_artifact(str(results / name))
-    return metrics
+    device = _device(runtime)
+    shadows_here = results / "shadows"
+    population, validation, info = load_population(attack, image_size, data)
+    trained_here = train_shadows(shadow_recipe(teacher, attack), attack, population, validation, info, shadows_here,
+                                 device, done_elsewhere=shadows)
+    logits, summaries = collect_shadows([shadows_here, *shadows], attack.shadows)
+    outcome = run_attack(attack, population, info, logits, {"teacher": teacher_model, "student": student_model},
+                         results, device, teacher.eval_batch_size)
+    _log_shadow_runs(summaries)
+    for name in ("attack.json", "roc.png", "roc-teacher.csv", "roc-student.csv", "scores.csv"):
+        mlflow.log_artifact(str(results / name))
+    metrics: Metrics = {}
+    for name, result in outcome.items():
+        metrics |= result.metrics(f"{name}.mia")
+    return metrics | {"attack.shadows": float(len(summaries)), "attack.shadows_trained_here": float(len(trained_here)),
+                      "attack.shadow_val_accuracy": sum(s["val_accuracy"] for s in summaries) / len(summaries),
+                      "attack.population": float(len(population)),
+                      "stage.shadows.seconds": sum(s["seconds"] for s in summaries)}
 
 
-def _log_shadow_runs(experiment_id: str, attack_run_id: str, summaries: list[dict]) -> None:
-    """One finished nested run per shadow: its half of the population, selection and fit."""
+def _log_shadow_runs(summaries: list[dict]) -> None:
+    """One finished run per shadow, nested under the attack's: its half of the population, selection and fit."""
     import mlflow
     from mlflow.entities import Metric, Param
 
+    attack_run = mlflow.active_run().info
+    experiment_id, attack_run_id = attack_run.experiment_id, attack_run.run_id
     client = mlflow.MlflowClient()
     now = int(time.time() * 1000)
     for summary in summaries:
@@ -392,43 +356,38 @@ CHAMPION_ROLE, CHAMPION_METRIC = "student", "aop"
        cache=False,  # registering twice makes two versions: only on purpose
        resources=resources("1", "2", "4Gi", "8Gi"))
 def register(*, config: TckrRun, teacher_model: Path, student_model: Path, teacher_metrics: Metrics,
-             student_metrics: Metrics, attack_metrics: Metrics, tracking: Tracking) -> Metrics:
+             student_metrics: Metrics, attack_metrics: Metrics) -> Metrics:
     """AOP of teacher and student, then both registered with what they leak; the student becomes
     ``champion`` only if its AOP beats the current champion's (and ``candidate`` either way)."""
     import json
-
-    import mlflow
 
     from tckr.platform.tracking import champion_score, register_model
     from tckr.privacy.lira import aop
 
     merged = teacher_metrics | student_metrics | attack_metrics
     model_dirs = {"teacher": teacher_model, "student": student_model}
-    with stage_run("register", tracking):
-        metrics: Metrics = {f"{role}.aop": aop(merged[f"{role}.test_accuracy"], merged[f"{role}.mia.auc"])
-                            for role in model_dirs}
-        metrics["student.accuracy_ratio"] = merged["student.test_accuracy"] / merged["teacher.test_accuracy"]
-        if config.tracking.register_models:
-            for role, model_dir in model_dirs.items():
-                name = config.registered_model_name(role)
-                card = json.loads((model_dir / "model.json").read_text())
-                tags = {"recipe": config.recipe, "dataset": config.dataset, "profile": config.profile,
-                        "config_hash": config.fingerprint(), "dataset_fingerprint": card["dataset_fingerprint"],
-                        "classes": ",".join(card["classes"]),
-                        "input": f"float32 [N, {card['in_chans']}, {config.image_size}, {config.image_size}] in [0, 1]",
-                        "accuracy": f"{merged[f'{role}.test_accuracy']:.4f}",
-                        "auc_mia": f"{merged[f'{role}.mia.auc']:.4f}",
-                        "tpr_at_1pct_fpr": f"{merged[f'{role}.mia.tpr_at_1pct_fpr']:.4f}",
-                        "aop": f"{metrics[f'{role}.aop']:.4f}"}
-                aliases: tuple[str, ...] = ()
-                if role == CHAMPION_ROLE:
-                    current = champion_score(name, CHAMPION_METRIC)
-                    promoted = current is None or metrics[f"{role}.{CHAMPION_METRIC}"] > current
-                    metrics[f"{role}.champion"] = float(promoted)
-                    aliases = ("candidate", "champion") if promoted else ("candidate",)
-                uri = json.loads((model_dir / "logged_model.json").read_text())["model_uri"]
-                metrics[f"{role}.registry_version"] = float(register_model(uri, name, tags, aliases))
-        mlflow.log_metrics(metrics)
+    metrics: Metrics = {f"{role}.aop": aop(merged[f"{role}.test_accuracy"], merged[f"{role}.mia.auc"])
+                        for role in model_dirs}
+    metrics["student.accuracy_ratio"] = merged["student.test_accuracy"] / merged["teacher.test_accuracy"]
+    if config.tracking.register_models:
+        for role, model_dir in model_dirs.items():
+            name = config.registered_model_name(role)
+            card = json.loads((model_dir / "model.json").read_text())
+            tags = {"recipe": config.recipe, "dataset": config.dataset, "profile": config.profile,
+                    "config_hash": config.fingerprint(), "dataset_fingerprint": card["dataset_fingerprint"],
+                    "classes": ",".join(card["classes"]),
+                    "input": f"float32 [N, {card['in_chans']}, {config.image_size}, {config.image_size}] in [0, 1]",
+                    "accuracy": f"{merged[f'{role}.test_accuracy']:.4f}", "auc_mia": f"{merged[f'{role}.mia.auc']:.4f}",
+                    "tpr_at_1pct_fpr": f"{merged[f'{role}.mia.tpr_at_1pct_fpr']:.4f}",
+                    "aop": f"{metrics[f'{role}.aop']:.4f}"}
+            aliases: tuple[str, ...] = ()
+            if role == CHAMPION_ROLE:
+                current = champion_score(name, CHAMPION_METRIC)
+                promoted = current is None or metrics[f"{role}.{CHAMPION_METRIC}"] > current
+                metrics[f"{role}.champion"] = float(promoted)
+                aliases = ("candidate", "champion") if promoted else ("candidate",)
+            uri = json.loads((model_dir / "logged_model.json").read_text())["model_uri"]
+            metrics[f"{role}.registry_version"] = float(register_model(uri, name, tags, aliases))
     return metrics
 
 
@@ -437,7 +396,7 @@ def register(*, config: TckrRun, teacher_model: Path, student_model: Path, teach
                "generator_metrics": METRICS, "finetune_metrics": METRICS, "generate_metrics": METRICS,
                "student_metrics": METRICS, "attack_metrics": METRICS, "register_metrics": METRICS,
                "synthetic": DATASET, "attack_results": ARTIFACT},
-       outputs={"summary": MARKDOWN}, cache=False, resources=resources("500m", "2", "2Gi", "4Gi"))
+       outputs={"summary": MARKDOWN}, own_run=False, cache=False, resources=resources("500m", "2", "2Gi", "4Gi"))
 def report(*, config: TckrRun, ingest_metrics: Metrics, teacher_metrics: Metrics, caption_metrics: Metrics,
            generator_metrics: Metrics, finetune_metrics: Metrics, generate_metrics: Metrics, student_metrics: Metrics,
            attack_metrics: Metrics, register_metrics: Metrics, synthetic: Path, attack_results: Path, summary: Path,
@@ -496,10 +455,9 @@ def _log_epoch(record: dict) -> None:
     mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
 
 
-def _classifier_metrics(role: str, result, model_dir: Path, splits, info, image_size: int, started: float,
-                        **extra: float) -> Metrics:
-    """A trained classifier's metrics (logged) and its logged model (served form: float images in [0, 1] -> logits), its
-    URI noted in ``model_dir/logged_model.json`` for the register stage."""
+def _classifier_metrics(role: str, result, model_dir: Path, splits, info, image_size: int) -> Metrics:
+    """A trained classifier's metrics, and its logged model (served form: float images in [0, 1] -> logits) whose
+    URI goes to ``model_dir/logged_model.json`` for the register stage."""
     import json
 
     import mlflow
@@ -510,13 +468,10 @@ def _classifier_metrics(role: str, result, model_dir: Path, splits, info, image_
     from tckr.training.classifier import load_classifier
     from tckr.training.models import NormalizedClassifier
 
-    metrics = {f"{role}.test_accuracy": result.test_accuracy, f"{role}.val_accuracy": result.val_accuracy,
-               f"{role}.best_epoch": float(result.best_epoch), f"{role}.images_per_second": result.images_per_second,
-               f"stage.{role}.seconds": time.perf_counter() - started} | extra
-    mlflow.log_metrics(metrics)
     mlflow.log_artifact(str(model_dir / "model.json"))
     model = NormalizedClassifier(load_classifier(model_dir), info.mean, info.std).eval()
     test = ImageSplit(splits["test"], image_size, info.channels)
     example = torch.stack([test[0][0], test[1][0]]).float().div(255).numpy()  # batch >= 2 for pt2
     (model_dir / "logged_model.json").write_text(json.dumps({"model_uri": log_classifier(model, example)}))
-    return metrics
+    return {f"{role}.test_accuracy": result.test_accuracy, f"{role}.val_accuracy": result.val_accuracy,
+            f"{role}.best_epoch": float(result.best_epoch), f"{role}.images_per_second": result.images_per_second}

@@ -1,0 +1,56 @@
+"""A stage is declared once: its function's signature is checked against the declaration, and the KFP component,
+`tckr stage`'s options and the task's inputs all come from it."""
+
+from pathlib import Path
+
+import pytest
+
+from tckr.components.factory import component, component_source, section_parameters
+from tckr.core.stage import DATASET, MODEL, StageRegistry, collected, resources
+from tckr.recipes.config import RECIPES
+
+pytestmark = pytest.mark.unit
+DEFAULTS = resources("1", None, "1Gi", "1Gi")
+
+
+def test_a_declaration_must_match_its_function():
+    stages = StageRegistry("test")
+
+    @stages.declare(sections=("teacher",), inputs={"data": DATASET}, outputs={"model": MODEL}, resources=DEFAULTS)
+    def train(*, teacher, data: Path, model: Path, tracking) -> dict:
+        """Train."""
+        return {}
+
+    assert stages.names() == ["train"] and stages["train"].summary == "Train."
+    with pytest.raises(TypeError, match=r"takes \['data', 'teacher', 'tracking'\], its declaration gives"):
+        @stages.declare(sections=("teacher",), inputs={"data": DATASET}, outputs={"model": MODEL}, resources=DEFAULTS)
+        def forgets_its_output(*, teacher, data: Path, tracking) -> dict:
+            return {}
+    with pytest.raises(TypeError, match="keyword-only"):
+        @stages.declare(sections=(), resources=DEFAULTS, tracked=False, returns="nothing")
+        def positional(data) -> None:
+            pass
+
+
+@pytest.mark.parametrize("stage", list(RECIPES["tckr"].stages), ids=lambda stage: stage.name)
+def test_each_component_is_its_declaration(stage):
+    """Inputs: the declared artifacts, sections and parameters, plus where to log when tracked; outputs: the
+    declared artifacts plus metrics for a stage that returns them; the body is one launcher call."""
+    spec = component("tckr", stage.name).component_spec
+    expected_inputs = set(stage.inputs) | set(section_parameters("tckr", stage)) | set(stage.params)
+    expected_inputs |= {"tracking_uri", "experiment"} if stage.tracked else set()
+    assert set(spec.inputs or {}) == expected_inputs
+    expected_outputs = set(stage.outputs) | ({"metrics"} if stage.returns == "metrics" else set())
+    expected_outputs |= {"Output"} if stage.returns == "fan-out" else set()
+    assert set(spec.outputs or {}) == expected_outputs
+    for name, port in stage.inputs.items():
+        assert spec.inputs[name].is_artifact_list == port.many, name
+    source = component_source("tckr", stage)
+    assert source.rstrip().endswith(f"launch('tckr', {stage.name!r}, locals())")
+    assert len(source.splitlines()) == 5  # signature, docstring, import, blank line, the call
+
+
+def test_fan_ins_are_collected_artifacts():
+    stages = RECIPES["tckr"].stages
+    assert stages["generate"].inputs["shards"] == collected(DATASET)
+    assert stages["attack"].inputs["shadows"] == collected(MODEL)
