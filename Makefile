@@ -18,7 +18,7 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 # compile and submit with TCKR_IMAGE / TCKR_CUDA_IMAGE set to the tags built here.
 IMAGE_REPO ?= ghcr.io/tckr/tckr
 
-.PHONY: help setup data tools demo run test lint bench compile images run-local run-local-down mlflow-ui clean \
+.PHONY: help setup data tools demo run test test-unit lint bench compile images run-local run-local-down mlflow-ui clean \
 	s3-up s3-down mlflow-up mlflow-down repro publish pull
 
 help:  ## list targets
@@ -46,8 +46,11 @@ demo: setup  ## run the TCKR pipeline on the embedded default (Fashion-MNIST, CP
 
 run: demo
 
-test: setup  ## run the test suite
+test: setup  ## run the test suite (everything: unit tests, the smoke pipeline through real servers, DVC, browser)
 	$(BIN)/python -m pytest
+
+test-unit: setup  ## the fast tests: no server, no training beyond a few steps (pytest -m unit)
+	$(BIN)/python -m pytest -m unit
 
 lint: setup  ## ruff, hadolint, the import contracts (pyproject.toml [tool.importlinter])
 	$(BIN)/ruff check src components pipelines tests bench scripts

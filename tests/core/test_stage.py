@@ -17,14 +17,14 @@ def test_a_declaration_must_match_its_function():
     stages = StageRegistry("test")
 
     @stages.declare(sections=("teacher",), inputs={"data": DATASET}, outputs={"model": MODEL}, resources=DEFAULTS)
-    def train(*, teacher, data: Path, model: Path, tracking) -> dict:
+    def train(*, teacher, data: Path, model: Path) -> dict:
         """Train."""
         return {}
 
     assert stages.names() == ["train"] and stages["train"].summary == "Train."
-    with pytest.raises(TypeError, match=r"takes \['data', 'teacher', 'tracking'\], its declaration gives"):
+    with pytest.raises(TypeError, match=r"takes \['data', 'teacher'\], its declaration gives"):
         @stages.declare(sections=("teacher",), inputs={"data": DATASET}, outputs={"model": MODEL}, resources=DEFAULTS)
-        def forgets_its_output(*, teacher, data: Path, tracking) -> dict:
+        def forgets_its_output(*, teacher, data: Path) -> dict:
             return {}
     with pytest.raises(TypeError, match="keyword-only"):
         @stages.declare(sections=(), resources=DEFAULTS, tracked=False, returns="nothing")

@@ -10,7 +10,6 @@ import yaml
 from pydantic import Field
 
 from tckr.core.config import KubernetesConfig, RuntimeConfig, Section, TrackingConfig
-from tckr.core.stage import ALL_SECTIONS, Stage
 from tckr.data.ingest import IngestConfig
 
 
@@ -44,13 +43,7 @@ class RunBase(Section):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
-    def section_values(self, stage: Stage) -> dict[str, Any]:
-        """What a task of ``stage`` receives: its own sections, as JSON-ready values (the whole configuration
-        only for a stage declared with ``*``)."""
-        if stage.sections == (ALL_SECTIONS,):
-            return {"config": self.model_dump(mode="json")}
-        return {name: self.section_value(name) for name in stage.sections}
-
     def section_value(self, name: str) -> Any:
+        """A section as a task receives it: JSON-ready (a section model as its dict, a scalar as itself)."""
         value = getattr(self, name)
         return value.model_dump(mode="json") if isinstance(value, Section) else value

@@ -35,7 +35,7 @@ RECIPES = {recipe.name: recipe for recipe in (Recipe("tckr", TckrRun, TCKR_STAGE
                                               Recipe("privimage", PrivImageRun, PRIVIMAGE_STAGES))}
 
 
-def recipe_of(cfg: TckrRun | PrivImageRun) -> Recipe:
+def recipe_of(cfg: RunConfig) -> Recipe:
     return RECIPES[cfg.recipe]
 
 
@@ -60,7 +60,7 @@ def _locate(profile: str) -> Path:
                       "or pass a path to a .yaml file")
 
 
-def load_config(profile: str = "demo", overrides: list[str] | tuple[str, ...] = ()) -> TckrRun | PrivImageRun:
+def load_config(profile: str = "demo", overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Resolve a profile plus ``key=value`` overrides into a validated run configuration."""
     data = read_profile(profile, _locate)
     data.setdefault("profile", Path(profile).stem if profile.endswith((".yaml", ".yml")) else profile)
@@ -69,7 +69,7 @@ def load_config(profile: str = "demo", overrides: list[str] | tuple[str, ...] = 
     return parse_config(data, origin=f"profile '{profile}'")
 
 
-def parse_config(data: dict[str, Any] | str, origin: str = "config") -> TckrRun | PrivImageRun:
+def parse_config(data: dict[str, Any] | str, origin: str = "config") -> RunConfig:
     """Validate a mapping (or its JSON text) as the run configuration of its ``recipe`` (default: tckr), with
     every declared stage's Kubernetes resources filled in."""
     if isinstance(data, str):

@@ -1,10 +1,11 @@
 """The TCKR recipe's stages, each declared once (:class:`tckr.core.stage.Stage`) beside its function.
 
-A stage receives its own config sections, its input and output directories and, when tracked, where to
-log; it opens its nested MLflow run, times itself and returns flat, dotted metrics. The same functions
-serve the KFP components, ``tckr stage`` and DVC. Stages declared ``multi_gpu`` run in every rank of a
-multi-process launch (:mod:`tckr.core.distributed`): rank 0 alone tracks, writes the outputs that exist
-once and returns metrics; the other ranks return ``{}`` once their share is done.
+A stage receives its own config sections and its input and output directories, and returns flat, dotted
+metrics; a tracked stage is called inside its own MLflow run (nested under the pipeline's), which the
+launcher opens, times and closes (:func:`tckr.recipes.invoke.call`), so a stage logs only its artifacts and
+curves. The same functions serve the KFP components, ``tckr stage`` and DVC. Stages declared ``multi_gpu``
+run in every rank of a multi-process launch (:mod:`tckr.core.distributed`): rank 0 alone tracks, writes the
+outputs that exist once and returns metrics; the other ranks return ``{}`` once their share is done.
 """
 
 from __future__ import annotations

@@ -258,7 +258,7 @@ def test_overrides_reach_the_compiled_task(tmp_path):
 
 
 def test_a_multi_gpu_stage_requests_all_its_gpus(tmp_path):
-    """Its pod gets every GPU; the launcher runs one process per GPU in it (tests/test_distributed.py)."""
+    """Its pod gets every GPU; the launcher runs one process per GPU in it (tests/core/test_distributed.py)."""
     spec, _, _ = _compile(tmp_path, ["kubernetes.stages.teacher.gpus=4"])
     containers = _executors(spec)
     assert containers["teacher"]["resources"]["accelerator"]["resourceCount"] == "4"

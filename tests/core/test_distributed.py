@@ -42,7 +42,7 @@ def test_teacher_trains_data_parallel_and_only_rank_0_writes_and_tracks(tmp_path
     assert metrics["teacher.test_accuracy"] > 0.3  # 10 classes, 280 training images: well above chance (0.1)
     # The recipe of one device: its global batch of 32 (16 per rank), so as many optimiser steps an epoch.
     checkpoint = torch.load(tmp_path / "teacher" / "checkpoint.pt", weights_only=False)
-    steps = {state["step"].item() for state in checkpoint["optimizer"]["state"].values()}
+    steps = {state["step"].item() for state in checkpoint["objects"]["optimizer"]["state"].values()}
     assert steps == {len(splits["train"]) // 32 * epochs}
 
     client = mlflow.MlflowClient(tracking_uri)

@@ -189,7 +189,7 @@ def test_two_ranks_split_a_shadow_group_and_each_shadow_is_the_one_trained_alone
     from tckr.privacy.shadows import keep_matrix
 
     population, validation, _ = world
-    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))  # the ranks unpickle the helper
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[2]))  # the ranks unpickle the helper
     monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # the same float arithmetic as here
     cfg = load_config("smoke", ["runtime.device=cpu"])
     assert cfg.attack.shadows_per_group == 2

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from tckr.platform.services import Server, free_port, start_mlflow, start_seaweedfs
-from tckr.platform.tracking import TrackingError, log_classifier, register_model, stage_run
-from tckr.recipes.config import load_config
+from tckr.platform.tracking import Tracking, TrackingError, log_classifier, register_model, stage_run
 
 
 @pytest.fixture
@@ -33,14 +32,14 @@ def failing_store(tmp_path, monkeypatch):
 
 def test_model_upload_to_a_down_store_fails_clearly_and_registers_nothing(failing_store):
     s3_server, uri = failing_store
-    cfg = load_config("smoke")
+    tracking = Tracking(uri, "tckr-fashion-mnist")
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 10)).eval()
-    with stage_run("teacher", cfg, uri) as healthy:  # logs fine while the store is up
+    with stage_run("teacher", tracking) as healthy:  # logs fine while the store is up
         good_uri = log_classifier(model, torch.rand(2, 1, 4, 4).numpy())
     s3_server.stop()
 
     with (pytest.raises(TrackingError, match="storing the model's artifacts failed.*reachable"),
-          stage_run("student", cfg, uri) as broken):
+          stage_run("student", tracking) as broken):
         log_classifier(model, torch.rand(2, 1, 4, 4).numpy())
     client = mlflow.MlflowClient(uri)
     assert client.get_run(broken.info.run_id).info.status == "FAILED"
@@ -105,8 +104,7 @@ def test_postgresql_backend(tmp_path, s3_store, postgres_url, monkeypatch):
 
     server, uri = start_mlflow(tmp_path / "mlflow", s3_store, backend_store_uri=postgres_url)
     try:
-        cfg = load_config("smoke")
-        with stage_run("teacher", cfg, uri) as run:
+        with stage_run("teacher", Tracking(uri, "tckr-fashion-mnist")) as run:
             mlflow.log_metric("teacher.test_accuracy", 0.5)
             mlflow.log_text("logged through PostgreSQL", "notes.txt")
         assert not (tmp_path / "mlflow" / "mlflow.db").exists()

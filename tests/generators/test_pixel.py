@@ -274,7 +274,7 @@ def test_two_ranks_make_the_same_shards_as_one(tmp_path, base_generator, monkeyp
 
     from tckr.core.distributed import run_stage
 
-    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))  # the ranks unpickle this helper
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[2]))  # the ranks unpickle this helper
     monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # the same float arithmetic as here
     cfg = GenerateConfig(ratio=1.0, steps=2, batch_size=2, shard_size=5, seed=5)  # 12 images: shards of 5, 5, 2
     written, sampled_by_rank_0 = run_stage("generate", _generate_every_shard, {

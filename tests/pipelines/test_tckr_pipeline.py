@@ -239,7 +239,7 @@ def test_stage_command_runs_one_stage_at_a_time(tmp_path, monkeypatch):
 def test_dvc_params_are_the_demo_profile():
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     params = load_config(str(repo / "params.yaml"))
     assert params.model_dump(exclude={"profile"}) == load_config("demo").model_dump(exclude={"profile"})
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
