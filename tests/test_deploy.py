@@ -13,6 +13,8 @@ import yaml
 from kubernetes_validate.utils import all_versions
 from packaging.version import Version
 
+pytestmark = pytest.mark.unit  # starts no server, trains nothing beyond a few steps
+
 REPO = Path(__file__).resolve().parents[1]
 KUSTOMIZATIONS = sorted(p.parent for p in REPO.rglob("kustomization.yaml") if not {".venv", ".git"} & set(p.parts))
 # Every Kubernetes release the validator ships schemas for: the manifests must not depend on which one runs them.

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.unit  # starts no server, trains nothing beyond a few steps
+
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILES = sorted(p for p in REPO.rglob("*Dockerfile*") if not {".venv", ".git"} & set(p.parts))
 

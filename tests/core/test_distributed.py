@@ -61,6 +61,7 @@ def test_a_rank_that_fails_fails_the_stage(tmp_path):
         run_stage("teacher", STAGES["teacher"].run, arguments, count=2, device="cpu")
 
 
+@pytest.mark.unit
 def test_the_launcher_runs_a_multi_gpu_stage_as_one_process_per_gpu_of_its_pod(tmp_path, monkeypatch, tracking_uri):
     """The pod's TCKR_PROCESSES (compiled in from kubernetes.stages.<stage>.gpus) decides; one-device stages
     ignore it."""
@@ -75,6 +76,7 @@ def test_the_launcher_runs_a_multi_gpu_stage_as_one_process_per_gpu_of_its_pod(t
     assert counts == [4, 1]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("overrides", "message"), [
     (["kubernetes.stages.caption.gpus=2"], "caption runs on one device"),
     (["kubernetes.stages.teacher.gpus=3"], "teacher batch_size 64 does not split evenly"),

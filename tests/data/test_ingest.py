@@ -7,6 +7,8 @@ import pytest
 from tckr.data.ingest import FASHION_MNIST_CLASSES, DatasetError, IngestConfig, load_prepared, prepare, stratified_split
 from tests.conftest import make_dataset_dict
 
+pytestmark = pytest.mark.unit  # starts no server, trains nothing beyond a few steps
+
 FRACTIONS = {"validation_fraction": 0.1, "holdout_fraction": 0.3}
 
 

@@ -20,6 +20,8 @@ from tckr.generators.caption import (
 from tckr.generators.config import CaptionConfig
 from tests.conftest import make_dataset_dict
 
+pytestmark = pytest.mark.unit  # starts no server, trains nothing beyond a few steps
+
 CPU = torch.device("cpu")
 OUTPUTS = ("captions.jsonl", "captions_by_class.json", "images/metadata.jsonl")
 ATTRIBUTES = re.compile(r"^an? (dark|dim|bright), (small|medium|large), ((tall|wide), )?"

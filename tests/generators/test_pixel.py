@@ -58,6 +58,7 @@ def base_generator(tmp_path_factory, pairs):
     return out
 
 
+@pytest.mark.unit
 def test_base_generator_round_trip(base_generator):
     card = json.loads((base_generator / "generator.json").read_text())
     assert card["kind"] == "pixel" and card["image_size"] == 8 and card["channels"] == 1
@@ -93,6 +94,7 @@ def test_denoiser_training_resumes_exactly(tmp_path, pairs):
     np.testing.assert_allclose(resumed, full, rtol=1e-5)
 
 
+@pytest.mark.unit
 def test_lora_adapter_round_trip_changes_outputs(tmp_path, base_generator, pairs):
     pixels, texts, _ = pairs
     cfg = FinetuneConfig(rank=4, alpha=4, epochs=1, batch_size=16, grad_accum=1, lr=5e-2, seed=1)
@@ -115,6 +117,7 @@ def test_lora_adapter_round_trip_changes_outputs(tmp_path, base_generator, pairs
     np.testing.assert_array_equal(images["tuned"], images["again"])
 
 
+@pytest.mark.unit
 def test_generation_is_deterministic_per_seed(base_generator):
     generator = PixelGenerator.load(base_generator, CPU)
     prompts = ["T-shirt/top: a dark item"] * 3
@@ -129,6 +132,7 @@ def test_generation_is_deterministic_per_seed(base_generator):
 CAPTIONS = {name: [f"{name}: a dark item", f"{name}: a bright item"] for name in CLASSES}
 
 
+@pytest.mark.unit
 def test_plan_is_balanced_and_cycles_captions():
     plan = plan_generation(CAPTIONS, CLASSES, num_private=10, cfg=GenerateConfig(ratio=2.0, seed=3))
     assert len(plan) == 18  # round(2 x 10) // 3 = 6 per class
@@ -138,6 +142,7 @@ def test_plan_is_balanced_and_cycles_captions():
     assert len({p.seed for p in plan}) == 18
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("captions", "ratio", "message"), [
     ({}, 1.0, "the caption file is empty"),
     ({**CAPTIONS, "Pullover": []}, 1.0, r"classes with no captions to prompt with: \['Pullover'\]"),
@@ -148,6 +153,7 @@ def test_plan_bad_input(captions, ratio, message):
         plan_generation(captions, CLASSES, num_private=10, cfg=GenerateConfig(ratio=ratio))
 
 
+@pytest.mark.unit
 def test_ratio_must_be_positive():
     with pytest.raises(ConfigError, match="generate.ratio: Input should be greater than 0"):
         load_config("smoke", ["generate.ratio=0"])
@@ -173,6 +179,7 @@ class _KilledAfter:
         return self.generator.sample(*args)
 
 
+@pytest.mark.unit
 def test_killed_generation_resumes_to_the_same_set(tmp_path, base_generator):
     cfg = GenerateConfig(ratio=1.0, steps=2, batch_size=4, shard_size=5, seed=11)
     generator = PixelGenerator.load(base_generator, CPU)
@@ -197,6 +204,7 @@ def test_killed_generation_resumes_to_the_same_set(tmp_path, base_generator):
     assert not list((tmp_path / "cut" / "shards").glob("*.partial"))
 
 
+@pytest.mark.unit
 def test_manifest_validity_and_loading(tmp_path, base_generator):
     cfg = GenerateConfig(ratio=1.0, steps=2, batch_size=8, shard_size=4, seed=2)
     generator = PixelGenerator.load(base_generator, CPU)
@@ -214,6 +222,7 @@ def test_manifest_validity_and_loading(tmp_path, base_generator):
         finalize(tmp_path / "syn", other, cfg)
 
 
+@pytest.mark.unit
 def test_a_persisted_directory_from_another_plan_is_regenerated(tmp_path, base_generator):
     """DVC keeps the synthetic directory between runs (to resume): a changed seed or ratio must redo
     the shards another plan left, and drop those beyond the new plan, never reuse them."""
@@ -231,6 +240,7 @@ def test_a_persisted_directory_from_another_plan_is_regenerated(tmp_path, base_g
     assert generate_shards(generator, plan, out_dir, reseeded) == []  # now current: nothing redone
 
 
+@pytest.mark.unit
 def test_shards_made_by_parallel_workers_are_gathered(tmp_path, base_generator):
     """The fan-out: each worker writes its own shard directory; the gatherer assembles the planned set."""
     cfg = GenerateConfig(ratio=1.0, steps=2, batch_size=4, shard_size=4, seed=4)

@@ -137,6 +137,7 @@ def test_stages_run_the_paper_generator_path(tmp_path, tiny_sd, tracking_uri):
         assert image.mode == "RGB" and image.size == (SIZE, SIZE)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("model", ["stabilityai/stable-diffusion-2", "/no/such/pipeline"])
 def test_unloadable_model_is_refused_naming_the_setting(tmp_path, model):
     with pytest.raises(GeneratorUnavailableError, match=f"generator.model='{model}'.*HF cache"):
@@ -144,11 +145,13 @@ def test_unloadable_model_is_refused_naming_the_setting(tmp_path, model):
     assert not (tmp_path / "generator.json").exists()
 
 
+@pytest.mark.unit
 def test_prediction_type_must_match_the_scheduler(tmp_path, tiny_sd):
     with pytest.raises(ValueError, match="set generator.prediction_type=v_prediction"):
         save_card(sd_config(tiny_sd).model_copy(update={"prediction_type": "epsilon"}), SIZE, tmp_path)
 
 
+@pytest.mark.unit
 def test_lora_learns_the_velocity(monkeypatch, tmp_path, base_dir, pairs):
     """SD2 predicts v: every training target is the velocity sqrt(a) * noise - sqrt(1 - a) * x0, not the noise."""
     original, is_velocity = generator_module.denoising_target, []
@@ -164,6 +167,7 @@ def test_lora_learns_the_velocity(monkeypatch, tmp_path, base_dir, pairs):
     assert is_velocity == [True] * 6  # one step of 6 micro-batches
 
 
+@pytest.mark.unit
 def test_random_flip_picks_the_precomputed_mirror_latents():
     """A flipped image's latent is encoded from the flipped pixels, not mirrored in latent space."""
     latents, mirrored = torch.randn(4, 4, 2, 2).half(), torch.randn(4, 4, 2, 2).half()
@@ -173,6 +177,7 @@ def test_random_flip_picks_the_precomputed_mirror_latents():
     torch.testing.assert_close(batch, torch.stack([mirrored[3], latents[1]]).float())
 
 
+@pytest.mark.unit
 def test_adapter_only_in_diffusers_format(adapter_dir):
     from safetensors.torch import load_file
 
@@ -213,6 +218,7 @@ def test_killed_finetuning_resumes_to_the_uninterrupted_result(tmp_path, base_di
 PROMPTS = ["T-shirt/top: a dark item", "Trouser: a bright item", "T-shirt/top: a dark item"]
 
 
+@pytest.mark.unit
 def test_adapter_changes_generation(base_dir, adapter_dir):
     base = StableDiffusionGenerator.load(read_card(base_dir), CPU).sample(PROMPTS[:2], [1, 2], 3, 2.0)
     tuned = load_finetuned(base_dir, adapter_dir, CPU).sample(PROMPTS[:2], [1, 2], 3, 2.0)
@@ -220,6 +226,7 @@ def test_adapter_changes_generation(base_dir, adapter_dir):
     assert not np.array_equal(base, tuned)
 
 
+@pytest.mark.unit
 def test_generation_is_seeded_per_image(base_dir, adapter_dir):
     generator = load_finetuned(base_dir, adapter_dir, CPU)
     batch = generator.sample(PROMPTS, [7, 8, 7], 3, 2.0)

@@ -19,6 +19,8 @@ from tckr.platform.tracking import KFP_RUN_ID_ENV
 from tckr.recipes.config import load_config
 from tckr.recipes.tckr.stages import STAGES
 
+pytestmark = pytest.mark.unit  # starts no server, trains nothing beyond a few steps
+
 GPU_STAGES = {stage.name for stage in STAGES if stage.resources["gpus"]}
 TRACKED_STAGES = {"start_run", "ingest", "teacher", "caption", "generator", "finetune", "generate", "student",
                   "attack", "register", "report"}  # the components that take tracking_uri

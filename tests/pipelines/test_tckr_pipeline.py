@@ -169,6 +169,7 @@ def test_champion_moves_only_to_a_better_student(smoke_run):
     assert holder("champion") == better["student.registry_version"]
 
 
+@pytest.mark.unit
 def test_unreachable_tracking_server_fails_fast(tmp_path):
     from tckr.platform.tracking import TrackingError
 
@@ -178,6 +179,7 @@ def test_unreachable_tracking_server_fails_fast(tmp_path):
         configure("http://127.0.0.1:9", attempts=2, delay=0.01)
 
 
+@pytest.mark.unit
 def test_cli_reports_config_errors(capsys):
     assert main(["config", "--profile", "smoke", "--set", "teacher.epochs=-2"]) == 2
     assert "teacher.epochs: Input should be greater than 0" in capsys.readouterr().err
@@ -185,6 +187,7 @@ def test_cli_reports_config_errors(capsys):
     assert "epochs: 5" in capsys.readouterr().out
 
 
+@pytest.mark.unit
 def test_compiled_pipeline_matches_committed_snapshot(tmp_path):
     from pathlib import Path
 
@@ -236,6 +239,7 @@ def test_stage_command_runs_one_stage_at_a_time(tmp_path, monkeypatch):
     assert sorted(r.data.tags["tckr.stage"] for r in runs) == ["ingest", "teacher"]
 
 
+@pytest.mark.unit
 def test_dvc_params_are_the_demo_profile():
     from pathlib import Path
 

@@ -15,6 +15,8 @@ import tckr.platform.submit
 from tckr.cli import main
 from tckr.recipes.config import load_config
 
+pytestmark = pytest.mark.unit  # starts no server, trains nothing beyond a few steps
+
 
 def test_unreachable_host_fails_fast_with_one_line(capsys):
     started = time.monotonic()

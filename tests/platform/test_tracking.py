@@ -12,6 +12,8 @@ from tckr.platform.tracking import (
     start_pipeline_run,
 )
 
+pytestmark = pytest.mark.unit  # starts no server, trains nothing beyond a few steps
+
 
 def _parent_of(run) -> str | None:
     return run.data.tags.get("mlflow.parentRunId")

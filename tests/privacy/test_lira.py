@@ -25,6 +25,7 @@ from tckr.training.classifier import ClassifierConfig
 CPU = torch.device("cpu")
 
 
+@pytest.mark.unit
 def test_logit_score_by_hand_and_stable_when_confident():
     logits = np.array([[2.0, 0.0, -1.0], [2.0, 0.0, -1.0], [200.0, 0.0, 0.0]])
     scores = logit_scores(logits, np.array([0, 2, 0]))
@@ -33,6 +34,7 @@ def test_logit_score_by_hand_and_stable_when_confident():
     assert scores[2] == pytest.approx(200.0 - math.log(2.0), abs=1e-9)  # p_y rounds to 1: naive log(1 - p) is -inf
 
 
+@pytest.mark.unit
 def test_online_and_offline_statistic_by_hand():
     # One query, two examples, four shadows: example 0 is IN for shadows 0 and 1.
     keep = np.array([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=bool)
@@ -46,6 +48,7 @@ def test_online_and_offline_statistic_by_hand():
     assert offline[0] == pytest.approx(-math.log(0.5 * math.erfc(z / math.sqrt(2.0))))
 
 
+@pytest.mark.unit
 def test_global_variance_pools_within_example_spread():
     keep = np.array([[1, 1], [1, 0], [0, 1], [0, 0]], dtype=bool)
     shadow = np.array([[1.0, 10.0], [3.0, 0.0], [0.0, 14.0], [2.0, 2.0]])[:, None, :]
@@ -55,6 +58,7 @@ def test_global_variance_pools_within_example_spread():
         membership_statistic(shadow, keep[:, :1], np.array([[2.0, 12.0]]))
 
 
+@pytest.mark.unit
 def test_roc_figures_by_hand():
     result = roc(np.array([3.0, 2.0, 1.0, 0.0]), np.array([1, 0, 1, 0], dtype=bool))
     assert result.auc == pytest.approx(0.75)
@@ -66,6 +70,7 @@ def test_roc_figures_by_hand():
         roc(np.ones(3), np.ones(3, dtype=bool))
 
 
+@pytest.mark.unit
 def test_keep_matrix_is_balanced_both_ways():
     keep = balanced_keep_matrix(8, 1000, seed=3)
     assert (keep.sum(0) == 4).all() and (keep.sum(1) == 500).all()
@@ -74,6 +79,7 @@ def test_keep_matrix_is_balanced_both_ways():
         balanced_keep_matrix(7, 1000, seed=0)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("accuracy", "auc", "published"), [
     (0.9752, 0.5389, 0.8395), (0.9733, 0.5281, 0.8725),  # CIFAR-10 teacher, student
     (0.8549, 0.7032, 0.4322), (0.8574, 0.6280, 0.5435),  # CIFAR-100 teacher, student
@@ -82,6 +88,7 @@ def test_aop_reproduces_paper_table_2(accuracy, auc, published):
     assert aop(accuracy, auc) == pytest.approx(published, abs=0.005)
 
 
+@pytest.mark.unit
 def test_attack_config_is_declared_and_checked():
     cfg = load_config("demo")
     assert cfg.attack.variant == "online" and cfg.attack.shadows % 2 == 0
@@ -205,6 +212,7 @@ def test_two_ranks_split_a_shadow_group_and_each_shadow_is_the_one_trained_alone
         assert np.array_equal(np.load(tmp_path / "ranks" / name), np.load(tmp_path / "alone" / name))
 
 
+@pytest.mark.unit
 def test_attack_config_rejects_bad_values():
     with pytest.raises(ValueError):
         AttackConfig(shadows=0)

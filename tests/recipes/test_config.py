@@ -5,6 +5,8 @@ from tckr.data.ingest import IngestConfig
 from tckr.recipes.config import available_profiles, load_config, parse_config
 from tckr.recipes.tckr.stages import STAGES
 
+pytestmark = pytest.mark.unit  # starts no server, trains nothing beyond a few steps
+
 
 def test_profiles_resolve_and_validate():
     assert {"smoke", "demo", "paper-cifar10"} <= set(available_profiles())

@@ -9,6 +9,8 @@ from tckr.data.ingest import IngestConfig, load_prepared, prepare
 from tckr.training.classifier import ClassifierConfig, load_classifier, predict_logits, train_classifier
 from tckr.training.models import create_classifier
 
+pytestmark = pytest.mark.unit  # starts no server, trains nothing beyond a few steps
+
 
 @pytest.fixture
 def prepared(tmp_path, saved_dataset_dir):

@@ -10,6 +10,8 @@ from tckr.recipes.tckr.config import DistillConfig
 from tckr.recipes.tckr.distill import distillation_objective, gkd_loss, kl_loss, train_student
 from tckr.training.classifier import ClassifierConfig, load_classifier, train_classifier
 
+pytestmark = pytest.mark.unit  # starts no server, trains nothing beyond a few steps
+
 CPU = torch.device("cpu")
 
 
