@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from tckr.core.errors import ConfigError
 
 __all__ = ["ConfigError", "Section", "TrackingConfig", "RuntimeConfig", "StageResources", "Toleration",
-           "KubernetesConfig", "read_profile", "apply_override", "validate"]
+           "KubernetesConfig", "read_profile", "apply_override", "validate", "format_errors"]
 
 
 class Section(BaseModel):
@@ -156,7 +156,8 @@ def _valid_keys(model: Any, location: tuple) -> list[str]:
     return list(getattr(node, "model_fields", {}))
 
 
-def _format_errors(error: ValidationError, model: Any) -> str:
+def format_errors(error: ValidationError, model: Any) -> str:
+    """Every invalid setting of ``error`` on one line, by dotted name (a typo with its nearest valid key)."""
     lines = []
     for item in error.errors():
         location = item["loc"]
@@ -175,4 +176,4 @@ def validate(model: type[BaseModel], data: dict[str, Any], origin: str) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(f"invalid {origin}: {_format_errors(error, model)}") from None
+        raise ConfigError(f"invalid {origin}: {format_errors(error, model)}") from None

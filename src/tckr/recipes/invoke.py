@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from tckr.core import distributed
+from tckr.core.config import format_errors
 from tckr.core.errors import ConfigError
 from tckr.core.stage import ALL_SECTIONS, Stage
 from tckr.platform.tracking import Tracking, stage_run
@@ -42,7 +43,8 @@ def parse_sections(recipe: Recipe, stage: Stage, values: dict[str, Any]) -> dict
         try:
             typed[name] = TypeAdapter(Annotated[fields[name].annotation, fields[name]]).validate_python(decoded(name))
         except ValidationError as error:
-            raise ConfigError(f"invalid {name} section of the {stage.name} task: {error}") from None
+            raise ConfigError(f"invalid {name} section of the {stage.name} task: "
+                              f"{format_errors(error, fields[name].annotation)}") from None
     return typed
 
 
@@ -74,6 +76,7 @@ def call(stage: Stage, **kwargs: Any) -> Any:
 
 
 def recipe_stage(recipe: str, name: str) -> tuple[Recipe, Stage]:
+    """The recipe and its stage ``name``, or a :class:`ConfigError` listing the recipe's stages."""
     if name not in RECIPES[recipe].stages:
         raise ConfigError(f"the {recipe} recipe has no stage '{name}'; its stages are "
                           f"{', '.join(RECIPES[recipe].stages.names()) or '(none yet)'}")
