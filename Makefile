@@ -53,9 +53,9 @@ test-unit: setup  ## the fast tests: no server, no training beyond a few steps (
 	$(BIN)/python -m pytest -m unit
 
 lint: setup  ## ruff, hadolint, the import contracts (pyproject.toml [tool.importlinter])
-	$(BIN)/ruff check src components pipelines tests bench scripts
+	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/hadolint docker/Dockerfile
-	$(BIN)/python scripts/lint_imports.py
+	$(BIN)/lint-imports
 
 bench: setup  ## performance benchmarks (each prints a ratio against a baseline run alongside)
 	$(BIN)/python bench/bench_generation.py

@@ -1,5 +1,5 @@
-"""What the image installs (a regular, non-editable wheel) is the whole package: every module of src/tckr,
-components/ and pipelines/ as tckr.components and tckr.pipelines, and the profiles."""
+"""What the image installs (a regular, non-editable wheel) is the whole package: every module of src/tckr
+and the profiles."""
 
 import subprocess
 import sys
@@ -18,7 +18,5 @@ def test_the_wheel_holds_every_module_and_profile(tmp_path):
     (wheel,) = tmp_path.glob("tckr-*.whl")
     packed = {name for name in zipfile.ZipFile(wheel).namelist() if not name.startswith("tckr-")}
     expected = {str(path.relative_to(REPO / "src")) for path in (REPO / "src" / "tckr").rglob("*.py")}
-    expected |= {f"tckr/{folder}/{path.name}" for folder in ("components", "pipelines")
-                 for path in (REPO / folder).glob("*.py")}
     expected |= {str(path.relative_to(REPO / "src")) for path in (REPO / "src" / "tckr").rglob("profiles/*.yaml")}
     assert expected - packed == set()
