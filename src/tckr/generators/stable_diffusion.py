@@ -63,10 +63,10 @@ def save_card(cfg: GeneratorConfig, image_size: int, out_dir: Path) -> dict:
     prediction_type = pipe.scheduler.config.prediction_type
     if prediction_type != cfg.prediction_type:
         raise ConfigError(f"{cfg.model}'s scheduler predicts {prediction_type!r} but generator.prediction_type is "
-                         f"{cfg.prediction_type!r}: set generator.prediction_type={prediction_type}")
+                          f"{cfg.prediction_type!r}: set generator.prediction_type={prediction_type}")
     if image_size % pipe.vae_scale_factor:
         raise ConfigError(f"image_size {image_size} is not a multiple of the VAE's downsampling factor "
-                         f"{pipe.vae_scale_factor}")
+                          f"{pipe.vae_scale_factor}")
     local = Path(cfg.model).is_dir()
     card = {"kind": KIND, "model": str(Path(cfg.model).resolve()) if local else cfg.model,
             "revision": cfg.revision, "variant": cfg.variant, "prediction_type": prediction_type,

@@ -48,7 +48,7 @@ def place(task: PipelineTask, cluster: KubernetesConfig, stages: StageRegistry) 
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                    size_limit=need.shm)
     if stage.tracked:  # the task logs to MLflow
-        # ... under the parent run tagged with this KFP run's id (tckr.tracking.pipeline_run_id)
+        # ... under the parent run tagged with this KFP run's id (tckr.platform.tracking.pipeline_run_id)
         kubernetes.use_field_path_as_env(task, env_name=KFP_RUN_ID_ENV, field_path=KFP_RUN_ID_FIELD)
         if cluster.s3_secret:  # artifacts go straight to the store when the server does not proxy them
             kubernetes.use_secret_as_env(task, cluster.s3_secret, S3_KEYS)

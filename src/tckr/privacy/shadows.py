@@ -1,6 +1,6 @@
 """Stage 7a: LiRA's shadow models, trained many at once.
 
-A shadow imitates the teacher: same architecture, same recipe (:class:`tckr.classify.Recipe`), same
+A shadow imitates the teacher: same architecture, same recipe (:class:`tckr.training.classifier.Recipe`), same
 selection on the real validation split, trained on its half of the attack population (private
 train members + holdout non-members, see :func:`build_population`). Shadows are trained in groups:
 a group is one :class:`ModelStack` — the models' parameters stacked along a leading axis — stepped

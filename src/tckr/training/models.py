@@ -58,7 +58,7 @@ def create_classifier(name: str, num_classes: int, in_chans: int, pretrained: bo
     except RuntimeError as error:
         if "Unknown model" in str(error):
             raise ConfigError(f"unknown classifier '{name}': use a timm model name "
-                             "(e.g. mobilenetv3_large_100) or tckr_cnn") from None
+                              "(e.g. mobilenetv3_large_100) or tckr_cnn") from None
         raise
     except OSError as error:  # huggingface_hub: not cached and the hub is unreachable
         raise ModelUnavailableError(
