@@ -74,8 +74,8 @@ def _cmd_stage(args: argparse.Namespace, rest: list[str]) -> int:
     result = invoke(stage, sections_of(cfg, stage), artifacts, {name: given[name] for name in stage.params}, tracking)
     if stage.returns == "metrics":
         first_output = next(iter(stage.outputs), None)
-        metrics_path = Path(args.metrics) if args.metrics else Path(given[first_output] if first_output else ".") \
-            / "metrics.json"
+        default_dir = Path(given[first_output]) if first_output else Path(".")
+        metrics_path = Path(args.metrics) if args.metrics else default_dir / "metrics.json"
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text(json.dumps(dict(sorted(result.items())), indent=2) + "\n")
     if result is not None:
@@ -100,21 +100,22 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.profile, args.overrides)
         out_dir = Path(args.out_dir or f"compiled/{Path(args.profile).stem}")
-        written = [compile_pipeline(cfg, out_dir / f"{cfg.recipe}_pipeline.yaml")]
+        written = [compile_pipeline(cfg, out_dir)]
     for path in written:
         print(f"compiled {path}")
     return 0
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from tckr.pipelines.compile import compile_pipeline, pipeline_arguments
+    from tckr.pipelines.build import pipeline_arguments
+    from tckr.pipelines.compile import compile_pipeline
     from tckr.platform.runner import new_run_name
     from tckr.platform.submit import follow, submit
 
     cfg = load_config(args.profile, args.overrides)
     run_name = new_run_name(cfg)
     tracking_uri = args.tracking_uri or cfg.kubernetes.tracking_uri
-    client, run_id = submit(args.host, lambda folder: compile_pipeline(cfg, folder / f"{cfg.recipe}_pipeline.yaml"),
+    client, run_id = submit(args.host, lambda folder: compile_pipeline(cfg, folder),
                             pipeline_arguments(cfg, run_name, tracking_uri), run_name,
                             args.experiment or cfg.experiment_name, enable_caching=not args.no_cache,
                             namespace=args.namespace)

@@ -37,7 +37,7 @@ def _read(path: Path) -> tuple[dict, dict, str]:
 
 
 def _compile(tmp_path: Path, overrides: list[str] = (), profile: str = "paper-cifar10") -> tuple[dict, dict, str]:
-    return _read(compile_pipeline(load_config(profile, overrides), tmp_path / "pipeline.yaml"))
+    return _read(compile_pipeline(load_config(profile, overrides), tmp_path))
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def _tasks(spec: dict):
 
 
 def test_the_committed_pipeline_is_the_paper_profile_with_a_task_for_every_declared_stage():
-    assert COMMITTED == {"tckr_pipeline.yaml": "paper-cifar10"}
+    assert COMMITTED == {"tckr": "paper-cifar10"}
     committed, _, _ = _read(Path(tckr.pipelines.__file__).parent / "tckr_pipeline.yaml")
     assert set(_executors(committed)) == set(STAGES.names())
     assert load_config("paper-cifar10").kubernetes.stages == {
@@ -284,7 +284,7 @@ def test_kfp_local_ignores_the_cluster_settings(tmp_path):
     """`tckr run` executes the placed graph: kfp.local must run tasks that carry GPUs, secrets and mounts."""
     from kfp import compiler, dsl, local
 
-    from tckr.components.factory import component, parameter_value
+    from tckr.components.factory import component
     from tckr.core.config import KubernetesConfig
     from tckr.pipelines.cluster import place_all_tasks
 
@@ -302,7 +302,7 @@ def test_kfp_local_ignores_the_cluster_settings(tmp_path):
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"),
                raise_on_error=True)
     cfg = load_config("smoke")
-    assert [int(g) for g in placed(attack=parameter_value(cfg.section_value("attack"))).output] == [0, 1]
+    assert [int(g) for g in placed(attack=cfg.task_parameter("attack")).output] == [0, 1]
 
 
 def test_profiles_change_placement_and_defaults_not_the_graph():

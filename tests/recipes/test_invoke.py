@@ -3,7 +3,7 @@
 import pytest
 
 from tckr.core.errors import ConfigError
-from tckr.pipelines.compile import pipeline_arguments
+from tckr.pipelines.build import pipeline_arguments
 from tckr.recipes.config import RECIPES, load_config
 from tckr.recipes.invoke import parse_sections, recipe_stage, sections_of
 

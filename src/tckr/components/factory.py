@@ -9,7 +9,6 @@ where :func:`inspect.getsource` (and so KFP) reads it from.
 from __future__ import annotations
 
 import functools
-import json
 import linecache
 from typing import Any
 
@@ -26,13 +25,9 @@ TRACKING_PARAMETERS = ("tracking_uri", "experiment")
 
 
 def parameter_type(annotation: Any) -> type:
-    """How a config field travels as a KFP parameter: a scalar as itself, a section as its JSON text (a
-    protobuf Struct would refuse the sections' nulls and turn their integers into floats)."""
+    """A config field's KFP parameter type: a scalar's own, text for the rest (sections travel as JSON text,
+    ``RunBase.task_parameter``)."""
     return annotation if annotation in (int, float, bool) else str
-
-
-def parameter_value(value: Any) -> Any:
-    return json.dumps(value) if isinstance(value, dict) else value
 
 
 def section_parameters(recipe: str, stage: Stage) -> dict[str, type]:

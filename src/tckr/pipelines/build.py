@@ -15,13 +15,17 @@ from typing import Any
 from kfp import dsl
 from kfp.dsl.graph_component import GraphComponent
 
-from tckr.components.factory import TRACKING_PARAMETERS, component, parameter_type, parameter_value, section_parameters
+from tckr.components.factory import TRACKING_PARAMETERS, component, parameter_type, section_parameters
 from tckr.pipelines.cluster import place_all_tasks
 from tckr.recipes.config import RECIPES, recipe_of
 
-RUN_PARAMETERS = {"run_name": "", "tracking_uri": "", "experiment": ""}
-"""Per run, not settings: the parent run's name (only ``start_run`` takes it, and it is never cached), the
-MLflow server as the pods see it (empty: the image's default), the experiment (``<recipe>-<dataset>``)."""
+
+def pipeline_arguments(cfg: Any, run_name: str, tracking_uri: str) -> dict[str, Any]:
+    """A run's arguments: every section of ``cfg``, then what is per run, not a setting: the parent run's name
+    (only ``start_run`` takes it, and it is never cached), the MLflow server as the pods see it (empty: the
+    image's default) and the experiment (``<recipe>-<dataset>``)."""
+    return {name: cfg.task_parameter(name) for name in type(cfg).model_fields} | {
+        "run_name": run_name, "tracking_uri": tracking_uri, "experiment": cfg.experiment_name}
 
 
 class Tasks:
@@ -31,25 +35,26 @@ class Tasks:
         self.recipe = recipe
         self.parameters = parameters
 
-    def __call__(self, name: str, **artifacts: Any) -> dsl.PipelineTask:
+    def __call__(self, name: str, **inputs: Any) -> dsl.PipelineTask:
+        """``inputs``: other tasks' outputs and fan-out loop items, by port or parameter name; a declared
+        parameter not among them (``run_name``) is the pipeline's own."""
         factory = component(self.recipe, name)
         stage = RECIPES[self.recipe].stages[name]
         arguments = {section: self.parameters[section] for section in section_parameters(self.recipe, stage)}
-        arguments |= {p: self.parameters[p] for p in stage.params if p in self.parameters}
+        arguments |= {p: self.parameters[p] for p in stage.params if p not in inputs}
         if stage.tracked:
             arguments |= {p: self.parameters[p] for p in TRACKING_PARAMETERS}
-        task = factory(**arguments, **artifacts)
+        task = factory(**arguments, **inputs)
         if not stage.cache:
             task.set_caching_options(False)
         return task
 
 
 def build_pipeline(cfg: Any, graph: Callable[[Tasks], Any], description: str) -> GraphComponent:
-    """``graph`` as a pipeline with one parameter per configuration section (defaults: ``cfg``'s values) plus
-    :data:`RUN_PARAMETERS`, every task placed by ``cfg.kubernetes``."""
+    """``graph`` as a pipeline whose parameters are :func:`pipeline_arguments` (defaults: ``cfg``'s values, no
+    run name, the image's tracking server), every task placed by ``cfg.kubernetes``."""
     recipe = recipe_of(cfg)
-    defaults = {name: parameter_value(cfg.section_value(name)) for name in type(cfg).model_fields}
-    defaults |= RUN_PARAMETERS | {"experiment": cfg.experiment_name}
+    defaults = pipeline_arguments(cfg, run_name="", tracking_uri="")
     names = list(defaults)
 
     def body(*values: Any) -> dsl.Markdown:

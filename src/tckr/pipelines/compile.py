@@ -8,15 +8,14 @@ from typing import Any
 
 from kfp import compiler
 
-from tckr.components.factory import parameter_value
 from tckr.core.errors import ConfigError
 from tckr.pipelines import tckr_pipeline
 from tckr.pipelines.build import build_pipeline
 from tckr.recipes.config import load_config
 
 GRAPHS = {"tckr": (tckr_pipeline.tckr_graph, tckr_pipeline.DESCRIPTION)}
-COMMITTED = {"tckr_pipeline.yaml": "paper-cifar10"}
-"""Committed YAML -> the profile it is compiled from (the paper's settings on GPU nodes)."""
+COMMITTED = {"tckr": "paper-cifar10"}
+"""Recipe -> the profile its committed YAML is compiled from (the paper's settings on GPU nodes)."""
 
 
 def pipeline_for(cfg: Any):
@@ -26,8 +25,9 @@ def pipeline_for(cfg: Any):
     return build_pipeline(cfg, graph, description)
 
 
-def compile_pipeline(cfg: Any, path: Path) -> Path:
-    path = Path(path)
+def compile_pipeline(cfg: Any, out_dir: Path) -> Path:
+    """``cfg``'s pipeline as ``out_dir/<recipe>_pipeline.yaml``."""
+    path = Path(out_dir) / f"{cfg.recipe}_pipeline.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(pipeline_for(cfg), str(path))
     return path
@@ -35,10 +35,5 @@ def compile_pipeline(cfg: Any, path: Path) -> Path:
 
 def compile_committed(out_dir: Path | None = None) -> list[Path]:
     out_dir = Path(out_dir or Path(__file__).parent)
-    return [compile_pipeline(load_config(profile), out_dir / filename) for filename, profile in COMMITTED.items()]
+    return [compile_pipeline(load_config(profile), out_dir) for profile in COMMITTED.values()]
 
-
-def pipeline_arguments(cfg: Any, run_name: str, tracking_uri: str) -> dict[str, Any]:
-    """A run's arguments: every section of ``cfg`` (as the defaults would be) and the per-run parameters."""
-    return {name: parameter_value(cfg.section_value(name)) for name in type(cfg).model_fields} | {
-        "run_name": run_name, "tracking_uri": tracking_uri, "experiment": cfg.experiment_name}

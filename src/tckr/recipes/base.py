@@ -43,7 +43,9 @@ class RunBase(Section):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
-    def section_value(self, name: str) -> Any:
-        """A section as a task receives it: JSON-ready (a section model as its dict, a scalar as itself)."""
+    def task_parameter(self, name: str) -> Any:
+        """A section as a pipeline task receives it: a scalar as itself, a section as its JSON text (a protobuf
+        Struct would refuse its nulls and turn its integers into floats); :func:`tckr.recipes.invoke.parse_sections`
+        reads it back."""
         value = getattr(self, name)
-        return value.model_dump(mode="json") if isinstance(value, Section) else value
+        return value.model_dump_json() if isinstance(value, Section) else value

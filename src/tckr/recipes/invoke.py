@@ -27,8 +27,8 @@ def sections_of(cfg: Any, stage: Stage) -> dict[str, Any]:
 
 
 def parse_sections(recipe: Recipe, stage: Stage, values: dict[str, Any]) -> dict[str, Any]:
-    """The stage's sections from the values a task receives: scalars as themselves, sections as their JSON
-    text (``tckr.components.factory.parameter_value``), each validated as its field of the recipe's model."""
+    """The stage's sections from the values a task receives (``RunBase.task_parameter``: scalars as themselves,
+    sections as their JSON text), each validated as its field of the recipe's model."""
     fields = recipe.config.model_fields
 
     def decoded(name: str) -> Any:
