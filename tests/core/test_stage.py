@@ -14,7 +14,7 @@ DEFAULTS = resources("1", None, "1Gi", "1Gi")
 
 
 def test_a_declaration_must_match_its_function():
-    stages = StageRegistry("test")
+    stages = StageRegistry()
 
     @stages.declare(sections=("teacher",), inputs={"data": DATASET}, outputs={"model": MODEL}, resources=DEFAULTS)
     def train(*, teacher, data: Path, model: Path) -> dict:

@@ -76,8 +76,7 @@ class Stage:
 class StageRegistry:
     """The ordered stages of one recipe, filled by the :meth:`declare` decorator."""
 
-    def __init__(self, recipe: str) -> None:
-        self.recipe = recipe
+    def __init__(self) -> None:
         self._stages: dict[str, Stage] = {}
 
     def declare(self, *, sections: tuple[str, ...], resources: dict[str, Any], inputs: dict[str, Port] | None = None,

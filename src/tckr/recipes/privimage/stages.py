@@ -4,4 +4,4 @@ from __future__ import annotations
 
 from tckr.core.stage import StageRegistry
 
-STAGES = StageRegistry("privimage")
+STAGES = StageRegistry()

@@ -34,7 +34,7 @@ from tckr.recipes.tckr.config import DistillConfig, TckrRun
 from tckr.training.classifier import ClassifierConfig
 
 Metrics = dict[str, float]
-STAGES = StageRegistry("tckr")
+STAGES = StageRegistry()
 stage = STAGES.declare
 
 # Default resources are the paper profile's on a cluster of GPU nodes (one 24-80 GB NVIDIA GPU per GPU task):
