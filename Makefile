@@ -18,7 +18,7 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 # compile and submit with TCKR_IMAGE / TCKR_CUDA_IMAGE set to the tags built here.
 IMAGE_REPO ?= ghcr.io/tckr/tckr
 
-.PHONY: help setup data tools demo run test test-unit lint bench compile images run-local run-local-down mlflow-ui clean \
+.PHONY: help setup data tools demo demo-privimage run test test-unit lint bench compile images run-local run-local-down mlflow-ui clean \
 	s3-up s3-down mlflow-up mlflow-down repro publish pull
 
 help:  ## list targets
@@ -43,6 +43,9 @@ tools:  ## install shellcheck, kubectl, chromium, chromedriver (and as root post
 
 demo: setup  ## run the TCKR pipeline on the embedded default (Fashion-MNIST, CPU)
 	$(BIN)/tckr run --profile $(PROFILE)
+
+demo-privimage: setup  ## run the PrivImage pipeline on the embedded default (epsilon = 10), beside the last TCKR run
+	$(BIN)/tckr run --profile demo-privimage
 
 run: demo
 

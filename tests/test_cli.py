@@ -56,8 +56,12 @@ def test_stage_options_are_the_declared_ports(capsys):
         capsys.readouterr().err
 
 
-def test_a_recipe_without_a_pipeline_is_refused(tmp_path, capsys):
-    profile = tmp_path / "private.yaml"
-    profile.write_text("recipe: privimage\ndataset: fashion-mnist\nimage_size: 16\ningest: {source: fashion-mnist}\n")
-    assert main(["run", "--profile", str(profile), "--runs-dir", str(tmp_path / "runs")]) == 2
-    assert capsys.readouterr().err == "tckr: the privimage recipe has no pipeline yet: its stages are not built\n"
+@pytest.mark.parametrize(("override", "message"), [
+    ("privacy.target_epsilon=0", "privacy.target_epsilon: Input should be greater than 0"),
+    ("privacy.delta=1", "privacy.delta: Input should be less than 1"),
+    ("privacy.physical_batch_size=5000", "privacy.physical_batch_size 5000 > privacy.batch_size 100"),
+])
+def test_a_privacy_setting_that_cannot_hold_is_refused_before_the_run_starts(tmp_path, capsys, override, message):
+    assert main(["run", "--profile", "smoke-privimage", "--set", override, "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -23,17 +23,48 @@ def _config_arguments(parser: argparse.ArgumentParser, default: str | None = "de
 def _cmd_run(args: argparse.Namespace) -> int:
     from tckr.pipelines.compile import pipeline_for
     from tckr.platform.runner import run_local
-    from tckr.recipes.tckr.report import render_privacy_table, render_table, results_table
 
     cfg = load_config(args.profile, args.overrides)
     outcome = run_local(cfg, pipeline_for(cfg), Path(args.runs_dir))
-    print("\n" + render_table(results_table(outcome.metrics)))
-    print("\nteacher vs student, in % (TCKR Table 2 layout):\n" + render_privacy_table(outcome.metrics))
-    print(f"\nreport:        {outcome.run_dir / 'report.md'}  (metrics.json, config.yaml, roc.png, samples.png)")
+    if cfg.recipe == "privimage":
+        _print_privimage(outcome.metrics, outcome.run_dir)
+    else:
+        from tckr.recipes.tckr.report import render_privacy_table, render_table, results_table
+
+        print("\n" + render_table(results_table(outcome.metrics)))
+        print("\nteacher vs student, in % (TCKR Table 2 layout):\n" + render_privacy_table(outcome.metrics))
+        print(f"\nreport:        {outcome.run_dir / 'report.md'}  (metrics.json, config.yaml, roc.png, samples.png)")
     if outcome.tracking_uri.startswith("sqlite:///"):
         print(f"MLflow UI:     mlflow ui --backend-store-uri {outcome.tracking_uri}   (or: make mlflow-ui)")
     else:
         print(f"MLflow:        {outcome.tracking_uri}")
+    return 0
+
+
+def _print_privimage(metrics: dict[str, float], run_dir: Path) -> None:
+    """The run's headline figures and, when a finished TCKR run of the same dataset sits beside it, both
+    recipes side by side (also written to ``comparison.md`` in the run directory)."""
+    from tckr.recipes.privimage.report import STAGE_ROWS, headline
+    from tckr.recipes.report import comparison_report, latest_run_of, render_table, stage_rows
+
+    print("\n" + render_table(stage_rows(metrics, STAGE_ROWS)))
+    print("\nPrivImage, end to end:\n" + render_table(headline(metrics), ("figure", "value")))
+    print(f"\nreport:        {run_dir / 'report.md'}  (metrics.json, config.yaml, selection.json, roc.png, "
+          "samples.png)")
+    tckr_run = latest_run_of("tckr", run_dir)
+    if tckr_run is not None:
+        comparison = comparison_report([tckr_run, run_dir])
+        (run_dir / "comparison.md").write_text(comparison)
+        print(f"\n{comparison}\nside by side: {run_dir / 'comparison.md'}")
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from tckr.recipes.report import comparison_report
+
+    report = comparison_report([Path(path) for path in args.run_dirs])
+    if args.out:
+        Path(args.out).write_text(report)
+    print(report)
     return 0
 
 
@@ -187,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     submit_.add_argument("--tracking-uri", help="MLflow server as the pods see it (default: kubernetes.tracking_uri)")
     submit_.add_argument("--namespace", help="KFP namespace (multi-user installs)")
     submit_.set_defaults(handler=_cmd_submit)
+
+    report = commands.add_parser("report", help="put finished runs (either recipe) side by side")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, e.g. runs/latest")
+    report.add_argument("--out", help="also write the Markdown report here")
+    report.set_defaults(handler=_cmd_report)
 
     services_ = commands.add_parser("services", help="start or stop the local S3 store and MLflow server")
     services_.add_argument("action", choices=["up", "down", "ui"],

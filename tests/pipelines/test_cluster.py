@@ -16,7 +16,7 @@ from tckr.core.errors import ConfigError
 from tckr.pipelines.cluster import KFP_RUN_ID_FIELD
 from tckr.pipelines.compile import COMMITTED, compile_pipeline, pipeline_for
 from tckr.platform.tracking import KFP_RUN_ID_ENV
-from tckr.recipes.config import load_config
+from tckr.recipes.config import RECIPES, load_config
 from tckr.recipes.tckr.stages import STAGES
 
 pytestmark = pytest.mark.unit  # starts no server, trains nothing beyond a few steps
@@ -61,12 +61,14 @@ def _tasks(spec: dict):
                 yield executor.removeprefix("exec-").replace("-", "_"), task, dag_name
 
 
-def test_the_committed_pipeline_is_the_paper_profile_with_a_task_for_every_declared_stage():
-    assert COMMITTED == {"tckr": "paper-cifar10"}
-    committed, _, _ = _read(Path(tckr.pipelines.__file__).parent / "tckr_pipeline.yaml")
-    assert set(_executors(committed)) == set(STAGES.names())
-    assert load_config("paper-cifar10").kubernetes.stages == {
-        stage.name: load_config("paper-cifar10").kubernetes.stages[stage.name] for stage in STAGES}
+@pytest.mark.parametrize("recipe", ["tckr", "privimage"])
+def test_each_committed_pipeline_is_its_paper_profile_with_a_task_for_every_declared_stage(recipe):
+    stages = RECIPES[recipe].stages
+    committed_path = Path(tckr.pipelines.__file__).parent / f"{recipe}_pipeline.yaml"
+    committed, _, _ = _read(committed_path)
+    assert set(_executors(committed)) == set(stages.names())
+    profile = load_config(COMMITTED[recipe])
+    assert profile.recipe == recipe and set(profile.kubernetes.stages) == set(stages.names())
 
 
 def test_every_task_requests_its_declared_cpu_and_memory(paper):

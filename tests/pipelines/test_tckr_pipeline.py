@@ -194,18 +194,20 @@ def test_compiled_pipeline_matches_committed_snapshot(tmp_path):
     import tckr.pipelines
 
     committed = Path(tckr.pipelines.__file__).parent
-    for fresh in compile_committed(tmp_path):
+    compiled = compile_committed(tmp_path)
+    assert [path.name for path in compiled] == ["tckr_pipeline.yaml", "privimage_pipeline.yaml"]
+    for fresh in compiled:
         assert fresh.read_text() == (committed / fresh.name).read_text(), (
             f"{fresh.name} is stale: run `make compile` and commit the result")
         spec, _ = yaml.safe_load_all(fresh.read_text())  # the pipeline, then its Kubernetes settings
-        tasks = spec["root"]["dag"]["tasks"]
-        assert tasks["ingest"]["componentRef"] and "teacher" in tasks and "report" in tasks
-        parameters = spec["root"]["inputDefinitions"]["parameters"]
-        assert {"ingest", "teacher", "generate", "attack", "run_name", "tracking_uri", "experiment"} <= set(parameters)
-        assert json.loads(parameters["teacher"]["defaultValue"])["seed"] == 420  # the paper profile's settings
+        tasks, parameters = spec["root"]["dag"]["tasks"], spec["root"]["inputDefinitions"]["parameters"]
+        assert tasks["ingest"]["componentRef"] and "report" in tasks
+        assert {"ingest", "attack", "run_name", "tracking_uri", "experiment"} <= set(parameters)
+        assert json.loads(parameters["attack"]["defaultValue"])["seed"] == 420  # the paper profile's settings
         fan_out = sorted(str(t["parameterIterator"]) for t in tasks.values() if "parameterIterator" in t)
-        assert len(fan_out) == 2 and "generation-plan" in fan_out[0] and "shadow-plan" in fan_out[1]
-        assert {"student", "attack", "register"} <= set(tasks)
+        plan = {"tckr_pipeline.yaml": "generation-plan", "privimage_pipeline.yaml": "sample-plan"}[fresh.name]
+        assert len(fan_out) == 2 and plan in fan_out[0] and "shadow-plan" in fan_out[1]
+        assert {"attack", "register"} <= set(tasks)
         assert tasks["register"]["cachingOptions"] == {}  # never cached: each run registers its own versions
 
 

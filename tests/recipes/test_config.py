@@ -91,7 +91,9 @@ def test_json_round_trip_and_fingerprint():
     assert load_config("demo", ["teacher.seed=1"]).fingerprint() != cfg.fingerprint()
 
 
-PRIVIMAGE = "recipe: privimage\ndataset: fashion-mnist\nimage_size: 16\ningest: {source: fashion-mnist}\n"
+PRIVIMAGE = (
+    "recipe: privimage\ndataset: fashion-mnist\nimage_size: 16\ningest: {source: fashion-mnist}\n"
+    "classifier: {model: tckr_cnn, epochs: 1}\n")
 
 
 def test_one_configuration_for_either_recipe(tmp_path):

@@ -156,13 +156,13 @@ def _load_fashion_mnist(cfg: IngestConfig):
         kept = _stratified_cap(labels, cfg.train_limit if split == "train" else cfg.test_limit, cfg.seed)
         if kept is not None:
             images, labels = images[kept], labels[kept]
-        encoded = [{"bytes": _png_bytes(image), "path": None} for image in images]
+        encoded = [{"bytes": png_bytes(image), "path": None} for image in images]
         splits[split] = datasets.Dataset.from_dict(
             {"image": encoded, "label": labels.astype(np.int64)}, features=features)
     return datasets.DatasetDict(splits)
 
 
-def _png_bytes(array: np.ndarray) -> bytes:
+def png_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     PILImage.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()

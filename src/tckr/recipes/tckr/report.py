@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tckr.recipes.report import render_table, stage_rows
 from tckr.recipes.tckr.config import TckrRun
 
 # Rows of the report: stage -> the metrics that summarise it (present ones only).
@@ -34,24 +35,9 @@ TABLE2_COLUMNS = (("Accuracy", "test_accuracy"), ("AUC_MIA", "mia.auc"), ("TPR@0
                   ("TPR@1%FPR", "mia.tpr_at_1pct_fpr"), ("AOP", "aop"))
 
 
-def _format(value: float) -> str:
-    if float(value).is_integer():
-        return f"{int(value)}"
-    return f"{value:.4f}" if abs(value) < 100 else f"{value:.0f}"
-
-
 def results_table(metrics: dict[str, float]) -> list[tuple[str, str, str]]:
     """``(stage, key metrics, wall time)`` rows, in pipeline order."""
-    rows = []
-    for stage, keys in STAGE_ROWS.items():
-        seconds = metrics.get(f"stage.{stage}.seconds")
-        if seconds is None:
-            continue
-        shown = ", ".join(f"{key.split('.', 1)[1]}={_format(metrics[key])}" for key in keys if key in metrics)
-        rows.append((stage, shown, f"{seconds:.1f}s"))
-    if "run.seconds" in metrics:
-        rows.append(("total", "", f"{metrics['run.seconds']:.1f}s"))
-    return rows
+    return stage_rows(metrics, STAGE_ROWS)
 
 
 def privacy_table(metrics: dict[str, float]) -> list[tuple[str, ...]]:
@@ -67,16 +53,6 @@ def privacy_table(metrics: dict[str, float]) -> list[tuple[str, ...]]:
 def render_privacy_table(metrics: dict[str, float]) -> str:
     rows = privacy_table(metrics)
     return render_table(rows, ("model", *(name for name, _ in TABLE2_COLUMNS))) if rows else ""
-
-
-def render_table(rows: list[tuple[str, ...]], header: tuple[str, ...] = ("stage", "key metrics", "wall time")) -> str:
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-
-    def line(cells: tuple[str, ...]) -> str:
-        return "| " + " | ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)) + " |"
-
-    separator = "|" + "|".join("-" * (width + 2) for width in widths) + "|"
-    return "\n".join([line(header), separator, *(line(row) for row in rows)])
 
 
 def write_report(cfg: TckrRun, metrics: dict[str, float], out_dir: Path, parent_run: Any) -> list[Path]:

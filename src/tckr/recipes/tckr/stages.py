@@ -10,7 +10,6 @@ outputs that exist once and returns metrics; the other ranks return ``{}`` once 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from tckr.core import distributed
@@ -26,45 +25,27 @@ from tckr.core.stage import (
     collected,
     resources,
 )
-from tckr.data.ingest import IngestConfig
 from tckr.generators.config import CaptionConfig, FinetuneConfig, GenerateConfig, GeneratorConfig
 from tckr.platform.tracking import Tracking
 from tckr.privacy.config import AttackConfig
+from tckr.recipes.common import (
+    Metrics,
+    classifier_metrics,
+    declare_shared,
+    log_epoch,
+    log_every,
+    run_attack,
+    run_device,
+)
 from tckr.recipes.tckr.config import DistillConfig, TckrRun
 from tckr.training.classifier import ClassifierConfig
 
-Metrics = dict[str, float]
 STAGES = StageRegistry()
 stage = STAGES.declare
+declare_shared(STAGES, "start_run", "ingest")
 
 # Default resources are the paper profile's on a cluster of GPU nodes (one 24-80 GB NVIDIA GPU per GPU task):
 # every stage that resolves a torch device gets a GPU, since `runtime.device: cuda` refuses to run without one.
-
-
-@stage(sections=(ALL_SECTIONS,), params={"run_name": str}, returns="nothing", own_run=False, cache=False,
-       resources=resources("250m", "1", "1Gi", "2Gi"))
-def start_run(*, config: TckrRun, run_name: str, tracking: Tracking) -> None:
-    """Open the pipeline's parent MLflow run (config logged as params and config.yaml), tagged with the KFP
-    run id by which every later task finds it: no task takes the parent's id, so cache keys stay stable."""
-    from tckr.platform.tracking import start_pipeline_run
-
-    tags = {"tckr.recipe": config.recipe, "tckr.profile": config.profile, "tckr.dataset": config.dataset,
-            "tckr.config_hash": config.fingerprint()}
-    start_pipeline_run(tracking, run_name, tags, params=config.model_dump(mode="json"), config_yaml=config.to_yaml())
-
-
-@stage(sections=("dataset", "ingest"), outputs={"data": DATASET}, resources=resources("4", "8", "16Gi", "32Gi"))
-def ingest(*, dataset: str, ingest: IngestConfig, data: Path) -> Metrics:
-    """Load, validate and split the private dataset (splits, statistics, fingerprint)."""
-    import mlflow
-
-    from tckr.data.ingest import prepare
-
-    info = prepare(ingest, data, dataset)
-    mlflow.log_artifact(str(data / "dataset.json"))
-    mlflow.set_tag("tckr.dataset_fingerprint", info.fingerprint)
-    return {f"data.{name}_images": float(split.count) for name, split in info.splits.items()} | {
-        "data.num_classes": float(info.num_classes)}
 
 
 @stage(sections=("image_size", "teacher", "runtime"), inputs={"data": DATASET}, outputs={"model": MODEL},
@@ -75,11 +56,11 @@ def teacher(*, image_size: int, teacher: ClassifierConfig, runtime: RuntimeConfi
     from tckr.training.classifier import train_classifier
 
     splits, info = load_prepared(data)
-    result = train_classifier(teacher, splits, info, image_size, model, _device(runtime), name="teacher",
-                              on_epoch=_log_epoch)
+    result = train_classifier(teacher, splits, info, image_size, model, run_device(runtime), name="teacher",
+                              on_epoch=log_epoch)
     if result is None:  # not the lead rank
         return {}
-    return _classifier_metrics("teacher", result, model, splits, info, image_size)
+    return classifier_metrics("teacher", result, model, splits, info, image_size)
 
 
 @stage(sections=("caption", "runtime"), inputs={"data": DATASET}, outputs={"captions": ARTIFACT},
@@ -90,7 +71,7 @@ def caption(*, caption: CaptionConfig, runtime: RuntimeConfig, data: Path, capti
 
     from tckr.generators.caption import caption_dataset
 
-    summary = caption_dataset(caption, data, captions, _device(runtime))
+    summary = caption_dataset(caption, data, captions, run_device(runtime))
     mlflow.log_artifact(str(captions / "captions.json"))
     mlflow.log_artifact(str(captions / "train" / "captions_by_class.json"))
     metrics: Metrics = {}
@@ -147,8 +128,8 @@ def _pixel_base_generator(cfg: GeneratorConfig, image_size: int, runtime: Runtim
         copy_tree(cached, out_dir)
     else:
         images = decode_split(splits["public"], image_size, info.channels)
-        pretrain_pixel_generator(cfg, images, read_texts(public_captions), out_dir, _device(runtime),
-                                 on_step=lambda step, loss: _log_every(step, 25, {"pretrain_loss": loss}))
+        pretrain_pixel_generator(cfg, images, read_texts(public_captions), out_dir, run_device(runtime),
+                                 on_step=lambda step, loss: log_every(step, 25, {"pretrain_loss": loss}))
         copy_tree(out_dir, cached)
     mlflow.set_tag("tckr.generator_cache_key", key)
     return {"generator.cached": float(hit)}
@@ -171,8 +152,8 @@ def finetune(*, image_size: int, finetune: FinetuneConfig, runtime: RuntimeConfi
     # The channels the generator models: the dataset's for the pixel UNet, RGB for Stable Diffusion's VAE.
     images = decode_split(splits["train"], image_size, read_card(base_model)["channels"])
     texts = read_texts(captions / "train" / "captions.jsonl")
-    summary = finetune_generator(base_model, images, texts, finetune, adapter, _device(runtime),
-                                 on_step=lambda step, loss: _log_every(step, 10, {"lora_loss": loss}))
+    summary = finetune_generator(base_model, images, texts, finetune, adapter, run_device(runtime),
+                                 on_step=lambda step, loss: log_every(step, 10, {"lora_loss": loss}))
     mlflow.log_artifact(str(adapter / "loss.csv"))
     mlflow.log_artifact(str(adapter / "adapter.json"))
     return {"finetune.final_loss": summary["final_loss"], "finetune.steps": float(summary["steps"])}
@@ -210,7 +191,8 @@ def generate_shard(*, generate: GenerateConfig, runtime: RuntimeConfig, shard: i
     from tckr.generators.lora import load_finetuned
 
     plan, _ = _generation_plan(generate, data, captions)
-    generate_shards(load_finetuned(base_model, adapter, _device(runtime)), plan, images, generate, shards=[int(shard)])
+    generator = load_finetuned(base_model, adapter, run_device(runtime))
+    generate_shards(generator, plan, images, generate, shards=[int(shard)])
 
 
 @stage(sections=("image_size", "generate", "runtime"),
@@ -230,7 +212,7 @@ def generate(*, image_size: int, generate: GenerateConfig, runtime: RuntimeConfi
     from tckr.training.classifier import accuracy, load_classifier, predict_logits
 
     plan, info = _generation_plan(generate, data, captions)
-    device = _device(runtime)
+    device = run_device(runtime)
     gathered = gather_shards(shards, synthetic) if distributed.is_lead() else []
     distributed.barrier()  # the gathered shards are in place before any rank looks for missing ones
     made_here = generate_shards(load_finetuned(base_model, adapter, device), plan, synthetic, generate)
@@ -264,19 +246,14 @@ def student(*, image_size: int, student: ClassifierConfig, distill: DistillConfi
     images = load_synthetic(synthetic, info.classes)
     sources = digest_files([synthetic / "manifest.jsonl", teacher_model / "model.safetensors"])
     result = train_student(student, distill, images, splits, info, image_size, teacher_model, model,
-                           _device(runtime), sources_key=sources, on_epoch=_log_epoch)
+                           run_device(runtime), sources_key=sources, on_epoch=log_epoch)
     if result is None:  # not the lead rank
         return {}
-    return _classifier_metrics("student", result, model, splits, info, image_size) | {
+    return classifier_metrics("student", result, model, splits, info, image_size) | {
         "student.synthetic_images": float(len(images))}
 
 
-@stage(sections=("attack",), returns="fan-out", tracked=False, resources=resources("250m", "1", "1Gi", "2Gi"))
-def shadow_plan(*, attack: AttackConfig) -> list[int]:
-    """The shadow-model groups, for the ParallelFor fan-out."""
-    from tckr.privacy.shadows import shadow_groups
-
-    return list(range(len(shadow_groups(attack))))
+declare_shared(STAGES, "shadow_plan")
 
 
 @stage(sections=("image_size", "teacher", "attack", "runtime"), params={"group": int}, inputs={"data": DATASET},
@@ -289,7 +266,7 @@ def shadow_group(*, image_size: int, teacher: ClassifierConfig, attack: AttackCo
     from tckr.privacy.attack import load_population, shadow_recipe, train_shadows
 
     population, validation, info = load_population(attack, image_size, data)
-    train_shadows(shadow_recipe(teacher, attack), attack, population, validation, info, shadows, _device(runtime),
+    train_shadows(shadow_recipe(teacher, attack), attack, population, validation, info, shadows, run_device(runtime),
                   groups=[int(group)])
 
 
@@ -301,49 +278,8 @@ def attack(*, image_size: int, teacher: ClassifierConfig, attack: AttackConfig, 
            teacher_model: Path, student_model: Path, shadows: list[Path], results: Path) -> Metrics:
     """LiRA against teacher and student: the fan-out's shadows are used, missing ones are trained here;
     each shadow becomes a nested MLflow run under the attack's."""
-    import mlflow
-
-    from tckr.privacy.attack import attack as run_attack
-    from tckr.privacy.attack import collect_shadows, load_population, shadow_recipe, train_shadows
-
-    device = _device(runtime)
-    shadows_here = results / "shadows"
-    population, validation, info = load_population(attack, image_size, data)
-    trained_here = train_shadows(shadow_recipe(teacher, attack), attack, population, validation, info, shadows_here,
-                                 device, done_elsewhere=shadows)
-    logits, summaries = collect_shadows([shadows_here, *shadows], attack.shadows)
-    outcome = run_attack(attack, population, info, logits, {"teacher": teacher_model, "student": student_model},
-                         results, device, teacher.eval_batch_size)
-    _log_shadow_runs(summaries)
-    for name in ("attack.json", "roc.png", "roc-teacher.csv", "roc-student.csv", "scores.csv"):
-        mlflow.log_artifact(str(results / name))
-    metrics: Metrics = {}
-    for name, result in outcome.items():
-        metrics |= result.metrics(f"{name}.mia")
-    return metrics | {"attack.shadows": float(len(summaries)), "attack.shadows_trained_here": float(len(trained_here)),
-                      "attack.shadow_val_accuracy": sum(s["val_accuracy"] for s in summaries) / len(summaries),
-                      "attack.population": float(len(population)),
-                      "stage.shadows.seconds": sum(s["seconds"] for s in summaries)}
-
-
-def _log_shadow_runs(summaries: list[dict]) -> None:
-    """One finished run per shadow, nested under the attack's: its half of the population, selection and fit."""
-    import mlflow
-    from mlflow.entities import Metric, Param
-
-    attack_run = mlflow.active_run().info
-    experiment_id, attack_run_id = attack_run.experiment_id, attack_run.run_id
-    client = mlflow.MlflowClient()
-    now = int(time.time() * 1000)
-    for summary in summaries:
-        run = client.create_run(experiment_id, run_name=f"shadow-{summary['index']:03d}",
-                                tags={"mlflow.parentRunId": attack_run_id, "tckr.stage": "shadow"})
-        history = [Metric("val_accuracy", r["val_accuracy"], now, r["epoch"]) for r in summary["history"]]
-        final = [Metric(key, float(summary[key]), now, 0) for key in ("in_accuracy", "out_accuracy")]
-        client.log_batch(run.info.run_id, metrics=history + final,
-                         params=[Param("index", str(summary["index"])), Param("members", str(summary["members"])),
-                                 Param("best_epoch", str(summary["best_epoch"]))])
-        client.set_terminated(run.info.run_id)
+    return run_attack(image_size, teacher, attack, runtime, data, {"teacher": teacher_model, "student": student_model},
+                      shadows, results, teacher.eval_batch_size)
 
 
 # TCKR's champion: the student with the best accuracy over privacy (AOP), compared within this recipe's own
@@ -360,10 +296,8 @@ def register(*, config: TckrRun, teacher_model: Path, student_model: Path, teach
              student_metrics: Metrics, attack_metrics: Metrics) -> Metrics:
     """AOP of teacher and student, then both registered with what they leak; the student becomes
     ``champion`` only if its AOP beats the current champion's (and ``candidate`` either way)."""
-    import json
-
-    from tckr.platform.tracking import champion_score, register_model
     from tckr.privacy.lira import aop
+    from tckr.recipes.common import register_classifier
 
     merged = teacher_metrics | student_metrics | attack_metrics
     model_dirs = {"teacher": teacher_model, "student": student_model}
@@ -372,23 +306,8 @@ def register(*, config: TckrRun, teacher_model: Path, student_model: Path, teach
     metrics["student.accuracy_ratio"] = merged["student.test_accuracy"] / merged["teacher.test_accuracy"]
     if config.tracking.register_models:
         for role, model_dir in model_dirs.items():
-            name = config.registered_model_name(role)
-            card = json.loads((model_dir / "model.json").read_text())
-            tags = {"recipe": config.recipe, "dataset": config.dataset, "profile": config.profile,
-                    "config_hash": config.fingerprint(), "dataset_fingerprint": card["dataset_fingerprint"],
-                    "classes": ",".join(card["classes"]),
-                    "input": f"float32 [N, {card['in_chans']}, {config.image_size}, {config.image_size}] in [0, 1]",
-                    "accuracy": f"{merged[f'{role}.test_accuracy']:.4f}", "auc_mia": f"{merged[f'{role}.mia.auc']:.4f}",
-                    "tpr_at_1pct_fpr": f"{merged[f'{role}.mia.tpr_at_1pct_fpr']:.4f}",
-                    "aop": f"{metrics[f'{role}.aop']:.4f}"}
-            aliases: tuple[str, ...] = ()
-            if role == CHAMPION_ROLE:
-                current = champion_score(name, CHAMPION_METRIC)
-                promoted = current is None or metrics[f"{role}.{CHAMPION_METRIC}"] > current
-                metrics[f"{role}.champion"] = float(promoted)
-                aliases = ("candidate", "champion") if promoted else ("candidate",)
-            uri = json.loads((model_dir / "logged_model.json").read_text())["model_uri"]
-            metrics[f"{role}.registry_version"] = float(register_model(uri, name, tags, aliases))
+            metrics |= register_classifier(config, role, model_dir, merged | metrics, {},
+                                           CHAMPION_METRIC if role == CHAMPION_ROLE else None)
     return metrics
 
 
@@ -404,75 +323,18 @@ def report(*, config: TckrRun, ingest_metrics: Metrics, teacher_metrics: Metrics
            tracking: Tracking) -> Metrics:
     """Merge the stages' metrics into the run report (``report/`` beside ``summary``: report.md, metrics.json,
     config.yaml and the figures) and close the pipeline's parent run."""
+    import functools
     import shutil
 
-    import mlflow
-
-    from tckr.platform.tracking import TrackingError, configure, finish_pipeline_run, pipeline_run_id
+    from tckr.recipes.common import close_pipeline_run
     from tckr.recipes.tckr.report import write_report
 
     out_dir = summary.parent / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(synthetic / "samples.png", out_dir / "samples.png")
     shutil.copyfile(attack_results / "roc.png", out_dir / "roc.png")
-    configure(tracking.uri)
-    parent_run_id = pipeline_run_id(tracking.experiment)
-    if parent_run_id is None:
-        raise TrackingError("the report closes the pipeline's parent run, and this process is not in a pipeline run")
-    parent = mlflow.get_run(parent_run_id)
-    metrics: Metrics = {}
-    for part in (ingest_metrics, teacher_metrics, caption_metrics, generator_metrics, finetune_metrics,
-                 generate_metrics, student_metrics, attack_metrics, register_metrics):
-        metrics.update(part)
-    metrics["run.seconds"] = time.time() - parent.info.start_time / 1000.0
-    paths = write_report(config, metrics, out_dir, parent)
+    metrics = close_pipeline_run(tracking, (ingest_metrics, teacher_metrics, caption_metrics, generator_metrics,
+                                            finetune_metrics, generate_metrics, student_metrics, attack_metrics,
+                                            register_metrics), out_dir, functools.partial(write_report, config))
     shutil.copyfile(out_dir / "report.md", summary)
-    client = mlflow.MlflowClient()
-    client.log_batch(parent_run_id, metrics=[mlflow.entities.Metric(k, float(v), int(time.time() * 1000), 0)
-                                             for k, v in metrics.items()])
-    for path in paths:
-        client.log_artifact(parent_run_id, str(path))
-    finish_pipeline_run(parent_run_id)
     return metrics
-
-
-# ------------------------------------------------------------------------------------------------ helpers
-def _device(runtime: RuntimeConfig):
-    from tckr.core.device import stage_device
-
-    return stage_device(runtime)
-
-
-def _log_every(step: int, every: int, values: dict[str, float]) -> None:
-    import mlflow
-
-    if step % every == 0:
-        mlflow.log_metrics(values, step=step)
-
-
-def _log_epoch(record: dict) -> None:
-    import mlflow
-
-    mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
-
-
-def _classifier_metrics(role: str, result, model_dir: Path, splits, info, image_size: int) -> Metrics:
-    """A trained classifier's metrics, and its logged model (served form: float images in [0, 1] -> logits) whose
-    URI goes to ``model_dir/logged_model.json`` for the register stage."""
-    import json
-
-    import mlflow
-    import torch
-
-    from tckr.data.images import ImageSplit
-    from tckr.platform.tracking import log_classifier
-    from tckr.training.classifier import load_classifier
-    from tckr.training.models import NormalizedClassifier
-
-    mlflow.log_artifact(str(model_dir / "model.json"))
-    model = NormalizedClassifier(load_classifier(model_dir), info.mean, info.std).eval()
-    test = ImageSplit(splits["test"], image_size, info.channels)
-    example = torch.stack([test[0][0], test[1][0]]).float().div(255).numpy()  # batch >= 2 for pt2
-    (model_dir / "logged_model.json").write_text(json.dumps({"model_uri": log_classifier(model, example)}))
-    return {f"{role}.test_accuracy": result.test_accuracy, f"{role}.val_accuracy": result.val_accuracy,
-            f"{role}.best_epoch": float(result.best_epoch), f"{role}.images_per_second": result.images_per_second}

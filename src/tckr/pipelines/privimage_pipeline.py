@@ -1,0 +1,54 @@
+"""The PrivImage recipe as a KFP v2 pipeline:
+ingest -> public pool -> DP semantic query -> pretrain (public) -> DP-SGD fine-tune -> sample (ParallelFor over
+shards) -> {FID, downstream classifier} -> attack (LiRA, ParallelFor over shadow groups) -> register -> report.
+
+Only the wiring is here: each task's sections, tracking parameters and caching come from its stage's
+declaration (``tckr.recipes.privimage.stages``), resources and placement from the ``kubernetes:`` section.
+"""
+
+from __future__ import annotations
+
+from kfp import dsl
+
+from tckr.pipelines.build import Tasks
+
+
+def privimage_graph(task: Tasks) -> dsl.Markdown:
+    """Tasks that log to MLflow run ``.after`` the parent run (see ``tckr_pipeline.tckr_graph``)."""
+    parent = task("start_run")
+    ingested = task("ingest").after(parent)
+    data = ingested.outputs["data"]
+    pool = task("public_pool", data=data).after(parent)
+    public = pool.outputs["public"]
+    queried = task("query", data=data, public=public).after(parent)
+    selection = queried.outputs["selection"]
+    base = task("pretrain", data=data, public=public, selection=selection).after(parent)
+    tuned = task("finetune", data=data, selection=selection, base_model=base.outputs["base_model"]).after(parent)
+    generator = tuned.outputs["generator"]
+    plan = task("sample_plan", data=data)
+    with dsl.ParallelFor(plan.output, name="shards") as shard:  # one task (pod) per shard
+        shard_task = task("sample_shard", shard=shard, data=data, generator=generator)
+    sampled = task("sample", data=data, generator=generator,
+                   shards=dsl.Collected(shard_task.outputs["images"])).after(parent)
+    synthetic = sampled.outputs["synthetic"]
+    scored = task("fid", data=data, synthetic=synthetic).after(parent)
+    trained = task("classifier", data=data, synthetic=synthetic).after(parent)
+    groups = task("shadow_plan")
+    with dsl.ParallelFor(groups.output, name="shadow-groups") as group:  # one task (pod) per group of shadows
+        shadow_task = task("shadow_group", group=group, data=data)
+    attacked = task("attack", data=data, model=trained.outputs["model"],
+                    shadows=dsl.Collected(shadow_task.outputs["shadows"])).after(parent)
+    registered = task("register", model=trained.outputs["model"], classifier_metrics=trained.outputs["metrics"],
+                      finetune_metrics=tuned.outputs["metrics"],
+                      attack_metrics=attacked.outputs["metrics"]).after(parent)
+    summary = task("report", ingest_metrics=ingested.outputs["metrics"], pool_metrics=pool.outputs["metrics"],
+                   query_metrics=queried.outputs["metrics"], pretrain_metrics=base.outputs["metrics"],
+                   finetune_metrics=tuned.outputs["metrics"], sample_metrics=sampled.outputs["metrics"],
+                   fid_metrics=scored.outputs["metrics"], classifier_metrics=trained.outputs["metrics"],
+                   attack_metrics=attacked.outputs["metrics"], register_metrics=registered.outputs["metrics"],
+                   synthetic=synthetic, selection=selection, attack_results=attacked.outputs["results"]).after(parent)
+    return summary.outputs["summary"]
+
+
+DESCRIPTION = ("PrivImage: DP semantic query -> public-subset pretraining -> DP-SGD diffusion fine-tuning -> "
+               "synthetic data and a classifier under one end-to-end (epsilon, delta)")

@@ -1,0 +1,213 @@
+"""What every recipe's stages share: the pipeline's bookkeeping (the parent MLflow run, its closing report), the
+private dataset's ingest, the LiRA shadow fan-out, registering a classifier with what it leaks, and the small
+logging helpers. A recipe declares these in its own registry (:func:`declare_shared`), so its pipeline, DVC
+stages and components treat them like its own."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from tckr.core.config import RuntimeConfig
+from tckr.core.stage import ALL_SECTIONS, DATASET, StageRegistry, resources
+from tckr.data.ingest import IngestConfig
+from tckr.platform.tracking import Tracking
+from tckr.privacy.config import AttackConfig
+
+Metrics = dict[str, float]
+
+
+def start_run(*, config: Any, run_name: str, tracking: Tracking) -> None:
+    """Open the pipeline's parent MLflow run (config logged as params and config.yaml), tagged with the KFP
+    run id by which every later task finds it: no task takes the parent's id, so cache keys stay stable."""
+    from tckr.platform.tracking import start_pipeline_run
+
+    tags = {"tckr.recipe": config.recipe, "tckr.profile": config.profile, "tckr.dataset": config.dataset,
+            "tckr.config_hash": config.fingerprint()}
+    start_pipeline_run(tracking, run_name, tags, params=config.model_dump(mode="json"), config_yaml=config.to_yaml())
+
+
+def ingest(*, dataset: str, ingest: IngestConfig, data: Path) -> Metrics:
+    """Load, validate and split the private dataset (splits, statistics, fingerprint)."""
+    import mlflow
+
+    from tckr.data.ingest import prepare
+
+    info = prepare(ingest, data, dataset)
+    mlflow.log_artifact(str(data / "dataset.json"))
+    mlflow.set_tag("tckr.dataset_fingerprint", info.fingerprint)
+    return {f"data.{name}_images": float(split.count) for name, split in info.splits.items()} | {
+        "data.num_classes": float(info.num_classes)}
+
+
+def shadow_plan(*, attack: AttackConfig) -> list[int]:
+    """The shadow-model groups, for the ParallelFor fan-out."""
+    from tckr.privacy.shadows import shadow_groups
+
+    return list(range(len(shadow_groups(attack))))
+
+
+SHARED_STAGES: dict[str, tuple[Callable, dict[str, Any]]] = {
+    "start_run": (start_run, {"sections": (ALL_SECTIONS,), "params": {"run_name": str}, "returns": "nothing",
+                              "own_run": False, "cache": False, "resources": resources("250m", "1", "1Gi", "2Gi")}),
+    "ingest": (ingest, {"sections": ("dataset", "ingest"), "outputs": {"data": DATASET},
+                        "resources": resources("4", "8", "16Gi", "32Gi")}),
+    "shadow_plan": (shadow_plan, {"sections": ("attack",), "returns": "fan-out", "tracked": False,
+                                  "resources": resources("250m", "1", "1Gi", "2Gi")}),
+}
+"""The stages every recipe shares, with their declarations."""
+
+
+def declare_shared(registry: StageRegistry, *names: str) -> None:
+    """Declare shared stages in a recipe's registry, at this point of its order."""
+    for name in names:
+        function, declaration = SHARED_STAGES[name]
+        registry.declare(**declaration)(function)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def run_device(runtime: RuntimeConfig):
+    """The stage's torch device (torch imported only when a stage runs, not when stages are declared)."""
+    from tckr.core.device import stage_device
+
+    return stage_device(runtime)
+
+
+def log_every(step: int, every: int, values: dict[str, float]) -> None:
+    import mlflow
+
+    if step % every == 0:
+        mlflow.log_metrics(values, step=step)
+
+
+def log_epoch(record: dict) -> None:
+    import mlflow
+
+    mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
+
+
+def classifier_metrics(role: str, result, model_dir: Path, splits, info, image_size: int) -> Metrics:
+    """A trained classifier's metrics, and its logged model (served form: float images in [0, 1] -> logits) whose
+    URI goes to ``model_dir/logged_model.json`` for the register stage."""
+    import mlflow
+    import torch
+
+    from tckr.data.images import ImageSplit
+    from tckr.platform.tracking import log_classifier
+    from tckr.training.classifier import load_classifier
+    from tckr.training.models import NormalizedClassifier
+
+    mlflow.log_artifact(str(model_dir / "model.json"))
+    model = NormalizedClassifier(load_classifier(model_dir), info.mean, info.std).eval()
+    test = ImageSplit(splits["test"], image_size, info.channels)
+    example = torch.stack([test[0][0], test[1][0]]).float().div(255).numpy()  # batch >= 2 for pt2
+    (model_dir / "logged_model.json").write_text(json.dumps({"model_uri": log_classifier(model, example)}))
+    return {f"{role}.test_accuracy": result.test_accuracy, f"{role}.val_accuracy": result.val_accuracy,
+            f"{role}.best_epoch": float(result.best_epoch), f"{role}.images_per_second": result.images_per_second}
+
+
+def log_shadow_runs(summaries: list[dict]) -> None:
+    """One finished run per shadow, nested under the attack's: its half of the population, selection and fit."""
+    import mlflow
+    from mlflow.entities import Metric, Param
+
+    attack_run = mlflow.active_run().info
+    experiment_id, attack_run_id = attack_run.experiment_id, attack_run.run_id
+    client = mlflow.MlflowClient()
+    now = int(time.time() * 1000)
+    for summary in summaries:
+        run = client.create_run(experiment_id, run_name=f"shadow-{summary['index']:03d}",
+                                tags={"mlflow.parentRunId": attack_run_id, "tckr.stage": "shadow"})
+        history = [Metric("val_accuracy", r["val_accuracy"], now, r["epoch"]) for r in summary["history"]]
+        final = [Metric(key, float(summary[key]), now, 0) for key in ("in_accuracy", "out_accuracy")]
+        client.log_batch(run.info.run_id, metrics=history + final,
+                         params=[Param("index", str(summary["index"])), Param("members", str(summary["members"])),
+                                 Param("best_epoch", str(summary["best_epoch"]))])
+        client.set_terminated(run.info.run_id)
+
+
+def run_attack(image_size: int, recipe, attack: AttackConfig, runtime: RuntimeConfig, data: Path,
+               targets: dict[str, Path], shadows: list[Path], results: Path, eval_batch_size: int) -> Metrics:
+    """LiRA against ``targets``: the fan-out's shadows (of ``recipe``) are used, missing ones trained here; each
+    shadow becomes a nested MLflow run under the attack's."""
+    import mlflow
+
+    from tckr.privacy.attack import attack as lira
+    from tckr.privacy.attack import collect_shadows, load_population, shadow_recipe, train_shadows
+
+    on = run_device(runtime)
+    shadows_here = results / "shadows"
+    population, validation, info = load_population(attack, image_size, data)
+    trained_here = train_shadows(shadow_recipe(recipe, attack), attack, population, validation, info, shadows_here,
+                                 on, done_elsewhere=shadows)
+    logits, summaries = collect_shadows([shadows_here, *shadows], attack.shadows)
+    outcome = lira(attack, population, info, logits, targets, results, on, eval_batch_size)
+    log_shadow_runs(summaries)
+    for name in ("attack.json", "roc.png", "scores.csv", *(f"roc-{target}.csv" for target in targets)):
+        mlflow.log_artifact(str(results / name))
+    metrics: Metrics = {}
+    for name, result in outcome.items():
+        metrics |= result.metrics(f"{name}.mia")
+    return metrics | {"attack.shadows": float(len(summaries)), "attack.shadows_trained_here": float(len(trained_here)),
+                      "attack.shadow_val_accuracy": sum(s["val_accuracy"] for s in summaries) / len(summaries),
+                      "attack.population": float(len(population)),
+                      "stage.shadows.seconds": sum(s["seconds"] for s in summaries)}
+
+
+def register_classifier(config: Any, role: str, model_dir: Path, metrics: Metrics, extra_tags: dict[str, str],
+                        champion_metric: str | None, measured_as: str | None = None) -> Metrics:
+    """Register ``role``'s logged classifier with what it is worth and what it leaks (``metrics`` under
+    ``<measured_as or role>.``). With ``champion_metric`` it becomes ``champion`` only if it beats the current
+    champion on that metric (``candidate`` either way). Returns ``<role>.registry_version`` (and ``.champion``)."""
+    from tckr.platform.tracking import champion_score, register_model
+
+    name = config.registered_model_name(role)
+    key = measured_as or role
+    card = json.loads((model_dir / "model.json").read_text())
+    tags = {"recipe": config.recipe, "dataset": config.dataset, "profile": config.profile,
+            "config_hash": config.fingerprint(), "dataset_fingerprint": card["dataset_fingerprint"],
+            "classes": ",".join(card["classes"]),
+            "input": f"float32 [N, {card['in_chans']}, {config.image_size}, {config.image_size}] in [0, 1]",
+            "accuracy": f"{metrics[f'{key}.test_accuracy']:.4f}", "auc_mia": f"{metrics[f'{key}.mia.auc']:.4f}",
+            "tpr_at_1pct_fpr": f"{metrics[f'{key}.mia.tpr_at_1pct_fpr']:.4f}",
+            "aop": f"{metrics[f'{key}.aop']:.4f}"} | extra_tags
+    registered: Metrics = {}
+    aliases: tuple[str, ...] = ()
+    if champion_metric is not None:
+        current = champion_score(name, champion_metric)
+        promoted = current is None or metrics[f"{key}.{champion_metric}"] > current
+        registered[f"{role}.champion"] = float(promoted)
+        aliases = ("candidate", "champion") if promoted else ("candidate",)
+    uri = json.loads((model_dir / "logged_model.json").read_text())["model_uri"]
+    registered[f"{role}.registry_version"] = float(register_model(uri, name, tags, aliases))
+    return registered
+
+
+def close_pipeline_run(tracking: Tracking, parts: Iterable[Metrics], out_dir: Path,
+                       write_report: Callable[[Metrics, Path, Any], list[Path]]) -> Metrics:
+    """Merge the stages' metrics, add the run's wall time, write the report (``write_report(metrics, out_dir,
+    parent run)`` returns the files it wrote), log all of it to the parent run and close that run."""
+    import mlflow
+
+    from tckr.platform.tracking import TrackingError, configure, finish_pipeline_run, pipeline_run_id
+
+    configure(tracking.uri)
+    parent_run_id = pipeline_run_id(tracking.experiment)
+    if parent_run_id is None:
+        raise TrackingError("the report closes the pipeline's parent run, and this process is not in a pipeline run")
+    parent = mlflow.get_run(parent_run_id)
+    metrics: Metrics = {}
+    for part in parts:
+        metrics.update(part)
+    metrics["run.seconds"] = time.time() - parent.info.start_time / 1000.0
+    paths = write_report(metrics, out_dir, parent)
+    client = mlflow.MlflowClient()
+    client.log_batch(parent_run_id, metrics=[mlflow.entities.Metric(k, float(v), int(time.time() * 1000), 0)
+                                             for k, v in metrics.items()])
+    for path in paths:
+        client.log_artifact(parent_run_id, str(path))
+    finish_pipeline_run(parent_run_id)
+    return metrics
