@@ -15,8 +15,14 @@ import time
 import torch
 
 from tckr.data.ingest import FASHION_MNIST_CLASSES
-from tckr.generators.generate import sample_pixel_images
-from tckr.generators.pixel import PixelGenerator, TextEncoder, build_noise_scheduler, build_unet, text_encoder_path
+from tckr.generators.pixel import (
+    PixelGenerator,
+    TextEncoder,
+    build_noise_scheduler,
+    build_unet,
+    sample_pixel_images,
+    text_encoder_path,
+)
 from tckr.recipes.config import load_config
 
 

@@ -16,7 +16,6 @@ from tckr.generators.generate import (
     generate_shards,
     load_synthetic,
     plan_generation,
-    sample_pixel_images,
 )
 from tckr.generators.lora import ADAPTER_FILE, finetune_pixel_generator, load_finetuned
 from tckr.generators.pixel import (
@@ -27,6 +26,7 @@ from tckr.generators.pixel import (
     build_noise_scheduler,
     build_unet,
     pretrain_pixel_generator,
+    sample_pixel_images,
     text_encoder_path,
     train_denoiser,
 )

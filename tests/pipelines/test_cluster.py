@@ -22,7 +22,7 @@ from tckr.recipes.tckr.stages import STAGES
 pytestmark = pytest.mark.unit  # starts no server, trains nothing beyond a few steps
 
 GPU_STAGES = {stage.name for stage in STAGES if stage.resources["gpus"]}
-TRACKED_STAGES = {"start_run", "ingest", "teacher", "caption", "generator", "finetune", "generate", "student",
+TRACKED_STAGES = {"start_run", "ingest", "teacher", "caption", "generator", "finetune", "generate", "fid", "student",
                   "attack", "register", "report"}  # the components that take tracking_uri
 PER_RUN_PARAMETERS = {"run_name"}  # tckr.platform.runner.new_run_name: new every run
 CREDENTIAL_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_USERNAME",
@@ -82,8 +82,8 @@ def test_every_task_requests_its_declared_cpu_and_memory(paper):
 
 def test_gpu_stages_get_one_gpu_the_cuda_image_and_gpu_nodes(paper):
     spec, platform, _ = paper
-    assert sorted(GPU_STAGES) == ["attack", "caption", "finetune", "generate", "generate_shard", "shadow_group",
-                                  "student", "teacher"]
+    assert sorted(GPU_STAGES) == ["attack", "caption", "fid", "finetune", "generate", "generate_shard",
+                                  "shadow_group", "student", "teacher"]
     for stage, container in _executors(spec).items():
         placement = platform.get(f"exec-{stage.replace('_', '-')}", {})
         if stage in GPU_STAGES:

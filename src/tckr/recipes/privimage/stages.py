@@ -25,7 +25,7 @@ from tckr.core.stage import (
     resources,
 )
 from tckr.data.public_pool import PublicPoolConfig
-from tckr.generators.config import GenerateConfig
+from tckr.generators.config import FidConfig, GenerateConfig
 from tckr.platform.tracking import Tracking
 from tckr.privacy.config import AttackConfig
 from tckr.recipes.common import (
@@ -39,7 +39,6 @@ from tckr.recipes.common import (
 )
 from tckr.recipes.privimage.config import (
     DownstreamConfig,
-    FidConfig,
     FinetuneConfig,
     PretrainConfig,
     PrivImageRun,
@@ -191,7 +190,7 @@ def fid(*, image_size: int, fid: FidConfig, runtime: RuntimeConfig, data: Path, 
     """FID of the synthetic set against the private train split (Inception features; real statistics cached)."""
     import mlflow
 
-    from tckr.recipes.privimage.evaluate import synthetic_fid
+    from tckr.generators.fid import synthetic_fid
 
     summary = synthetic_fid(fid, image_size, data, synthetic, scores, run_device(runtime))
     mlflow.log_artifact(str(scores / "fid.json"))

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from tckr.core.config import Section
-from tckr.generators.config import CaptionConfig, FinetuneConfig, GenerateConfig, GeneratorConfig
+from tckr.generators.config import CaptionConfig, FidConfig, FinetuneConfig, GenerateConfig, GeneratorConfig
 from tckr.privacy.config import AttackConfig
 from tckr.recipes.base import RunBase
 from tckr.training.classifier import ClassifierConfig
@@ -31,6 +31,7 @@ class TckrRun(RunBase):
     generator: GeneratorConfig = GeneratorConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     generate: GenerateConfig = GenerateConfig()
+    fid: FidConfig = FidConfig()
     student: ClassifierConfig = Field(
         description="null or absent: the teacher's architecture and recipe without MixUp (as the reference)")
     distill: DistillConfig = DistillConfig()

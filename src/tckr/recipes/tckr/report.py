@@ -24,6 +24,7 @@ STAGE_ROWS: dict[str, tuple[str, ...]] = {
     # The shards' compute (ParallelFor tasks, summed), then the gathering and scoring step.
     "generate_shards": ("synthetic.shards", "synthetic.images_per_second"),
     "generate": ("synthetic.images", "synthetic.teacher_agreement"),
+    "fid": ("synthetic.fid", "fid.samples"),
     "student": ("student.test_accuracy", "student.val_accuracy", "student.best_epoch", "student.synthetic_images"),
     # The shadow groups' compute (ParallelFor tasks, summed), then the attack itself.
     "shadows": ("attack.shadows", "attack.shadow_val_accuracy"),

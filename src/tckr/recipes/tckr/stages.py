@@ -25,7 +25,7 @@ from tckr.core.stage import (
     collected,
     resources,
 )
-from tckr.generators.config import CaptionConfig, FinetuneConfig, GenerateConfig, GeneratorConfig
+from tckr.generators.config import CaptionConfig, FidConfig, FinetuneConfig, GenerateConfig, GeneratorConfig
 from tckr.platform.tracking import Tracking
 from tckr.privacy.config import AttackConfig
 from tckr.recipes.common import (
@@ -231,6 +231,22 @@ def generate(*, image_size: int, generate: GenerateConfig, runtime: RuntimeConfi
             "stage.generate_shards.seconds": summary["generation_seconds"]}
 
 
+@stage(sections=("image_size", "fid", "runtime"), inputs={"data": DATASET, "synthetic": DATASET},
+       outputs={"scores": ARTIFACT}, resources=resources("4", "8", "16Gi", "24Gi", gpus=1))
+def fid(*, image_size: int, fid: FidConfig, runtime: RuntimeConfig, data: Path, synthetic: Path,
+        scores: Path) -> Metrics:
+    """FID of the synthetic set against the private train split, on PrivImage's scale (same features, sample
+    counts from the config, real statistics cached)."""
+    import mlflow
+
+    from tckr.generators.fid import synthetic_fid
+
+    summary = synthetic_fid(fid, image_size, data, synthetic, scores, run_device(runtime))
+    mlflow.log_artifact(str(scores / "fid.json"))
+    return {"synthetic.fid": summary["fid"], "fid.samples": float(summary["samples"]),
+            "fid.real_images": float(summary["real_images"])}
+
+
 @stage(sections=("image_size", "student", "distill", "runtime"),
        inputs={"data": DATASET, "synthetic": DATASET, "teacher_model": MODEL}, outputs={"model": MODEL},
        multi_gpu=True, resources=resources("8", "16", "32Gi", "48Gi", gpus=1, shm="8Gi"))
@@ -314,13 +330,13 @@ def register(*, config: TckrRun, teacher_model: Path, student_model: Path, teach
 @stage(sections=(ALL_SECTIONS,),
        inputs={"ingest_metrics": METRICS, "teacher_metrics": METRICS, "caption_metrics": METRICS,
                "generator_metrics": METRICS, "finetune_metrics": METRICS, "generate_metrics": METRICS,
-               "student_metrics": METRICS, "attack_metrics": METRICS, "register_metrics": METRICS,
-               "synthetic": DATASET, "attack_results": ARTIFACT},
+               "fid_metrics": METRICS, "student_metrics": METRICS, "attack_metrics": METRICS,
+               "register_metrics": METRICS, "synthetic": DATASET, "attack_results": ARTIFACT},
        outputs={"summary": MARKDOWN}, own_run=False, cache=False, resources=resources("500m", "2", "2Gi", "4Gi"))
 def report(*, config: TckrRun, ingest_metrics: Metrics, teacher_metrics: Metrics, caption_metrics: Metrics,
-           generator_metrics: Metrics, finetune_metrics: Metrics, generate_metrics: Metrics, student_metrics: Metrics,
-           attack_metrics: Metrics, register_metrics: Metrics, synthetic: Path, attack_results: Path, summary: Path,
-           tracking: Tracking) -> Metrics:
+           generator_metrics: Metrics, finetune_metrics: Metrics, generate_metrics: Metrics, fid_metrics: Metrics,
+           student_metrics: Metrics, attack_metrics: Metrics, register_metrics: Metrics, synthetic: Path,
+           attack_results: Path, summary: Path, tracking: Tracking) -> Metrics:
     """Merge the stages' metrics into the run report (``report/`` beside ``summary``: report.md, metrics.json,
     config.yaml and the figures) and close the pipeline's parent run."""
     import functools
@@ -334,7 +350,8 @@ def report(*, config: TckrRun, ingest_metrics: Metrics, teacher_metrics: Metrics
     shutil.copyfile(synthetic / "samples.png", out_dir / "samples.png")
     shutil.copyfile(attack_results / "roc.png", out_dir / "roc.png")
     metrics = close_pipeline_run(tracking, (ingest_metrics, teacher_metrics, caption_metrics, generator_metrics,
-                                            finetune_metrics, generate_metrics, student_metrics, attack_metrics,
+                                            finetune_metrics, generate_metrics, fid_metrics, student_metrics,
+                                            attack_metrics,
                                             register_metrics), out_dir, functools.partial(write_report, config))
     shutil.copyfile(out_dir / "report.md", summary)
     return metrics
