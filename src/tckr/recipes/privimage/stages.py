@@ -3,9 +3,9 @@
 ingest -> public_pool -> query (DP) -> pretrain (public, cached) -> finetune (DP-SGD) -> sample (fan-out over
 shards) -> {fid, classifier} -> attack (LiRA, fan-out over shadow groups) -> register -> report. The two private
 steps (the query's histogram and DP-SGD) are composed in one accountant: ``finetune`` solves its noise so the
-whole run spends ``privacy.target_epsilon``. Everything after it only post-processes the DP generator, and the
-downstream classifier is selected on synthetic data, so the guarantee covers the synthetic set, the classifier
-and every figure but the attack's (which looks at real members on purpose).
+whole run spends ``privacy.target_epsilon``. The synthetic set and the downstream classifier (selected on synthetic
+data) only post-process the DP generator, so the guarantee covers them; the measurements do not: FID and the
+attack read real private images on purpose, to measure the release.
 """
 
 from __future__ import annotations
