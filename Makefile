@@ -11,6 +11,7 @@ PROFILE ?= demo
 MLFLOW_PORT ?= 5000
 S3_PORT ?= 8333
 STATE_DIR := .tckr
+DVC_PIPELINE ?= dvc.yaml  # TCKR's stages; privimage/dvc.yaml for PrivImage's
 # Recipes that talk to the local S3 store (or the servers) read its endpoint and generated keys from here.
 WITH_SERVICES := set -a && { [[ ! -f $(STATE_DIR)/env ]] || . $(STATE_DIR)/env; } && set +a &&
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
@@ -19,7 +20,7 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE_REPO ?= ghcr.io/tckr/tckr
 
 .PHONY: help setup data tools demo demo-privimage run test test-unit lint bench compile images run-local run-local-down mlflow-ui clean \
-	s3-up s3-down mlflow-up mlflow-down repro publish pull
+	s3-up s3-down mlflow-up mlflow-down repro repro-privimage publish pull
 
 help:  ## list targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -92,14 +93,17 @@ mlflow-up: setup  ## start an MLflow server on 127.0.0.1:$(MLFLOW_PORT), artifac
 mlflow-down:  ## stop the MLflow server
 	$(BIN)/tckr services down mlflow --state-dir $(STATE_DIR)
 
-repro: setup  ## dvc repro: the stages in dvc.yaml with params.yaml, re-running only what changed
-	$(WITH_SERVICES) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+repro: setup  ## dvc repro: the stages of $(DVC_PIPELINE) with its params.yaml, re-running only what changed
+	$(WITH_SERVICES) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro $(DVC_PIPELINE)
 
-publish: s3-up  ## dvc push: data and weights to the S3 remote (the local store unless .dvc/config.local says otherwise)
-	$(WITH_SERVICES) $(BIN)/dvc push
+repro-privimage:  ## dvc repro for PrivImage (privimage/dvc.yaml; it reads the data of dvc.yaml's ingest stage)
+	$(MAKE) repro DVC_PIPELINE=privimage/dvc.yaml
+
+publish: s3-up  ## dvc push: $(DVC_PIPELINE)'s data and weights (and its upstream's) to the S3 remote
+	$(WITH_SERVICES) $(BIN)/dvc push --with-deps $(DVC_PIPELINE)
 
 pull: s3-up  ## dvc pull: fetch a teammate's data and weights, then `make repro` runs only what is downstream
-	$(WITH_SERVICES) $(BIN)/dvc pull
+	$(WITH_SERVICES) $(BIN)/dvc pull --with-deps $(DVC_PIPELINE)
 
 clean:  ## remove runs and the local tracking store (keeps .venv and the servers' state in .tckr/)
 	rm -rf runs mlruns.db mlartifacts

@@ -1,7 +1,8 @@
-"""DVC end to end on the smoke profile: `dvc repro` runs the stages, `dvc push` sends data and weights to
-a real SeaweedFS remote, a wiped clone gets them back byte-identical with `dvc pull`, and only the
-stages downstream of a change run again."""
+"""DVC end to end on the smoke profiles: `dvc repro` runs the stages, `dvc push` sends data and weights to
+a real SeaweedFS remote, a wiped clone gets them back byte-identical with `dvc pull`, only the stages
+downstream of a change run again, and PrivImage's stages (privimage/dvc.yaml) build on TCKR's ingest."""
 
+import importlib
 import json
 import os
 import shutil
@@ -17,6 +18,8 @@ from tckr.platform.services import DVC_BUCKET
 from tckr.recipes.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
+# Each recipe's DVC project: its dvc.yaml and params.yaml live in this directory, resolved from this profile.
+DVC_RECIPES = {"tckr": ("", "demo"), "privimage": ("privimage", "demo-privimage")}
 UPSTREAM = ("ingest", "teacher", "caption", "generator", "finetune")
 DOWNSTREAM = ("generate", "student", "attack", "register")
 # What a teammate pulls instead of recomputing: the prepared data, captions, the base generator, the
@@ -24,6 +27,37 @@ DOWNSTREAM = ("generate", "student", "attack", "register")
 WEIGHTS = ("outputs/data/dataset.json", "outputs/teacher/model.safetensors", "outputs/captions/captions.json",
            "outputs/generator", "outputs/adapter/pytorch_lora_weights.safetensors", "outputs/synthetic",
            "outputs/student/model.safetensors")
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("recipe", DVC_RECIPES)
+def test_dvc_stages_are_the_declared_stages_with_the_demo_profile(recipe):
+    """params.yaml is the demo profile resolved; each DVC stage is a declared stage of its recipe, reads exactly
+    the sections its declaration reads and passes every declared input and output."""
+    directory, profile = DVC_RECIPES[recipe]
+    params = load_config(str(REPO / directory / "params.yaml"))
+    assert params.model_dump(exclude={"profile"}) == load_config(profile).model_dump(exclude={"profile"})
+    registry = importlib.import_module(f"tckr.recipes.{recipe}.stages").STAGES
+    stages = yaml.safe_load((REPO / directory / "dvc.yaml").read_text())["stages"]
+    assert set(stages) <= set(registry.names())
+    for name, stage in stages.items():
+        assert stage["cmd"].startswith(f"tckr stage {name} --profile params.yaml "), name
+        declared = registry[name]
+        sections = list(params.model_fields) if declared.sections == ("*",) else list(declared.sections)
+        assert stage["params"] == sections, name
+        ports = {port: kind for port, kind in (declared.inputs | declared.outputs).items() if not kind.many}
+        assert all(f"--{port.replace('_', '-')} " in stage["cmd"] for port in ports), name
+
+
+@pytest.mark.unit
+def test_both_recipes_read_one_ingested_dataset():
+    """privimage/dvc.yaml has no ingest of its own: its stages read ../outputs/data, so the ingest settings must
+    be TCKR's, and LiRA attacks the same population in both recipes."""
+    tckr, privimage = (load_config(str(REPO / directory / "params.yaml")) for directory, _ in DVC_RECIPES.values())
+    assert (tckr.dataset, tckr.image_size, tckr.ingest) == (privimage.dataset, privimage.image_size, privimage.ingest)
+    stages = yaml.safe_load((REPO / "privimage" / "dvc.yaml").read_text())["stages"]
+    assert "ingest" not in stages and all("--data ../outputs/data " in stage["cmd"] for stage in stages.values()
+                                          if "--data " in stage["cmd"])
 
 
 def _digests(root: Path) -> dict[str, str]:
@@ -41,18 +75,20 @@ def dvc_project(tmp_path_factory, s3_store):
     """A git + DVC project with the repository's dvc.yaml, the smoke profile as params.yaml and the
     remote pointed at the test store (endpoint in config.local, keys only in the environment)."""
     root = tmp_path_factory.mktemp("dvc-project")
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     shutil.copytree(REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp", "config.local"))
-    params = load_config("smoke").model_dump(mode="json") | {"profile": "params"}
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for directory, profile in (("", "smoke"), ("privimage", "smoke-privimage")):
+        (root / directory).mkdir(exist_ok=True)
+        shutil.copy(REPO / directory / "dvc.yaml", root / directory / "dvc.yaml")
+        params = load_config(profile).model_dump(mode="json") | {"profile": "params"}
+        (root / directory / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
     env |= s3_store.credentials.env() | {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlruns.db'}",
                                          "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}
 
-    def run(*command: str) -> str:
+    def run(*command: str, stdout_only: bool = False) -> str:
         done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
         assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}"
-        return done.stdout + done.stderr
+        return done.stdout if stdout_only else done.stdout + done.stderr
 
     run("git", "init", "-q")
     run("dvc", "remote", "modify", "--local", "storage", "endpointurl", s3_store.url)
@@ -64,21 +100,23 @@ def test_repro_push_wipe_pull_is_byte_identical(dvc_project, s3_store):
     log = run("dvc", "repro")
     for stage in (*UPSTREAM, *DOWNSTREAM):
         assert f"Running stage '{stage}'" in log
-    shown = json.loads(run("dvc", "metrics", "show", "--json"))  # what DVC reads from the declared files
-    metrics = {k: v for file in next(iter(shown.values()))["data"].values() for k, v in file["data"].items()}
+    # What DVC reads from the declared files (PrivImage's, in privimage/dvc.yaml, do not exist yet).
+    shown = json.loads(run("dvc", "metrics", "show", "--json", stdout_only=True))
+    metrics = {k: v for path, file in next(iter(shown.values()))["data"].items() if not path.startswith("privimage/")
+               for k, v in file["data"].items()}
     assert 0.0 <= metrics["student.mia.auc"] <= 1.0 and 0.0 <= metrics["teacher.mia.tpr_at_1pct_fpr"] <= 1.0
     assert metrics["student.aop"] > 0 and metrics["teacher.test_accuracy"] > 0.1
     assert metrics["student.registry_version"] == 1  # registered in this project's MLflow store
     before = _digests(root)
     assert len(before) > 10
 
-    run("dvc", "push")
+    run("dvc", "push", "--with-deps", "dvc.yaml")  # as `make publish` and `make pull` do
     assert any(key.startswith("store/files/md5/") for key in list_keys(s3_client(s3_store), DVC_BUCKET, "store/"))
     shutil.rmtree(root / "outputs")
     shutil.rmtree(root / ".dvc" / "cache")
-    run("dvc", "pull")
+    run("dvc", "pull", "--with-deps", "dvc.yaml")
     assert _digests(root) == before
-    assert "up to date" in run("dvc", "status").lower()
+    assert "up to date" in run("dvc", "status", "dvc.yaml").lower()
 
 
 def test_changed_generation_reruns_only_downstream(dvc_project):
@@ -95,4 +133,20 @@ def test_changed_generation_reruns_only_downstream(dvc_project):
     for stage in ("generate", "student"):  # DVC goes on past the student only if its weights changed
         assert f"Running stage '{stage}'" in log
     assert file_sha256(root / "outputs/teacher/model.safetensors") == teacher
-    assert "up to date" in run("dvc", "status").lower()
+    assert "up to date" in run("dvc", "status", "dvc.yaml").lower()
+
+
+def test_privimage_stages_build_on_the_shared_ingest(dvc_project):
+    """`dvc repro privimage/dvc.yaml` reuses TCKR's prepared data and spends no more than its target epsilon."""
+    root, run = dvc_project
+    log = run("dvc", "repro", "privimage/dvc.yaml")
+    assert "Stage 'ingest' didn't change, skipping" in log
+    for stage in yaml.safe_load((root / "privimage" / "dvc.yaml").read_text())["stages"]:
+        assert f"Running stage 'privimage/dvc.yaml:{stage}'" in log, stage
+    metrics = {k: v for file in (root / "privimage" / "metrics").glob("*.json")
+               for k, v in json.loads(file.read_text()).items()}
+    target = load_config("smoke-privimage").privacy.target_epsilon
+    assert 0.99 * target <= metrics["privimage.epsilon"] <= target
+    assert metrics["classifier.registry_version"] == 1 and 0.0 <= metrics["privimage.mia.auc"] <= 1.0
+    assert not list((root / "privimage" / "outputs" / "generator").glob("*checkpoint*"))
+    assert "up to date" in run("dvc", "status", "privimage/dvc.yaml").lower()

@@ -241,23 +241,6 @@ def test_stage_command_runs_one_stage_at_a_time(tmp_path, monkeypatch):
     assert sorted(r.data.tags["tckr.stage"] for r in runs) == ["ingest", "teacher"]
 
 
-@pytest.mark.unit
-def test_dvc_params_are_the_demo_profile():
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[2]
-    params = load_config(str(repo / "params.yaml"))
-    assert params.model_dump(exclude={"profile"}) == load_config("demo").model_dump(exclude={"profile"})
-    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
-    assert all("--profile params.yaml" in stage["cmd"] for stage in stages.values())
-    from tckr.recipes.tckr.stages import STAGES
-
-    assert set(stages) <= set(STAGES.names())
-    for name, stage in stages.items():  # each DVC stage depends on exactly the sections its declaration reads
-        declared = STAGES[name].sections
-        assert stage["params"] == (list(params.model_fields) if declared == ("*",) else list(declared)), name
-
-
 def test_artifacts_live_in_the_s3_bucket(smoke_run, s3_store, tmp_path):
     """The server proxies artifacts to S3: the report and both models are objects in the bucket, and
     come back byte-identical."""
