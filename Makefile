@@ -11,6 +11,7 @@ PROFILE ?= demo
 MLFLOW_PORT ?= 5000
 S3_PORT ?= 8333
 STATE_DIR := .tckr
+REHEARSE_PROFILE ?= smoke
 DVC_PIPELINE ?= dvc.yaml  # TCKR's stages; privimage/dvc.yaml for PrivImage's
 # Recipes that talk to the local S3 store (or the servers) read its endpoint and generated keys from here.
 WITH_SERVICES := set -a && { [[ ! -f $(STATE_DIR)/env ]] || . $(STATE_DIR)/env; } && set +a &&
@@ -20,7 +21,7 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE_REPO ?= ghcr.io/tckr/tckr
 
 .PHONY: help setup data tools demo demo-privimage run test test-unit lint bench compile images run-local run-local-down mlflow-ui clean \
-	s3-up s3-down mlflow-up mlflow-down repro repro-privimage publish pull
+	s3-up s3-down mlflow-up mlflow-down rehearse repro repro-privimage publish pull
 
 help:  ## list targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -92,6 +93,9 @@ mlflow-up: setup  ## start an MLflow server on 127.0.0.1:$(MLFLOW_PORT), artifac
 
 mlflow-down:  ## stop the MLflow server
 	$(BIN)/tckr services down mlflow --state-dir $(STATE_DIR)
+
+rehearse: setup  ## run the compiled pipeline (REHEARSE_PROFILE, default smoke) pod by pod as a cluster would, without one
+	$(BIN)/tckr rehearse --profile $(REHEARSE_PROFILE)
 
 repro: setup  ## dvc repro: the stages of $(DVC_PIPELINE) with its params.yaml, re-running only what changed
 	$(WITH_SERVICES) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro $(DVC_PIPELINE)

@@ -89,7 +89,7 @@ def _cmd_stage(args: argparse.Namespace, rest: list[str]) -> int:
                             default=[] if port.many else None, help=f"input: {what}")
     for name, port in stage.outputs.items():
         parser.add_argument(_option(name), dest=name,
-                            help=f"output: {port.kind} {'file' if port.kind == 'markdown' else 'directory'}")
+                            help=f"output: {port.kind} {'file' if port.is_file else 'directory'}")
     for name, kind in stage.params.items():
         parser.add_argument(_option(name), dest=name, type=kind)
     given = vars(parser.parse_args(rest))
@@ -146,15 +146,32 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     cfg = load_config(args.profile, args.overrides)
     run_name = new_run_name(cfg)
     tracking_uri = args.tracking_uri or cfg.kubernetes.tracking_uri
-    client, run_id = submit(args.host, lambda folder: compile_pipeline(cfg, folder),
+    client, run_id = submit(args.host, lambda folder: compile_pipeline(cfg, folder, cache=not args.no_cache),
                             pipeline_arguments(cfg, run_name, tracking_uri), run_name,
-                            args.experiment or cfg.experiment_name, enable_caching=not args.no_cache,
-                            namespace=args.namespace)
+                            args.experiment or cfg.experiment_name, namespace=args.namespace)
     print(f"submitted {run_name}: {args.host.rstrip('/')}/#/runs/details/{run_id}")
     if not args.wait:
         return 0
     state = follow(client, run_id)
     return 0 if state == "SUCCEEDED" else 1
+
+
+def _cmd_rehearse(args: argparse.Namespace) -> int:
+    """What `tckr submit` would send, executed from its compiled YAML against a stand-in cluster."""
+    from tckr.pipelines.build import pipeline_arguments
+    from tckr.pipelines.compile import compile_pipeline
+    from tckr.platform.rehearse import rehearse_package
+    from tckr.platform.runner import new_run_name
+
+    cfg = load_config(args.profile, args.overrides)
+    run_name = new_run_name(cfg)
+    workdir = Path(args.runs_dir).resolve() / f"{run_name}-rehearsal"
+    package = compile_pipeline(cfg, workdir)
+    outcome = rehearse_package(package, pipeline_arguments(cfg, run_name, cfg.kubernetes.tracking_uri),
+                               cfg.kubernetes, workdir, Path(args.mlflow_deployment))
+    print(f"rehearsed {package}: {len(outcome.tasks)} pods in {outcome.seconds:.0f} s, MLflow parent run "
+          f"{outcome.parent_run_status}; pods' logs in {workdir / 'logs'}")
+    return 0
 
 
 def _cmd_services(args: argparse.Namespace) -> int:
@@ -218,6 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     submit_.add_argument("--tracking-uri", help="MLflow server as the pods see it (default: kubernetes.tracking_uri)")
     submit_.add_argument("--namespace", help="KFP namespace (multi-user installs)")
     submit_.set_defaults(handler=_cmd_submit)
+
+    rehearse = commands.add_parser("rehearse", help="run the compiled pipeline as a cluster would, without one")
+    _config_arguments(rehearse)
+    rehearse.add_argument("--runs-dir", default="runs", help="where the rehearsal's directory goes (default: runs)")
+    rehearse.add_argument("--mlflow-deployment", default="mlflow/k8s/deployment.yaml",
+                          help="the cluster's MLflow Deployment, whose server options the stand-in server takes")
+    rehearse.set_defaults(handler=_cmd_rehearse)
 
     report = commands.add_parser("report", help="put finished runs (either recipe) side by side")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, e.g. runs/latest")

@@ -22,8 +22,8 @@ from tckr.recipes.tckr.stages import STAGES
 pytestmark = pytest.mark.unit  # starts no server, trains nothing beyond a few steps
 
 GPU_STAGES = {stage.name for stage in STAGES if stage.resources["gpus"]}
-TRACKED_STAGES = {"start_run", "ingest", "teacher", "caption", "generator", "finetune", "generate", "fid", "student",
-                  "attack", "register", "report"}  # the components that take tracking_uri
+TRACKED_STAGES = {"start_run", "finish_run", "ingest", "teacher", "caption", "generator", "finetune", "generate", "fid",
+                  "student", "attack", "register", "report"}  # the components that take tracking_uri
 PER_RUN_PARAMETERS = {"run_name"}  # tckr.platform.runner.new_run_name: new every run
 CREDENTIAL_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_USERNAME",
                         "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"}
@@ -145,16 +145,29 @@ def test_secrets_can_be_switched_off(tmp_path):
     assert all(set(e["name"] for e in c.get("env", [])) <= {PROCESSES_ENV} for c in _executors(spec).values())
 
 
+def _followed(spec: dict, parameter: dict, dag: str) -> dict:
+    """A task's parameter followed up through the DAGs that pass it down (the exit handler's, a fan-out loop's) to
+    where it comes from: a pipeline parameter, another task's output, a constant, or a loop's item."""
+    dags = {"root": spec["root"]} | {name: c for name, c in spec["components"].items() if "dag" in c}
+    callers = {task["componentRef"]["name"]: (name, task) for name, component in dags.items()
+               for task in component["dag"]["tasks"].values() if task["componentRef"]["name"] in dags}
+    while dag != "root" and "componentInputParameter" in parameter:
+        parent, task = callers[dag]
+        given = task["inputs"].get("parameters", {}).get(parameter["componentInputParameter"])
+        if given is None:  # the loop's item
+            return parameter
+        parameter, dag = given, parent
+    return parameter
+
+
 def _resolved_inputs(spec: dict) -> dict[str, dict]:
     """Each stage's task inputs as the KFP backend resolves them for its cache key: pipeline parameters to their
-    (default) values, constants to themselves, other tasks' outputs to ``producer.output``; a fan-out loop's
-    inputs followed to what the loop task was given."""
+    (default) values, constants to themselves, other tasks' outputs to ``producer.output``; inputs of the exit
+    handler's and loops' DAGs followed to what their task was given."""
     root = spec["root"]["inputDefinitions"]["parameters"]
-    loops = {t["componentRef"]["name"]: t for t in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in t}
 
     def value(parameter: dict, dag: str):
-        if dag != "root" and parameter.get("componentInputParameter") in loops[dag]["inputs"]["parameters"]:
-            parameter = loops[dag]["inputs"]["parameters"][parameter["componentInputParameter"]]
+        parameter = _followed(spec, parameter, dag)
         if "componentInputParameter" in parameter:
             name = parameter["componentInputParameter"]
             return root[name].get("defaultValue") if name in root else f"loop item {name}"
@@ -199,12 +212,10 @@ def test_an_attack_setting_leaves_every_earlier_task_cached(tmp_path):
 
 def _parameter_sources(spec: dict, task: dict, dag: str) -> set[str]:
     """Where a task's parameters come from: a pipeline parameter's name, or ``task:<producer>`` for another
-    task's output; inputs of a fan-out loop's DAG are followed to what the loop task was given."""
-    loops = {t["componentRef"]["name"]: t for t in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in t}
+    task's output; inputs of the exit handler's and loops' DAGs are followed to what their task was given."""
     sources = set()
     for parameter in task["inputs"].get("parameters", {}).values():
-        if dag != "root" and parameter.get("componentInputParameter") in loops[dag]["inputs"]["parameters"]:
-            parameter = loops[dag]["inputs"]["parameters"][parameter["componentInputParameter"]]
+        parameter = _followed(spec, parameter, dag)
         if "taskOutputParameter" in parameter:
             sources.add(f"task:{parameter['taskOutputParameter']['producerTask']}")
         elif "componentInputParameter" in parameter:
@@ -230,7 +241,8 @@ def test_no_cached_task_takes_a_per_run_input(paper):
             tracked.add(stage)
             executor = platform[f"exec-{stage.replace('_', '-')}"]
             assert executor["fieldPathAsEnv"] == [{"name": KFP_RUN_ID_ENV, "fieldPath": KFP_RUN_ID_FIELD}], stage
-            assert stage == "start_run" or "start-run" in task["dependentTasks"], stage
+            # finish_run, the exit handler, runs after everything, start_run included
+            assert stage in ("start_run", "finish_run") or "start-run" in task["dependentTasks"], stage
         else:
             assert "fieldPathAsEnv" not in platform.get(f"exec-{stage.replace('_', '-')}", {}), stage
     assert tracked == TRACKED_STAGES
@@ -238,10 +250,11 @@ def test_no_cached_task_takes_a_per_run_input(paper):
 
 
 def test_only_run_bookkeeping_is_uncached(paper):
-    """start_run opens a new MLflow parent run; register makes new model versions; report closes the run."""
+    """start_run opens a new MLflow parent run; register makes new model versions; report closes the run, or
+    finish_run does when a task failed."""
     spec, _, _ = paper
     uncached = {stage for stage, task, _ in _tasks(spec) if not task.get("cachingOptions", {}).get("enableCache")}
-    assert uncached == {"start_run", "register", "report"}
+    assert uncached == {"start_run", "register", "report", "finish_run"}
 
 
 def test_demo_profile_compiles_for_a_cpu_cluster(tmp_path):

@@ -31,6 +31,11 @@ def test_run_directory(smoke_run):
     assert 0.0 <= metrics["teacher.test_accuracy"] <= 1.0
     assert metrics["data.test_images"] == cfg.ingest.test_limit
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["profile"] == "smoke"
+    # The report's ROC is a ClassificationMetrics artifact (drawn by the KFP UI), its page an HTML artifact.
+    (report_task,) = (run_dir / "kfp").rglob("report/executor_output.json")
+    outputs = json.loads(report_task.read_text())["artifacts"]
+    assert outputs["roc"]["artifacts"][0]["metadata"]["confidenceMetrics"][-1]["falsePositiveRate"] <= 1.0
+    assert (report_task.parent / "report_page").read_text().startswith("<!doctype html>")
     report = (run_dir / "report.md").read_text()
     assert "| teacher" in report and "test_accuracy=" in report and cfg.fingerprint() in report
     assert "![synthetic samples per class](samples.png)" in report and "![LiRA ROC, log-log](roc.png)" in report
@@ -59,7 +64,7 @@ def test_attack_outputs(smoke_run):
     rows = (attack_dir / "scores.csv").read_text().splitlines()
     assert rows[0] == "split,row,label,member,teacher,student" and len(rows) == 1 + summary["members"] * 2
     roc = (attack_dir / "roc-teacher.csv").read_text().splitlines()
-    assert roc[0] == "fpr,tpr" and roc[1] == "0.0,0.0" and roc[-1] == "1.0,1.0"
+    assert roc[0] == "fpr,tpr,threshold" and roc[1] == "0.0,0.0,inf" and roc[-1].startswith("1.0,1.0,")
 
 
 def test_base_generator_is_cached(smoke_run, tmp_path):
@@ -200,7 +205,13 @@ def test_compiled_pipeline_matches_committed_snapshot(tmp_path):
         assert fresh.read_text() == (committed / fresh.name).read_text(), (
             f"{fresh.name} is stale: run `make compile` and commit the result")
         spec, _ = yaml.safe_load_all(fresh.read_text())  # the pipeline, then its Kubernetes settings
-        tasks, parameters = spec["root"]["dag"]["tasks"], spec["root"]["inputDefinitions"]["parameters"]
+        root, parameters = spec["root"]["dag"]["tasks"], spec["root"]["inputDefinitions"]["parameters"]
+        # Every stage runs inside an exit handler whose finish_run task runs however they end.
+        assert set(root) == {"exit-handler-1", "finish-run"}
+        assert root["finish-run"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+        assert root["finish-run"]["inputs"]["parameters"]["status"] == {"taskFinalStatus":
+                                                                        {"producerTask": "exit-handler-1"}}
+        tasks = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
         assert tasks["ingest"]["componentRef"] and "report" in tasks
         assert {"ingest", "attack", "run_name", "tracking_uri", "experiment"} <= set(parameters)
         assert json.loads(parameters["attack"]["defaultValue"])["seed"] == 420  # the paper profile's settings

@@ -78,7 +78,9 @@ def test_submit_compiles_the_profiles_resources_and_passes_the_run_arguments(fak
                  "--no-cache"]) == 0
     (request,) = fake_kfp.created
     cfg = load_config("demo")
-    assert request["experiment_name"] == cfg.experiment_name and request["enable_caching"] is False
+    assert request["experiment_name"] == cfg.experiment_name and "enable_caching" not in request
+    spec_tasks = request["spec"]["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    assert not any(task.get("cachingOptions", {}).get("enableCache") for task in spec_tasks.values())  # --no-cache
     arguments = request["arguments"]
     assert arguments["tracking_uri"] == cfg.kubernetes.tracking_uri and arguments["experiment"] == "tckr-fashion-mnist"
     chosen = load_config("demo", ["teacher.seed=7"])
@@ -91,10 +93,51 @@ def test_submit_compiles_the_profiles_resources_and_passes_the_run_arguments(fak
     assert capsys.readouterr().out.strip() == f"submitted {request['run_name']}: http://kfp:8080/#/runs/details/run-1"
 
 
+class RecordingClient(kfp.Client):
+    """The real kfp.Client up to the HTTP call: it builds the run request (job config, caching overrides) as it
+    would for a server, and records it instead of sending it."""
+
+    sent: list = []
+
+    def __init__(self, host: str, namespace: str):  # no server: nothing is fetched at construction
+        self._host = host
+
+    def create_experiment(self, name: str, description: str | None = None, namespace: str | None = None):
+        return SimpleNamespace(experiment_id="experiment-1")
+
+    def _get_url_prefix(self) -> str:
+        return self._host
+
+    @property
+    def _run_api(self):
+        return SimpleNamespace(run_service_create_run=lambda run: RecordingClient.sent.append(run)
+                               or SimpleNamespace(run_id=f"run-{len(RecordingClient.sent)}"))
+
+
+@pytest.mark.parametrize("no_cache", [False, True])
+def test_a_resubmitted_run_keeps_its_bookkeeping_tasks_uncached(monkeypatch, no_cache):
+    """A second `tckr submit` of an unchanged config may reuse training from the cache, never the MLflow parent
+    run's start, the registration or the report (a cached start_run would leave the parent run RUNNING)."""
+    monkeypatch.setattr(kfp, "Client", RecordingClient)
+    monkeypatch.setattr(tckr.platform.submit, "check_reachable", lambda host: None)
+    RecordingClient.sent = []
+    for _ in range(2):
+        assert main(["submit", "--host", "http://kfp:8080", "--profile", "smoke",
+                     *(["--no-cache"] if no_cache else [])]) == 0
+    for run in RecordingClient.sent:
+        spec = run.pipeline_spec["pipeline_spec"]
+        dags = [spec["root"], *spec["components"].values()]  # the top level and the exit handler's and loops' DAGs
+        tasks = {name: task for dag in dags for name, task in dag.get("dag", {}).get("tasks", {}).items()}
+        assert {"start-run", "register", "report", "ingest", "teacher", "finish-run"} <= set(tasks)
+        cached = {name for name, task in tasks.items() if task.get("cachingOptions", {}).get("enableCache")}
+        assert not {"start-run", "register", "report"} & cached
+        assert ("ingest" in cached) is not no_cache and ("teacher" in cached) is not no_cache
+
+
 @pytest.mark.parametrize(("final", "exit_code"), [("SUCCEEDED", 0), ("FAILED", 1)])
 def test_wait_follows_the_run_to_its_end(fake_kfp, capsys, final, exit_code):
     fake_kfp.states = ["PENDING", "RUNNING", "RUNNING", final]
     assert main(["submit", "--host", "http://kfp:8080", "--profile", "paper-cifar10", "--wait"]) == exit_code
-    assert fake_kfp.created[0]["enable_caching"] is True
+    assert "enable_caching" not in fake_kfp.created[0]  # the compiled spec's caching, task by task
     lines = capsys.readouterr().out.strip().splitlines()[1:]
     assert lines == ["PENDING: 1 pending", "RUNNING: 1 running (running: teacher)", f"{final}: 1 {final.lower()}"]

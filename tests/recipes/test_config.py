@@ -117,7 +117,7 @@ def test_one_configuration_for_either_recipe(tmp_path):
 def test_kubernetes_stages_are_the_recipes_declared_ones():
     cfg = load_config("demo")
     assert list(cfg.kubernetes.stages) == STAGES.names()
-    with pytest.raises(ConfigError, match="the tckr recipe's stages are start_run, ingest"):
+    with pytest.raises(ConfigError, match="the tckr recipe's stages are start_run, finish_run, ingest"):
         load_config("demo", ["kubernetes.stages.dp_finetune.gpus=1"])
 
 

@@ -13,14 +13,14 @@ import linecache
 from typing import Any
 
 from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
 from tckr.components import IMAGE
-from tckr.core.stage import ALL_SECTIONS, Stage
+from tckr.core.stage import ALL_SECTIONS, PipelineStatus, Stage
 from tckr.recipes.config import RECIPES
 
 ARTIFACT_TYPES = {"dataset": "Dataset", "model": "Model", "artifact": "Artifact", "metrics": "Metrics",
-                  "markdown": "Markdown"}
+                  "markdown": "Markdown", "html": "HTML", "roc": "ClassificationMetrics"}
 TRACKING_PARAMETERS = ("tracking_uri", "experiment")
 
 
@@ -36,12 +36,17 @@ def section_parameters(recipe: str, stage: Stage) -> dict[str, type]:
     return {name: parameter_type(fields[name].annotation) for name in names}
 
 
+def _parameter_annotation(kind: type) -> str:
+    """KFP fills a ``PipelineTaskFinalStatus`` parameter itself (exit handlers); the rest are plain types."""
+    return "PipelineTaskFinalStatus" if kind is PipelineStatus else kind.__name__
+
+
 def component_source(recipe: str, stage: Stage) -> str:
     """The component function's source: typed signature, the stage's docstring, one launcher call."""
     signature = [f"{name}: Input[list[{ARTIFACT_TYPES[port.kind]}]]" if port.many
                  else f"{name}: Input[{ARTIFACT_TYPES[port.kind]}]" for name, port in stage.inputs.items()]
     signature += [f"{name}: {kind.__name__}" for name, kind in section_parameters(recipe, stage).items()]
-    signature += [f"{name}: {kind.__name__}" for name, kind in stage.params.items()]
+    signature += [f"{name}: {_parameter_annotation(kind)}" for name, kind in stage.params.items()]
     signature += [f"{name}: str" for name in TRACKING_PARAMETERS] if stage.tracked else []
     signature += [f"{name}: Output[{ARTIFACT_TYPES[port.kind]}]" for name, port in stage.outputs.items()]
     signature += ["metrics: Output[Metrics]"] if stage.returns == "metrics" else []
@@ -62,7 +67,10 @@ def component(recipe: str, name: str):
     filename = f"<tckr.components {recipe}.{name}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
     namespace = {"Input": Input, "Output": Output, "Artifact": Artifact, "Dataset": Dataset, "Model": Model,
-                 "Metrics": Metrics, "Markdown": Markdown}
+                 "Metrics": Metrics, "Markdown": Markdown, "HTML": HTML, "ClassificationMetrics": ClassificationMetrics,
+                 "PipelineTaskFinalStatus": dsl.PipelineTaskFinalStatus}
     # dont_inherit: this module's `from __future__ import annotations` would turn the annotations into strings
     exec(compile(source, filename, "exec", dont_inherit=True), namespace)  # noqa: S102 - generated here, see above
-    return dsl.component(namespace[name], base_image=IMAGE)
+    # kfp is in the image (a dependency of tckr): a pod that ran `pip install kfp` at start would need the
+    # internet, which many clusters' nodes lack, and would spend seconds per pod on it.
+    return dsl.component(namespace[name], base_image=IMAGE, install_kfp_package=False)

@@ -4,9 +4,11 @@ the stage through :func:`tckr.recipes.invoke.invoke`, and hands metrics and fan-
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+from tckr.core.stage import PipelineStatus
 from tckr.platform.tracking import Tracking, default_tracking_uri
 from tckr.recipes.invoke import invoke, parse_sections, recipe_stage
 
@@ -24,8 +26,13 @@ def launch(recipe_name: str, stage_name: str, arguments: dict[str, Any]) -> Any:
         artifacts[name] = Path(arguments[name].path)
     tracking = (Tracking(arguments["tracking_uri"] or default_tracking_uri(), arguments["experiment"])
                 if stage.tracked else None)
-    result = invoke(stage, parse_sections(recipe, stage, arguments), artifacts,
-                    {name: kind(arguments[name]) for name, kind in stage.params.items()}, tracking)
+    params = {name: PipelineStatus(arguments[name].state, arguments[name].error_message or "")
+              if kind is PipelineStatus else kind(arguments[name]) for name, kind in stage.params.items()}
+    result = invoke(stage, parse_sections(recipe, stage, arguments), artifacts, params, tracking)
+    for name, port in stage.outputs.items():
+        if port.kind == "roc":  # the stage wrote the curve; KFP's UI draws it from the artifact's metadata
+            curve = json.loads(artifacts[name].read_text())
+            arguments[name].log_roc_curve(curve["fpr"], curve["tpr"], curve["thresholds"])
     if stage.returns == "metrics":
         for name, value in result.items():
             arguments["metrics"].log_metric(name, value)

@@ -20,22 +20,37 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-ArtifactKind = Literal["dataset", "model", "artifact", "metrics", "markdown"]
+ArtifactKind = Literal["dataset", "model", "artifact", "metrics", "markdown", "html", "roc"]
 ALL_SECTIONS = "*"
 """A stage that reads the whole configuration (only the uncached bookkeeping stages: run start, registry, report)."""
 
 
 @dataclass(frozen=True)
 class Port:
-    """An artifact a stage reads or writes: a directory (dataset, model, artifact), a markdown file, or
-    (inputs only) another stage's metrics. ``many``: the collected outputs of a fan-out."""
+    """An artifact a stage reads or writes: a directory (dataset, model, artifact), a Markdown or HTML file, an ROC
+    curve (outputs only: a JSON file ``{"fpr", "tpr", "thresholds"}`` that the KFP side turns into an artifact its UI
+    draws) or (inputs only) another stage's metrics. ``many``: the collected outputs of a fan-out."""
 
     kind: ArtifactKind
     many: bool = False
 
+    @property
+    def is_file(self) -> bool:
+        """A single file (its path is the file's), not a directory."""
+        return self.kind in ("markdown", "html", "roc")
 
-DATASET, MODEL, ARTIFACT, METRICS, MARKDOWN = (Port(kind) for kind in ("dataset", "model", "artifact", "metrics",
-                                                                          "markdown"))
+
+DATASET, MODEL, ARTIFACT, METRICS, MARKDOWN, HTML, ROC = (
+    Port(kind) for kind in ("dataset", "model", "artifact", "metrics", "markdown", "html", "roc"))
+
+
+@dataclass(frozen=True)
+class PipelineStatus:
+    """How the tasks guarded by an exit handler ended (KFP's ``PipelineTaskFinalStatus``, without KFP): a stage
+    parameter of this type is filled in by the orchestrator, never passed by the pipeline."""
+
+    state: str  # SUCCEEDED, FAILED, CANCELLED, ...
+    error: str = ""
 
 
 def collected(port: Port) -> Port:

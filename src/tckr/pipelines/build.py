@@ -16,6 +16,7 @@ from kfp import dsl
 from kfp.dsl.graph_component import GraphComponent
 
 from tckr.components.factory import TRACKING_PARAMETERS, component, parameter_type, section_parameters
+from tckr.core.stage import PipelineStatus
 from tckr.pipelines.cluster import place_all_tasks
 from tckr.recipes.config import RECIPES, recipe_of
 
@@ -31,9 +32,10 @@ def pipeline_arguments(cfg: Any, run_name: str, tracking_uri: str) -> dict[str, 
 class Tasks:
     """Makes the tasks of one pipeline: ``tasks("teacher", data=...)`` passes the stage its sections."""
 
-    def __init__(self, recipe: str, parameters: dict[str, Any]) -> None:
+    def __init__(self, recipe: str, parameters: dict[str, Any], cache: bool = True) -> None:
         self.recipe = recipe
         self.parameters = parameters
+        self.cache = cache
 
     def __call__(self, name: str, **inputs: Any) -> dsl.PipelineTask:
         """``inputs``: other tasks' outputs and fan-out loop items, by port or parameter name; a declared
@@ -41,31 +43,35 @@ class Tasks:
         factory = component(self.recipe, name)
         stage = RECIPES[self.recipe].stages[name]
         arguments = {section: self.parameters[section] for section in section_parameters(self.recipe, stage)}
-        arguments |= {p: self.parameters[p] for p in stage.params if p not in inputs}
+        arguments |= {p: self.parameters[p] for p, kind in stage.params.items()
+                      if p not in inputs and kind is not PipelineStatus}
         if stage.tracked:
             arguments |= {p: self.parameters[p] for p in TRACKING_PARAMETERS}
         task = factory(**arguments, **inputs)
-        if not stage.cache:
+        if not (stage.cache and self.cache):
             task.set_caching_options(False)
         return task
 
 
-def build_pipeline(cfg: Any, graph: Callable[[Tasks], Any], description: str) -> GraphComponent:
+def build_pipeline(cfg: Any, graph: Callable[[Tasks], None], description: str, cache: bool = True) -> GraphComponent:
     """``graph`` as a pipeline whose parameters are :func:`pipeline_arguments` (defaults: ``cfg``'s values, no
     run name, the image's tracking server), every task placed by ``cfg.kubernetes``."""
     recipe = recipe_of(cfg)
     defaults = pipeline_arguments(cfg, run_name="", tracking_uri="")
     names = list(defaults)
 
-    def body(*values: Any) -> dsl.Markdown:
-        output = graph(Tasks(recipe.name, dict(zip(names, values, strict=True))))
+    def body(*values: Any) -> None:
+        tasks = Tasks(recipe.name, dict(zip(names, values, strict=True)), cache)
+        # finish_run runs however the graph ends. KFP takes no pipeline output from inside an exit handler: the
+        # report is the report task's declared output (and the MLflow parent run's artifacts).
+        with dsl.ExitHandler(tasks("finish_run"), name="pipeline"):
+            graph(tasks)
         place_all_tasks(cfg.kubernetes, recipe.stages)
-        return output
 
     types = {name: parameter_type(field.annotation) for name, field in type(cfg).model_fields.items()}
     body.__signature__ = inspect.Signature(
         [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=value,
                            annotation=types.get(name, str)) for name, value in defaults.items()],
-        return_annotation=dsl.Markdown)
+        return_annotation=None)
     body.__name__ = f"{recipe.name}_pipeline"
     return dsl.pipeline(name=recipe.name, description=description)(body)

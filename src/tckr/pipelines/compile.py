@@ -18,16 +18,17 @@ COMMITTED = {"tckr": "paper-cifar10", "privimage": "paper-cifar10-privimage"}
 """Recipe -> the profile its committed YAML is compiled from (the paper's settings on GPU nodes)."""
 
 
-def pipeline_for(cfg: Any):
+def pipeline_for(cfg: Any, cache: bool = True):
+    """``cfg``'s pipeline; ``cache=False``: no task may be served from the cache (``tckr submit --no-cache``)."""
     graph, description = GRAPHS[cfg.recipe]
-    return build_pipeline(cfg, graph, description)
+    return build_pipeline(cfg, graph, description, cache)
 
 
-def compile_pipeline(cfg: Any, out_dir: Path) -> Path:
+def compile_pipeline(cfg: Any, out_dir: Path, cache: bool = True) -> Path:
     """``cfg``'s pipeline as ``out_dir/<recipe>_pipeline.yaml``."""
     path = Path(out_dir) / f"{cfg.recipe}_pipeline.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(pipeline_for(cfg), str(path))
+    compiler.Compiler().compile(pipeline_for(cfg, cache), str(path))
     return path
 
 

@@ -13,7 +13,7 @@ from kfp import dsl
 from tckr.pipelines.build import Tasks
 
 
-def privimage_graph(task: Tasks) -> dsl.Markdown:
+def privimage_graph(task: Tasks) -> None:
     """Tasks that log to MLflow run ``.after`` the parent run (see ``tckr_pipeline.tckr_graph``)."""
     parent = task("start_run")
     ingested = task("ingest").after(parent)
@@ -41,13 +41,12 @@ def privimage_graph(task: Tasks) -> dsl.Markdown:
     registered = task("register", model=trained.outputs["model"], classifier_metrics=trained.outputs["metrics"],
                       finetune_metrics=tuned.outputs["metrics"],
                       attack_metrics=attacked.outputs["metrics"]).after(parent)
-    summary = task("report", ingest_metrics=ingested.outputs["metrics"], pool_metrics=pool.outputs["metrics"],
-                   query_metrics=queried.outputs["metrics"], pretrain_metrics=base.outputs["metrics"],
-                   finetune_metrics=tuned.outputs["metrics"], sample_metrics=sampled.outputs["metrics"],
-                   fid_metrics=scored.outputs["metrics"], classifier_metrics=trained.outputs["metrics"],
-                   attack_metrics=attacked.outputs["metrics"], register_metrics=registered.outputs["metrics"],
-                   synthetic=synthetic, selection=selection, attack_results=attacked.outputs["results"]).after(parent)
-    return summary.outputs["summary"]
+    task("report", ingest_metrics=ingested.outputs["metrics"], pool_metrics=pool.outputs["metrics"],
+         query_metrics=queried.outputs["metrics"], pretrain_metrics=base.outputs["metrics"],
+         finetune_metrics=tuned.outputs["metrics"], sample_metrics=sampled.outputs["metrics"],
+         fid_metrics=scored.outputs["metrics"], classifier_metrics=trained.outputs["metrics"],
+         attack_metrics=attacked.outputs["metrics"], register_metrics=registered.outputs["metrics"],
+         synthetic=synthetic, selection=selection, attack_results=attacked.outputs["results"]).after(parent)
 
 
 DESCRIPTION = ("PrivImage: DP semantic query -> public-subset pretraining -> DP-SGD diffusion fine-tuning -> "

@@ -61,7 +61,7 @@ def run_local(cfg: Any, pipeline: Any, runs_root: Path = Path("runs"), tracking_
     started = time.perf_counter()
     try:
         with _kfp_run_id(uuid.uuid4().hex):
-            task = pipeline(run_name=run_name, tracking_uri=tracking_uri, experiment=cfg.experiment_name)
+            pipeline(run_name=run_name, tracking_uri=tracking_uri, experiment=cfg.experiment_name)
     except KeyboardInterrupt:
         _mark_unfinished(run_name, cfg, tracking_uri, "KILLED")
         raise
@@ -71,8 +71,8 @@ def run_local(cfg: Any, pipeline: Any, runs_root: Path = Path("runs"), tracking_
         raise PipelineFailed(
             f"the pipeline failed at stage '{stage.group(1) if stage else '?'}' (its error is printed above); "
             f"MLflow run '{run_name}' is marked FAILED, KFP outputs are in {run_dir / 'kfp'}") from error
-    report_dir = Path(task.output.path).parent / "report"
-    for path in report_dir.iterdir():  # report.md, metrics.json, samples.png, ...
+    report_files = next((run_dir / "kfp").rglob("report/report_files"))  # the report task's declared output
+    for path in report_files.iterdir():  # report.md, metrics.json, samples.png, ...
         if path.name != "config.yaml":
             shutil.copyfile(path, run_dir / path.name)
     metrics = json.loads((run_dir / "metrics.json").read_text())

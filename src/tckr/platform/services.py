@@ -168,21 +168,23 @@ def start_seaweedfs(root: Path, s3_port: int | None = None, credentials: S3Crede
 
 # ---------------------------------------------------------------------------------------------- MLflow
 
-def mlflow_command(artifacts_destination: str, port: int) -> list[str]:
+def mlflow_command(artifacts_destination: str, port: int, options: tuple[str, ...] = ()) -> list[str]:
     """A tracking server + registry that proxies artifacts: clients need no S3 keys, only its URL.
-    The database URL goes in ``MLFLOW_BACKEND_STORE_URI`` (environment, not argv: it may hold a password)."""
+    The database URL goes in ``MLFLOW_BACKEND_STORE_URI`` (environment, not argv: it may hold a password).
+    ``options``: more server options (the cluster deployment's, when the rehearsal stands in for it)."""
     return [_executable("mlflow"), "server", "--artifacts-destination", artifacts_destination, "--serve-artifacts",
-            "--host", HOST, "--port", str(port), "--workers", "1"]
+            "--host", HOST, "--port", str(port), "--workers", "1", *options]
 
 
 def start_mlflow(root: Path, s3: S3Endpoint, port: int | None = None, backend_store_uri: str | None = None,
-                 bucket: str = MLFLOW_BUCKET, timeout: float = 120.0) -> tuple[Server, str]:
+                 bucket: str = MLFLOW_BUCKET, timeout: float = 120.0, options: tuple[str, ...] = ()
+                 ) -> tuple[Server, str]:
     """Start an MLflow server with a database backend (sqlite under ``root`` unless a URL such as
     ``postgresql://…`` is given) and artifacts in ``s3://bucket``; returns it and its tracking URI."""
     port = port or free_port()
     root.mkdir(parents=True, exist_ok=True)
     backend_store_uri = backend_store_uri or f"sqlite:///{(root / 'mlflow.db').resolve()}"
-    command = mlflow_command(f"s3://{bucket}/artifacts", port)
+    command = mlflow_command(f"s3://{bucket}/artifacts", port, options)
     uri = f"http://{HOST}:{port}"
     # Bounded S3 retries on the server too: a down store answers 500 in seconds, not minutes.
     env = {**s3.env(), "AWS_MAX_ATTEMPTS": "3", "AWS_RETRY_MODE": "standard",

@@ -42,9 +42,12 @@ def check_reachable(host: str, attempts: int = 3, delay: float = 0.5, timeout: f
 
 
 def submit(host: str, compile_to: Callable[[Path], Path], arguments: dict[str, Any], run_name: str, experiment: str,
-           enable_caching: bool, namespace: str | None = None):
+           namespace: str | None = None):
     """Compile the pipeline (``compile_to(folder)`` writes the package and returns its path) and create the run
-    with ``arguments``; returns ``(client, run_id)``."""
+    with ``arguments``; returns ``(client, run_id)``. Caching is the compiled spec's, task by task (bookkeeping
+    tasks never cached): kfp.Client's ``enable_caching`` would overwrite it on the top-level tasks (with True, an
+    unchanged second run would reuse the first one's start, registration and report; with False it misses the
+    tasks inside the exit handler), so ``--no-cache`` is compiled in instead."""
     import kfp
     import kfp_server_api
     import urllib3
@@ -55,8 +58,7 @@ def submit(host: str, compile_to: Callable[[Path], Path], arguments: dict[str, A
         try:
             client = kfp.Client(host=host, namespace=namespace or "kubeflow")
             result = client.create_run_from_pipeline_package(
-                str(package), arguments=arguments, run_name=run_name, experiment_name=experiment, namespace=namespace,
-                enable_caching=enable_caching)
+                str(package), arguments=arguments, run_name=run_name, experiment_name=experiment, namespace=namespace)
         except (kfp_server_api.ApiException, urllib3.exceptions.HTTPError, TimeoutError) as error:
             reason = getattr(error, "reason", None) or str(error).splitlines()[0]
             raise SubmitError(f"Kubeflow Pipelines at {host} refused the run: {reason}") from None

@@ -142,6 +142,23 @@ def pipeline_run_id(experiment: str) -> str | None:
     return runs[0].info.run_id
 
 
+def close_failed_pipeline_run(tracking: Tracking, state: str, error: str) -> None:
+    """Mark this KFP run's parent MLflow run FAILED (KILLED when cancelled) with the error as a tag, unless it
+    already ended; nothing when the run never started one."""
+    import mlflow
+
+    configure(tracking.uri)
+    try:
+        parent_run_id = pipeline_run_id(tracking.experiment)
+    except TrackingError:  # it failed before start_run opened one
+        return
+    if parent_run_id is None or mlflow.get_run(parent_run_id).info.status != "RUNNING":
+        return
+    client = mlflow.MlflowClient()
+    client.set_tag(parent_run_id, "tckr.failure", f"{state}: {error}"[:4000])
+    finish_pipeline_run(parent_run_id, "KILLED" if state.upper().startswith("CANCEL") else "FAILED")
+
+
 def finish_pipeline_run(run_id: str, status: str = "FINISHED") -> None:
     import mlflow
 

@@ -117,8 +117,9 @@ def attack(cfg: AttackConfig, population: Population, info, shadow_logits: np.nd
         results[name], statistics[name] = roc(statistic, population.is_member), statistic
         with open(out_dir / f"roc-{name}.csv", "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["fpr", "tpr"])
-            writer.writerows(zip(results[name].fpr.tolist(), results[name].tpr.tolist(), strict=True))
+            writer.writerow(["fpr", "tpr", "threshold"])
+            writer.writerows(zip(results[name].fpr.tolist(), results[name].tpr.tolist(),
+                                 results[name].thresholds.tolist(), strict=True))
     _write_scores(out_dir / "scores.csv", population, statistics)
     plot_roc(results, out_dir / "roc.png")
     summary = {"variant": cfg.variant, "variance": cfg.variance, "shadows": cfg.shadows,

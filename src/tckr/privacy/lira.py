@@ -125,6 +125,7 @@ class AttackResult:
     tpr_at_1_fpr: float
     fpr: np.ndarray
     tpr: np.ndarray
+    thresholds: np.ndarray  # point i: "member if statistic >= thresholds[i]" (+inf first: nobody)
 
     def metrics(self, prefix: str) -> dict[str, float]:
         return {f"{prefix}.auc": self.auc, f"{prefix}.balanced_accuracy": self.balanced_accuracy,
@@ -152,7 +153,7 @@ def roc(statistic: np.ndarray, is_member: np.ndarray) -> AttackResult:
     auc = float(np.trapezoid(tpr, fpr))
     return AttackResult(auc=auc, balanced_accuracy=float(np.max(1 - (fpr + (1 - tpr)) / 2)),
                         tpr_at_0_1_fpr=float(tpr[fpr <= 0.001].max()), tpr_at_1_fpr=float(tpr[fpr <= 0.01].max()),
-                        fpr=fpr, tpr=tpr)
+                        fpr=fpr, tpr=tpr, thresholds=np.r_[np.inf, sorted_stat[last_of_tie]])
 
 
 def aop(accuracy: float, auc: float) -> float:

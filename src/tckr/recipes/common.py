@@ -6,13 +6,14 @@ stages and components treat them like its own."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from tckr.core.config import RuntimeConfig
-from tckr.core.stage import ALL_SECTIONS, DATASET, StageRegistry, resources
+from tckr.core.stage import ALL_SECTIONS, DATASET, PipelineStatus, StageRegistry, resources
 from tckr.data.ingest import IngestConfig
 from tckr.platform.tracking import Tracking
 from tckr.privacy.config import AttackConfig
@@ -28,6 +29,15 @@ def start_run(*, config: Any, run_name: str, tracking: Tracking) -> None:
     tags = {"tckr.recipe": config.recipe, "tckr.profile": config.profile, "tckr.dataset": config.dataset,
             "tckr.config_hash": config.fingerprint()}
     start_pipeline_run(tracking, run_name, tags, params=config.model_dump(mode="json"), config_yaml=config.to_yaml())
+
+
+def finish_run(*, status: PipelineStatus, tracking: Tracking) -> None:
+    """The pipeline's exit handler, run however its tasks ended: after a failure the MLflow parent run is marked
+    FAILED, with the error, instead of staying RUNNING forever (a successful run was closed by its report)."""
+    from tckr.platform.tracking import close_failed_pipeline_run
+
+    if status.state != "SUCCEEDED":
+        close_failed_pipeline_run(tracking, status.state, status.error)
 
 
 def ingest(*, dataset: str, ingest: IngestConfig, data: Path) -> Metrics:
@@ -53,6 +63,8 @@ def shadow_plan(*, attack: AttackConfig) -> list[int]:
 SHARED_STAGES: dict[str, tuple[Callable, dict[str, Any]]] = {
     "start_run": (start_run, {"sections": (ALL_SECTIONS,), "params": {"run_name": str}, "returns": "nothing",
                               "own_run": False, "cache": False, "resources": resources("250m", "1", "1Gi", "2Gi")}),
+    "finish_run": (finish_run, {"sections": (), "params": {"status": PipelineStatus}, "returns": "nothing",
+                                "own_run": False, "cache": False, "resources": resources("250m", "1", "1Gi", "2Gi")}),
     "ingest": (ingest, {"sections": ("dataset", "ingest"), "outputs": {"data": DATASET},
                         "resources": resources("4", "8", "16Gi", "32Gi")}),
     "shadow_plan": (shadow_plan, {"sections": ("attack",), "returns": "fan-out", "tracked": False,
@@ -184,6 +196,40 @@ def register_classifier(config: Any, role: str, model_dir: Path, metrics: Metric
     uri = json.loads((model_dir / "logged_model.json").read_text())["model_uri"]
     registered[f"{role}.registry_version"] = float(register_model(uri, name, tags, aliases))
     return registered
+
+
+def publish_report(report_files: Path, summary: Path, page: Path, roc: Path, roc_csv: Path, points: int = 200) -> None:
+    """The report's declared outputs beside ``report_files`` (report.md, metrics, figures): the Markdown summary, a
+    self-contained HTML page (figures inline, so the KFP UI shows it whole) and the released model's ROC curve,
+    thinned to at most ``points`` points, for the UI's ROC view."""
+    import base64
+    import csv
+    import re
+    import shutil
+
+    from markdown_it import MarkdownIt
+
+    from tckr.core.atomic import write_text
+
+    markdown = (report_files / "report.md").read_text()
+    shutil.copyfile(report_files / "report.md", summary)
+
+    def inline(match: re.Match) -> str:
+        figure = report_files / match.group(1)
+        if not figure.is_file():
+            return match.group(0)
+        return f'src="data:image/png;base64,{base64.b64encode(figure.read_bytes()).decode()}"'
+
+    body = re.sub(r'src="([^"/]+\.png)"', inline, MarkdownIt("commonmark").enable("table").render(markdown))
+    write_text(page, "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>tckr report</title><style>"
+                     "body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse}"
+                     "td,th{border:1px solid #ccc;padding:.2em .6em}img{max-width:100%}</style></head>\n"
+                     f"<body>\n{body}</body></html>\n")
+    with open(roc_csv, newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if math.isfinite(float(row["threshold"]))]
+    keep = sorted({round(i * (len(rows) - 1) / max(1, points - 1)) for i in range(min(points, len(rows)))})
+    write_text(roc, json.dumps({key: [float(rows[i][column]) for i in keep] for key, column in
+                                (("fpr", "fpr"), ("tpr", "tpr"), ("thresholds", "threshold"))}) + "\n")
 
 
 def close_pipeline_run(tracking: Tracking, parts: Iterable[Metrics], out_dir: Path,

@@ -17,9 +17,11 @@ from tckr.core.stage import (
     ALL_SECTIONS,
     ARTIFACT,
     DATASET,
+    HTML,
     MARKDOWN,
     METRICS,
     MODEL,
+    ROC,
     StageRegistry,
     collected,
     resources,
@@ -48,7 +50,7 @@ from tckr.training.classifier import ClassifierConfig
 
 STAGES = StageRegistry()
 stage = STAGES.declare
-declare_shared(STAGES, "start_run", "ingest")
+declare_shared(STAGES, "start_run", "finish_run", "ingest")
 ROLE = "privimage"  # the downstream classifier's metrics and registered model: privimage.test_accuracy, ...
 
 
@@ -271,20 +273,24 @@ def register(*, config: PrivImageRun, model: Path, classifier_metrics: Metrics, 
                "pretrain_metrics": METRICS, "finetune_metrics": METRICS, "sample_metrics": METRICS,
                "fid_metrics": METRICS, "classifier_metrics": METRICS, "attack_metrics": METRICS,
                "register_metrics": METRICS, "synthetic": DATASET, "selection": ARTIFACT, "attack_results": ARTIFACT},
-       outputs={"summary": MARKDOWN}, own_run=False, cache=False, resources=resources("500m", "2", "2Gi", "4Gi"))
+       outputs={"summary": MARKDOWN, "report_files": ARTIFACT, "report_page": HTML, "roc": ROC}, own_run=False,
+       cache=False, resources=resources("500m", "2", "2Gi", "4Gi"))
 def report(*, config: PrivImageRun, ingest_metrics: Metrics, pool_metrics: Metrics, query_metrics: Metrics,
            pretrain_metrics: Metrics, finetune_metrics: Metrics, sample_metrics: Metrics, fid_metrics: Metrics,
            classifier_metrics: Metrics, attack_metrics: Metrics, register_metrics: Metrics, synthetic: Path,
-           selection: Path, attack_results: Path, summary: Path, tracking: Tracking) -> Metrics:
-    """Merge the stages' metrics into the run report (``report/`` beside ``summary``: report.md, metrics.json,
-    config.yaml, selection.json and the figures) and close the pipeline's parent run."""
+           selection: Path, attack_results: Path, summary: Path, report_files: Path, report_page: Path, roc: Path,
+           tracking: Tracking) -> Metrics:
+    """Merge the stages' metrics into the run report (``report_files``: report.md, metrics.json, config.yaml,
+    selection.json and the figures), close the pipeline's parent run, and publish the report as declared outputs,
+    the only files a cluster keeps: ``summary`` (Markdown), ``report_page`` (self-contained HTML) and ``roc`` (the
+    released model's LiRA ROC)."""
     import functools
     import shutil
 
-    from tckr.recipes.common import close_pipeline_run
+    from tckr.recipes.common import close_pipeline_run, publish_report
     from tckr.recipes.privimage.report import write_report
 
-    out_dir = summary.parent / "report"
+    out_dir = report_files
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(synthetic / "samples.png", out_dir / "samples.png")
     shutil.copyfile(attack_results / "roc.png", out_dir / "roc.png")
@@ -293,6 +299,6 @@ def report(*, config: PrivImageRun, ingest_metrics: Metrics, pool_metrics: Metri
                                             finetune_metrics, sample_metrics, fid_metrics, classifier_metrics,
                                             attack_metrics, register_metrics), out_dir,
                                  functools.partial(write_report, config))
-    shutil.copyfile(out_dir / "report.md", summary)
+    publish_report(out_dir, summary, report_page, roc, attack_results / "roc-privimage.csv")
     return metrics
 

@@ -18,9 +18,11 @@ from tckr.core.stage import (
     ALL_SECTIONS,
     ARTIFACT,
     DATASET,
+    HTML,
     MARKDOWN,
     METRICS,
     MODEL,
+    ROC,
     StageRegistry,
     collected,
     resources,
@@ -42,7 +44,7 @@ from tckr.training.classifier import ClassifierConfig
 
 STAGES = StageRegistry()
 stage = STAGES.declare
-declare_shared(STAGES, "start_run", "ingest")
+declare_shared(STAGES, "start_run", "finish_run", "ingest")
 
 # Default resources are the paper profile's on a cluster of GPU nodes (one 24-80 GB NVIDIA GPU per GPU task):
 # every stage that resolves a torch device gets a GPU, since `runtime.device: cuda` refuses to run without one.
@@ -332,20 +334,24 @@ def register(*, config: TckrRun, teacher_model: Path, student_model: Path, teach
                "generator_metrics": METRICS, "finetune_metrics": METRICS, "generate_metrics": METRICS,
                "fid_metrics": METRICS, "student_metrics": METRICS, "attack_metrics": METRICS,
                "register_metrics": METRICS, "synthetic": DATASET, "attack_results": ARTIFACT},
-       outputs={"summary": MARKDOWN}, own_run=False, cache=False, resources=resources("500m", "2", "2Gi", "4Gi"))
+       outputs={"summary": MARKDOWN, "report_files": ARTIFACT, "report_page": HTML, "roc": ROC}, own_run=False,
+       cache=False, resources=resources("500m", "2", "2Gi", "4Gi"))
 def report(*, config: TckrRun, ingest_metrics: Metrics, teacher_metrics: Metrics, caption_metrics: Metrics,
            generator_metrics: Metrics, finetune_metrics: Metrics, generate_metrics: Metrics, fid_metrics: Metrics,
            student_metrics: Metrics, attack_metrics: Metrics, register_metrics: Metrics, synthetic: Path,
-           attack_results: Path, summary: Path, tracking: Tracking) -> Metrics:
-    """Merge the stages' metrics into the run report (``report/`` beside ``summary``: report.md, metrics.json,
-    config.yaml and the figures) and close the pipeline's parent run."""
+           attack_results: Path, summary: Path, report_files: Path, report_page: Path, roc: Path,
+           tracking: Tracking) -> Metrics:
+    """Merge the stages' metrics into the run report (``report_files``: report.md, metrics.json, config.yaml and
+    the figures), close the pipeline's parent run, and publish the report as declared outputs, the only files a
+    cluster keeps: ``summary`` (Markdown), ``report_page`` (self-contained HTML) and ``roc`` (the released model's
+    LiRA ROC)."""
     import functools
     import shutil
 
-    from tckr.recipes.common import close_pipeline_run
+    from tckr.recipes.common import close_pipeline_run, publish_report
     from tckr.recipes.tckr.report import write_report
 
-    out_dir = summary.parent / "report"
+    out_dir = report_files
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(synthetic / "samples.png", out_dir / "samples.png")
     shutil.copyfile(attack_results / "roc.png", out_dir / "roc.png")
@@ -353,5 +359,5 @@ def report(*, config: TckrRun, ingest_metrics: Metrics, teacher_metrics: Metrics
                                             finetune_metrics, generate_metrics, fid_metrics, student_metrics,
                                             attack_metrics,
                                             register_metrics), out_dir, functools.partial(write_report, config))
-    shutil.copyfile(out_dir / "report.md", summary)
+    publish_report(out_dir, summary, report_page, roc, attack_results / "roc-student.csv")
     return metrics
