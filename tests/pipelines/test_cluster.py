@@ -274,6 +274,28 @@ def test_overrides_reach_the_compiled_task(tmp_path):
     assert platform["exec-teacher"]["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
 
 
+def test_resumable_stages_are_retried_and_bookkeeping_is_not(paper):
+    """A failed pod (evicted, preempted, OOM) of a stage that may run again is retried with backoff; start_run,
+    register, report and finish_run have side effects (a parent run, model versions) and run once."""
+    spec, _, _ = paper
+    cfg = load_config("paper-cifar10").kubernetes
+    for stage, task, _ in _tasks(spec):
+        if stage in ("start_run", "register", "report", "finish_run"):
+            assert "retryPolicy" not in task, stage
+        else:
+            assert task["retryPolicy"] == {"maxRetryCount": cfg.retries, "backoffDuration": "60s",
+                                           "backoffFactor": 2.0, "backoffMaxDuration": "3600s"}, stage
+
+
+@pytest.mark.parametrize(("override", "expected"), [((), 8), (("kubernetes.parallelism=3",), 3)])
+def test_fan_outs_run_at_most_parallelism_pods_at_once(tmp_path, override, expected):
+    spec, _, _ = _compile(tmp_path, list(override))
+    loops = [task for _, component in spec["components"].items() if "dag" in component
+             for task in component["dag"]["tasks"].values() if "parameterIterator" in task]
+    assert len(loops) == 2
+    assert all(task["iteratorPolicy"] == {"parallelismLimit": expected} for task in loops)
+
+
 def test_a_multi_gpu_stage_requests_all_its_gpus(tmp_path):
     """Its pod gets every GPU; the launcher runs one process per GPU in it (tests/core/test_distributed.py)."""
     spec, _, _ = _compile(tmp_path, ["kubernetes.stages.teacher.gpus=4"])
@@ -321,8 +343,9 @@ def test_kfp_local_ignores_the_cluster_settings(tmp_path):
 
 
 def test_profiles_change_placement_and_defaults_not_the_graph():
-    """The demo and paper pipelines are one graph; only placement and the parameters' defaults differ."""
-    demo = pipeline_for(load_config("demo")).pipeline_spec
+    """The demo and paper pipelines are one graph; only placement, the fan-outs' parallelism (compiled in, like
+    placement; equal here) and the parameters' defaults differ."""
+    demo = pipeline_for(load_config("demo", ["kubernetes.parallelism=8"])).pipeline_spec
     paper = pipeline_for(load_config("paper-cifar10")).pipeline_spec
     assert demo.root.dag == paper.root.dag and demo.components == paper.components
     assert demo.root.input_definitions != paper.root.input_definitions

@@ -23,5 +23,6 @@ def test_a_bad_section_or_stage_is_one_line():
     with pytest.raises(ConfigError, match=r"^invalid teacher section of the teacher task: epochs: Input should be "
                                           r"greater than 0 \(got 0\)$"):
         parse_sections(recipe, teacher, {"image_size": 16, "teacher": '{"model": "x", "epochs": 0}', "runtime": "{}"})
-    with pytest.raises(ConfigError, match="the tckr recipe has no stage 'teachr'; its stages are start_run, finish_run, ingest"):
+    with pytest.raises(ConfigError,
+                       match="the tckr recipe has no stage 'teachr'; its stages are start_run, finish_run, ingest"):
         recipe_stage("tckr", "teachr")

@@ -104,6 +104,10 @@ class KubernetesConfig(Section):
         "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD; null: none")
     tracking_uri: str = Field("http://mlflow.kubeflow:5000",
                               description="the MLflow server `tckr submit` gives the run (mlflow/k8s)")
+    parallelism: int = Field(8, ge=0, description="most pods of one fan-out (generation shards, shadow groups) "
+                             "running at once; 0: as many as the cluster schedules")
+    retries: int = Field(2, ge=0, description="times KFP retries a failed pod of a resumable stage (backoff 1 min, "
+                         "doubling); bookkeeping stages (run start, registry, report) are never retried")
 
 
 def read_profile(profile: str, locate: Callable[[str], Path], seen: tuple[str, ...] = ()) -> dict[str, Any]:

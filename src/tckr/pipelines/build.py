@@ -32,10 +32,12 @@ def pipeline_arguments(cfg: Any, run_name: str, tracking_uri: str) -> dict[str, 
 class Tasks:
     """Makes the tasks of one pipeline: ``tasks("teacher", data=...)`` passes the stage its sections."""
 
-    def __init__(self, recipe: str, parameters: dict[str, Any], cache: bool = True) -> None:
+    def __init__(self, recipe: str, parameters: dict[str, Any], cache: bool = True, parallelism: int = 0) -> None:
         self.recipe = recipe
         self.parameters = parameters
         self.cache = cache
+        self.parallelism = parallelism
+        """Most pods of one fan-out at once (``dsl.ParallelFor(parallelism=...)``; 0: no limit)."""
 
     def __call__(self, name: str, **inputs: Any) -> dsl.PipelineTask:
         """``inputs``: other tasks' outputs and fan-out loop items, by port or parameter name; a declared
@@ -61,7 +63,7 @@ def build_pipeline(cfg: Any, graph: Callable[[Tasks], None], description: str, c
     names = list(defaults)
 
     def body(*values: Any) -> None:
-        tasks = Tasks(recipe.name, dict(zip(names, values, strict=True)), cache)
+        tasks = Tasks(recipe.name, dict(zip(names, values, strict=True)), cache, cfg.kubernetes.parallelism)
         # finish_run runs however the graph ends. KFP takes no pipeline output from inside an exit handler: the
         # report is the report task's declared output (and the MLflow parent run's artifacts).
         with dsl.ExitHandler(tasks("finish_run"), name="pipeline"):

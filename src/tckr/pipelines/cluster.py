@@ -42,6 +42,9 @@ def place(task: PipelineTask, cluster: KubernetesConfig, stages: StageRegistry) 
             kubernetes.add_node_selector(task, label, value)
         for toleration in cluster.gpu_tolerations:
             kubernetes.add_toleration(task, **toleration.model_dump())
+    if stage.cache and cluster.retries:  # a stage KFP may cache is one that may run again; bookkeeping is not
+        task.set_retry(num_retries=cluster.retries, backoff_duration="60s", backoff_factor=2.0,
+                       backoff_max_duration="3600s")
     if stage.multi_gpu:  # one process per GPU of the pod (tckr.core.distributed)
         task.set_env_variable(PROCESSES_ENV, str(max(1, need.gpus)))
     if need.shm:  # DataLoader workers pass batches through shared memory

@@ -26,7 +26,8 @@ def privimage_graph(task: Tasks) -> None:
     tuned = task("finetune", data=data, selection=selection, base_model=base.outputs["base_model"]).after(parent)
     generator = tuned.outputs["generator"]
     plan = task("sample_plan", data=data)
-    with dsl.ParallelFor(plan.output, name="shards") as shard:  # one task (pod) per shard
+    # One task (pod) per shard, at most kubernetes.parallelism at once; likewise one per group of shadows.
+    with dsl.ParallelFor(plan.output, name="shards", parallelism=task.parallelism) as shard:
         shard_task = task("sample_shard", shard=shard, data=data, generator=generator)
     sampled = task("sample", data=data, generator=generator,
                    shards=dsl.Collected(shard_task.outputs["images"])).after(parent)
@@ -34,7 +35,7 @@ def privimage_graph(task: Tasks) -> None:
     scored = task("fid", data=data, synthetic=synthetic).after(parent)
     trained = task("classifier", data=data, synthetic=synthetic).after(parent)
     groups = task("shadow_plan")
-    with dsl.ParallelFor(groups.output, name="shadow-groups") as group:  # one task (pod) per group of shadows
+    with dsl.ParallelFor(groups.output, name="shadow-groups", parallelism=task.parallelism) as group:
         shadow_task = task("shadow_group", group=group, data=data)
     attacked = task("attack", data=data, model=trained.outputs["model"],
                     shadows=dsl.Collected(shadow_task.outputs["shadows"])).after(parent)

@@ -27,7 +27,8 @@ def tckr_graph(task: Tasks) -> None:
     model_inputs = {"data": data, "captions": captions, "base_model": base.outputs["base_model"],
                     "adapter": tuned.outputs["adapter"]}
     plan = task("generation_plan", data=data, captions=captions)
-    with dsl.ParallelFor(plan.output, name="shards") as shard:  # one task (pod) per shard
+    # One task (pod) per shard, at most kubernetes.parallelism at once; likewise one per group of shadows.
+    with dsl.ParallelFor(plan.output, name="shards", parallelism=task.parallelism) as shard:
         shard_task = task("generate_shard", shard=shard, **model_inputs)
     synthetic = task("generate", teacher_model=trained.outputs["model"],
                      shards=dsl.Collected(shard_task.outputs["images"]), **model_inputs).after(parent)
@@ -35,7 +36,7 @@ def tckr_graph(task: Tasks) -> None:
     distilled = task("student", data=data, synthetic=synthetic.outputs["synthetic"],
                      teacher_model=trained.outputs["model"]).after(parent)
     groups = task("shadow_plan")
-    with dsl.ParallelFor(groups.output, name="shadow-groups") as group:  # one task (pod) per group of shadows
+    with dsl.ParallelFor(groups.output, name="shadow-groups", parallelism=task.parallelism) as group:
         shadow_task = task("shadow_group", group=group, data=data)
     attacked = task("attack", data=data, teacher_model=trained.outputs["model"],
                     student_model=distilled.outputs["model"],
