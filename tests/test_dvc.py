@@ -2,12 +2,15 @@
 a real SeaweedFS remote, a wiped clone gets them back byte-identical with `dvc pull`, only the stages
 downstream of a change run again, and PrivImage's stages (privimage/dvc.yaml) build on TCKR's ingest."""
 
+import ast
 import importlib
+import inspect
 import json
 import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -49,6 +52,66 @@ def test_dvc_stages_are_the_declared_stages_with_the_demo_profile(recipe):
         assert all(f"--{port.replace('_', '-')} " in stage["cmd"] for port in ports), name
 
 
+CONCERNS = ("core", "data", "training", "generators", "privacy", "platform")  # a DVC dep is the whole package
+
+
+def _module_file(name: str) -> Path | None:
+    path = REPO / "src" / Path(*name.split("."))
+    return next((file for file in (path / "__init__.py", path.with_suffix(".py")) if file.is_file()), None)
+
+
+def _imports(tree: ast.AST) -> set[str]:
+    """The tckr modules a piece of code imports, anywhere in it (function-level imports included)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return {name for name in found if name.startswith("tckr") and _module_file(name)}
+
+
+def _code_of(recipe: str, stage) -> list[str]:
+    """What a DVC stage must depend on: the modules its function imports or calls into, and everything those
+    import (an over-approximation: whole modules are followed), as concern packages and recipe files."""
+    module = inspect.getmodule(stage.run)
+    body = ast.parse(textwrap.dedent(inspect.getsource(stage.run)))
+    used = {node.id for node in ast.walk(body) if isinstance(node, ast.Name)}
+    todo = _imports(body) | {node.module for node in ast.parse(Path(module.__file__).read_text()).body
+                             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tckr")
+                             and any((alias.asname or alias.name) in used for alias in node.names)}
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name not in seen and name != module.__name__:
+            seen.add(name)
+            todo |= _imports(ast.parse(_module_file(name).read_text()))
+    paths = set()
+    for name in seen | {module.__name__, f"tckr.recipes.{recipe}.stages"}:
+        parts = name.split(".")
+        if len(parts) > 1 and parts[1] in CONCERNS:
+            paths.add(f"src/tckr/{parts[1]}")
+        elif name not in ("tckr", "tckr.recipes"):
+            paths.add(str(_module_file(name).relative_to(REPO)))
+    return sorted(paths)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("recipe", DVC_RECIPES)
+def test_every_dvc_stage_depends_on_the_code_it_runs(recipe):
+    """Editing a stage's code re-runs it (and only the stages whose code reaches that file)."""
+    directory, _ = DVC_RECIPES[recipe]
+    prefix = "../" if directory else ""
+    registry = importlib.import_module(f"tckr.recipes.{recipe}.stages").STAGES
+    for name, stage in yaml.safe_load((REPO / directory / "dvc.yaml").read_text())["stages"].items():
+        code = [dep.removeprefix(prefix) for dep in stage["deps"] if dep.removeprefix(prefix).startswith("src/")]
+        assert code == _code_of(recipe, registry[name]), name
+        # what a stage reads from another's model directory is declared too (the architecture card with the weights)
+        for dep in stage["deps"]:
+            if dep.endswith("/model.safetensors"):
+                assert dep.replace("model.safetensors", "model.json") in stage["deps"], name
+
+
 @pytest.mark.unit
 def test_both_recipes_read_one_ingested_dataset():
     """privimage/dvc.yaml has no ingest of its own: its stages read ../outputs/data, so the ingest settings must
@@ -76,6 +139,7 @@ def dvc_project(tmp_path_factory, s3_store):
     remote pointed at the test store (endpoint in config.local, keys only in the environment)."""
     root = tmp_path_factory.mktemp("dvc-project")
     shutil.copytree(REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp", "config.local"))
+    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     for directory, profile in (("", "smoke"), ("privimage", "smoke-privimage")):
         (root / directory).mkdir(exist_ok=True)
         shutil.copy(REPO / directory / "dvc.yaml", root / directory / "dvc.yaml")
@@ -133,6 +197,19 @@ def test_changed_generation_reruns_only_downstream(dvc_project):
     for stage in ("generate", "student"):  # DVC goes on past the student only if its weights changed
         assert f"Running stage '{stage}'" in log
     assert file_sha256(root / "outputs/teacher/model.safetensors") == teacher
+    assert "up to date" in run("dvc", "status", "dvc.yaml").lower()
+
+
+def test_edited_code_marks_the_stages_that_run_it(dvc_project):
+    """Distillation's code changed: the student is out of date, the teacher and generation are not."""
+    root, run = dvc_project
+    distill = root / "src" / "tckr" / "recipes" / "tckr" / "distill.py"
+    original = distill.read_text()
+    distill.write_text(original + "\n# edited\n")
+    status = run("dvc", "status", "dvc.yaml")
+    assert "student:" in status and "src/tckr/recipes/tckr/distill.py" in status
+    assert "teacher:" not in status and "generate:" not in status and "ingest:" not in status
+    distill.write_text(original)
     assert "up to date" in run("dvc", "status", "dvc.yaml").lower()
 
 
