@@ -106,9 +106,10 @@ class TaskOutputs:
 
 
 class TaskFailed(RehearsalError):
+    """One task failed (its pod's error, or what a cluster would refuse it); the run goes on where it can."""
+
     def __init__(self, task: str, message: str) -> None:
         super().__init__(f"task '{task}' {message}")
-        self.task = task
 
 
 def load_package(path: Path) -> tuple[dict, dict]:
