@@ -294,22 +294,14 @@ class Rehearsal:
     def _download(self, artifact: RuntimeArtifact, mount: Path) -> dict[str, Any]:
         """The input as the launcher hands it over: a local copy under the pod's mount."""
         local = mount / "inputs" / artifact.stored.relative_to(self.store)
-        if artifact.stored.is_dir():
-            shutil.copytree(artifact.stored, local)
-        elif artifact.stored.exists():
-            local.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(artifact.stored, local)
+        _copy(artifact.stored, local)
         return {"name": artifact.name, "uri": str(local), "metadata": artifact.metadata,
                 "type": {"schemaTitle": artifact.schema}}
 
     def _upload(self, key: str, definition: dict, written: Path, task_path: str,
                 metadata: dict[str, Any]) -> RuntimeArtifact:
         stored = self.store / task_path / key
-        stored.parent.mkdir(parents=True, exist_ok=True)
-        if written.is_dir():
-            shutil.copytree(written, stored)
-        elif written.exists():
-            shutil.copyfile(written, stored)
+        _copy(written, stored)
         return RuntimeArtifact(key, definition["artifactType"]["schemaTitle"], stored, metadata)
 
     def _pod_env(self, label: str, container: dict, pod: Path) -> dict[str, str]:
@@ -337,6 +329,15 @@ class Rehearsal:
                 raise TaskFailed(label, f"reads pod field {entry['fieldPath']!r}, which the rehearsal does not set")
             env[entry["name"]] = self.run_id
         return env
+
+
+def _copy(source: Path, target: Path) -> None:
+    """An artifact's files (a directory or one file; nothing when the task wrote none) to ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        shutil.copytree(source, target)
+    elif source.exists():
+        shutil.copyfile(source, target)
 
 
 def _typed(value: Any, parameter_type: str) -> Any:
