@@ -189,23 +189,23 @@ def mlflow_server(tmp_path_factory, s3_store):
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory, mlflow_server):
     """The smoke pipeline through kfp.local, tracked by ``mlflow_server``: (config, outcome, tracking URI)."""
-    from tckr.pipelines.compile import pipeline_for
+    from tckr.pipelines.compile import local_pipeline
     from tckr.platform.runner import run_local
     from tckr.recipes.config import load_config
 
     cfg = load_config("smoke")
-    outcome = run_local(cfg, pipeline_for(cfg), tmp_path_factory.mktemp("smoke") / "runs", tracking_uri=mlflow_server)
+    outcome = run_local(cfg, local_pipeline(cfg), tmp_path_factory.mktemp("smoke") / "runs", tracking_uri=mlflow_server)
     return cfg, outcome, mlflow_server
 
 
 @pytest.fixture(scope="session")
 def privimage_smoke_run(tmp_path_factory, mlflow_server):
     """The PrivImage smoke pipeline through kfp.local, tracked by ``mlflow_server``: (config, outcome, URI)."""
-    from tckr.pipelines.compile import pipeline_for
+    from tckr.pipelines.compile import local_pipeline
     from tckr.platform.runner import run_local
     from tckr.recipes.config import load_config
 
     cfg = load_config("smoke-privimage")
-    outcome = run_local(cfg, pipeline_for(cfg), tmp_path_factory.mktemp("privimage") / "runs",
+    outcome = run_local(cfg, local_pipeline(cfg), tmp_path_factory.mktemp("privimage") / "runs",
                         tracking_uri=mlflow_server)
     return cfg, outcome, mlflow_server

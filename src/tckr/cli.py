@@ -21,11 +21,11 @@ def _config_arguments(parser: argparse.ArgumentParser, default: str | None = "de
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from tckr.pipelines.compile import pipeline_for
+    from tckr.pipelines.compile import local_pipeline
     from tckr.platform.runner import run_local
 
     cfg = load_config(args.profile, args.overrides)
-    outcome = run_local(cfg, pipeline_for(cfg), Path(args.runs_dir))
+    outcome = run_local(cfg, local_pipeline(cfg), Path(args.runs_dir))
     if cfg.recipe == "privimage":
         _print_privimage(outcome.metrics, outcome.run_dir)
     else:

@@ -296,6 +296,17 @@ def test_fan_outs_run_at_most_parallelism_pods_at_once(tmp_path, override, expec
     assert all(task["iteratorPolicy"] == {"parallelismLimit": expected} for task in loops)
 
 
+def test_a_local_run_takes_its_fan_outs_one_task_at_a_time():
+    """kfp.local would run two loop iterations at once on one machine whose cores each task's torch already uses."""
+    from tckr.pipelines.compile import local_pipeline
+
+    cfg = load_config("demo")
+    loops = [task for component in local_pipeline(cfg).pipeline_spec.components.values()
+             for task in component.dag.tasks.values() if task.HasField("parameter_iterator")]
+    assert len(loops) == 2
+    assert all(task.iterator_policy.parallelism_limit == 1 for task in loops)
+
+
 def test_a_multi_gpu_stage_requests_all_its_gpus(tmp_path):
     """Its pod gets every GPU; the launcher runs one process per GPU in it (tests/core/test_distributed.py)."""
     spec, _, _ = _compile(tmp_path, ["kubernetes.stages.teacher.gpus=4"])

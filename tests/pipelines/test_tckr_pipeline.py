@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from tckr.cli import main
-from tckr.pipelines.compile import compile_committed, pipeline_for
+from tckr.pipelines.compile import compile_committed, local_pipeline, pipeline_for
 from tckr.platform.runner import run_local
 from tckr.platform.tracking import configure
 from tckr.recipes.config import load_config
@@ -228,7 +228,7 @@ def test_failed_stage_is_reported_and_marked_failed(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     cfg = load_config("smoke", ["ingest.source=disk", f"ingest.name={tmp_path / 'missing'}"])
     with pytest.raises(PipelineFailed, match="failed at stage 'ingest'.*marked FAILED"):
-        run_local(cfg, pipeline_for(cfg), tmp_path / "runs", tracking_uri=uri)
+        run_local(cfg, local_pipeline(cfg), tmp_path / "runs", tracking_uri=uri)
     client = mlflow.MlflowClient(uri, registry_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("tckr-fashion-mnist").experiment_id])
     statuses = {r.data.tags.get("tckr.stage", "parent"): r.info.status for r in runs}

@@ -55,15 +55,19 @@ class Tasks:
         return task
 
 
-def build_pipeline(cfg: Any, graph: Callable[[Tasks], None], description: str, cache: bool = True) -> GraphComponent:
+def build_pipeline(cfg: Any, graph: Callable[[Tasks], None], description: str, cache: bool = True,
+                   parallelism: int | None = None) -> GraphComponent:
     """``graph`` as a pipeline whose parameters are :func:`pipeline_arguments` (defaults: ``cfg``'s values, no
-    run name, the image's tracking server), every task placed by ``cfg.kubernetes``."""
+    run name, the image's tracking server), every task placed by ``cfg.kubernetes``; ``parallelism``: the
+    fan-outs' limit when not ``cfg.kubernetes.parallelism``."""
+    if parallelism is None:
+        parallelism = cfg.kubernetes.parallelism
     recipe = recipe_of(cfg)
     defaults = pipeline_arguments(cfg, run_name="", tracking_uri="")
     names = list(defaults)
 
     def body(*values: Any) -> None:
-        tasks = Tasks(recipe.name, dict(zip(names, values, strict=True)), cache, cfg.kubernetes.parallelism)
+        tasks = Tasks(recipe.name, dict(zip(names, values, strict=True)), cache, parallelism)
         # finish_run runs however the graph ends. KFP takes no pipeline output from inside an exit handler: the
         # report is the report task's declared output (and the MLflow parent run's artifacts).
         with dsl.ExitHandler(tasks("finish_run"), name="pipeline"):

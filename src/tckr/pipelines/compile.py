@@ -24,6 +24,14 @@ def pipeline_for(cfg: Any, cache: bool = True):
     return build_pipeline(cfg, graph, description, cache)
 
 
+def local_pipeline(cfg: Any):
+    """``cfg``'s pipeline for ``kfp.local`` (``tckr run``): its fan-outs one task at a time. kfp.local runs up to two
+    loop iterations side by side, but each task's torch already uses every core of the one machine, so two at
+    once only oversubscribe it."""
+    graph, description = GRAPHS[cfg.recipe]
+    return build_pipeline(cfg, graph, description, parallelism=1)
+
+
 def compile_pipeline(cfg: Any, out_dir: Path, cache: bool = True) -> Path:
     """``cfg``'s pipeline as ``out_dir/<recipe>_pipeline.yaml``."""
     path = Path(out_dir) / f"{cfg.recipe}_pipeline.yaml"
