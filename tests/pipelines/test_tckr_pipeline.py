@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from tckr.cli import main
-from tckr.pipelines.compile import compile_committed, local_pipeline, pipeline_for
+from tckr.pipelines.compile import compile_committed, local_pipeline
 from tckr.platform.runner import run_local
 from tckr.platform.tracking import configure
 from tckr.recipes.config import load_config
