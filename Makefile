@@ -15,9 +15,8 @@ REHEARSE_PROFILE ?= smoke
 DVC_PIPELINE ?= dvc.yaml  # TCKR's stages; privimage/dvc.yaml for PrivImage's
 # Recipes that talk to the local S3 store (or the servers) read its endpoint and generated keys from here.
 WITH_SERVICES := set -a && { [[ ! -f $(STATE_DIR)/env ]] || . $(STATE_DIR)/env; } && set +a &&
-VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
-# The components reference $(IMAGE_REPO):$(VERSION) and :$(VERSION)-cuda; with another repository,
-# compile and submit with TCKR_IMAGE / TCKR_CUDA_IMAGE set to the tags built here.
+# The images are tagged by content (`tckr images`); the compiled pipelines name these tags. With another
+# repository, compile and submit with --image / --cuda-image set to the tags `make images` prints.
 IMAGE_REPO ?= ghcr.io/tckr/tckr
 
 .PHONY: help setup data tools demo demo-privimage run test test-unit lint bench compile images run-local run-local-down mlflow-ui clean \
@@ -69,9 +68,12 @@ bench: setup  ## performance benchmarks (each prints a ratio against a baseline 
 compile: setup  ## compile pipelines to the YAML committed beside them
 	$(BIN)/tckr compile
 
-images:  ## build the slim CPU and the CUDA image the components reference (needs a Docker engine)
-	docker build --file docker/Dockerfile --target cpu --tag $(IMAGE_REPO):$(VERSION) .
-	docker build --file docker/Dockerfile --target cuda --tag $(IMAGE_REPO):$(VERSION)-cuda .
+images: setup  ## build the slim CPU and the CUDA image, tagged by content, and print their tags (needs Docker)
+	$(eval IMAGES := $(shell $(BIN)/tckr images --repository $(IMAGE_REPO)))
+	$(eval IMAGE_ARGS := --build-arg TCKR_IMAGE=$(word 1,$(IMAGES)) --build-arg TCKR_CUDA_IMAGE=$(word 2,$(IMAGES)))
+	docker build --file docker/Dockerfile --target cpu $(IMAGE_ARGS) --tag $(word 1,$(IMAGES)) .
+	docker build --file docker/Dockerfile --target cuda $(IMAGE_ARGS) --tag $(word 2,$(IMAGES)) .
+	@echo "images: $(IMAGES)"
 
 run-local: setup  ## kind + standalone KFP + MLflow, build and load the image, submit the demo (DRY_RUN=1: print)
 	bash scripts/run-local.sh $(if $(DRY_RUN),--dry-run) up

@@ -3,8 +3,9 @@
 # Pipelines (pinned), the MLflow server of mlflow/k8s, the CPU image built and loaded, then
 # `tckr submit --profile demo --wait`.
 #
-#   scripts/run-local.sh [--dry-run] [--minikube [--gpus]] [up|down]
+#   scripts/run-local.sh [--dry-run] [--minikube [--gpus]] [up|down|mlflow-manifests]
 #
+# mlflow-manifests prints the MLflow objects `up` applies (the server in this code's image).
 # --dry-run prints every command instead of running it. kind has no GPU passthrough; minikube's
 # docker driver has `--gpus all` (then submit a profile whose kubernetes section requests GPUs).
 set -euo pipefail
@@ -16,10 +17,12 @@ readonly api_port="${KFP_API_PORT:-8888}"
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly repo
 readonly tools="${XDG_CACHE_HOME:-$HOME/.cache}/tckr/bin"
-version="$(sed -n 's/^version = "\(.*\)"/\1/p' "$repo/pyproject.toml")"
-readonly version
-readonly image="ghcr.io/tckr/tckr:$version"
 readonly tckr="${TCKR_BIN:-$repo/.venv/bin/tckr}"
+# The tags the compiled pipeline names: this code's content (tckr.components.default_images).
+image="$("$tckr" images --target cpu)"
+readonly image
+cuda_image="$("$tckr" images --target cuda)"
+readonly cuda_image
 
 dry_run=""
 driver=kind
@@ -30,8 +33,8 @@ for argument in "$@"; do
     --dry-run) dry_run=1 ;;
     --minikube) driver=minikube ;;
     --gpus) gpus=1 ;;
-    up | down) action="$argument" ;;
-    *) echo "usage: $0 [--dry-run] [--minikube [--gpus]] [up|down]" >&2; exit 2 ;;
+    up | down | mlflow-manifests) action="$argument" ;;
+    *) echo "usage: $0 [--dry-run] [--minikube [--gpus]] [up|down|mlflow-manifests]" >&2; exit 2 ;;
   esac
 done
 
@@ -67,7 +70,8 @@ install_kfp() {
 }
 
 load_image() {
-  run docker build --file "$repo/docker/Dockerfile" --target cpu --tag "$image" "$repo"
+  run docker build --file "$repo/docker/Dockerfile" --target cpu --build-arg "TCKR_IMAGE=$image" \
+    --build-arg "TCKR_CUDA_IMAGE=$cuda_image" --tag "$image" "$repo"
   if [[ "$driver" == kind ]]; then
     run kind load docker-image "$image" --name "$cluster"
   else
@@ -75,8 +79,19 @@ load_image() {
   fi
 }
 
+# mlflow/k8s names the image's repository only; this overlay gives it the tag built above.
+mlflow_overlay() {
+  local overlay="$repo/.tckr/mlflow-k8s"
+  mkdir -p "$overlay"
+  printf '%s\n' "apiVersion: kustomize.config.k8s.io/v1beta1" "kind: Kustomization" "resources: [../../mlflow/k8s]" \
+    "images: [{name: ${image%:*}, newTag: \"${image##*:}\"}]" > "$overlay/kustomization.yaml"
+  echo "$overlay"
+}
+
 install_mlflow() {
-  run kubectl apply -k "$repo/mlflow/k8s"
+  local overlay="$repo/.tckr/mlflow-k8s"
+  if [[ -z "$dry_run" ]]; then overlay="$(mlflow_overlay)"; fi
+  run kubectl apply -k "$overlay"
   run kubectl -n kubeflow rollout status deployment/mlflow --timeout 300s
 }
 
@@ -90,6 +105,10 @@ submit_demo() {
   run "$tckr" submit --host "http://127.0.0.1:$api_port" --profile demo --wait
 }
 
+if [[ "$action" == mlflow-manifests ]]; then  # what install_mlflow applies
+  kubectl kustomize "$(mlflow_overlay)"
+  exit 0
+fi
 if [[ "$action" == down ]]; then
   if [[ "$driver" == kind ]]; then
     ensure_kind

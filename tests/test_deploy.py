@@ -16,7 +16,8 @@ from packaging.version import Version
 pytestmark = pytest.mark.unit  # starts no server, trains nothing beyond a few steps
 
 REPO = Path(__file__).resolve().parents[1]
-KUSTOMIZATIONS = sorted(p.parent for p in REPO.rglob("kustomization.yaml") if not {".venv", ".git"} & set(p.parts))
+KUSTOMIZATIONS = sorted(p.parent for p in REPO.rglob("kustomization.yaml")
+                        if not {".venv", ".git", ".tckr"} & set(p.parts))  # .tckr: run-local.sh's overlay
 # Every Kubernetes release the validator ships schemas for: the manifests must not depend on which one runs them.
 SCHEMA_VERSIONS = sorted(set(all_versions()), key=Version)
 USER_TOOLS = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tckr" / "debian" / "usr" / "bin"
@@ -48,9 +49,9 @@ def _dry_run(bin_dir: Path, *arguments: str) -> list[str]:
 
 
 def test_run_local_dry_run_prints_every_step_in_order(tmp_path):
-    from importlib import metadata
+    from tckr.components import default_images
 
-    image = f"ghcr.io/tckr/tckr:{metadata.version('tckr')}"
+    image, cuda_image = default_images()
     commands = _dry_run(tmp_path)
     expected_order = [
         "curl -fsSLo",  # kind, pinned, when it is not installed
@@ -59,9 +60,10 @@ def test_run_local_dry_run_prints_every_step_in_order(tmp_path):
         "kubectl wait --for condition=established --timeout 120s crd/applications.app.k8s.io",
         "kubectl apply -k github.com/kubeflow/pipelines/manifests/kustomize/env/platform-agnostic?ref=2.17.3",
         "kubectl -n kubeflow wait --for condition=available",
-        f"docker build --file {REPO}/docker/Dockerfile --target cpu --tag {image}",
+        f"docker build --file {REPO}/docker/Dockerfile --target cpu --build-arg TCKR_IMAGE={image} "
+        f"--build-arg TCKR_CUDA_IMAGE={cuda_image} --tag {image}",
         f"kind load docker-image {image} --name tckr",
-        f"kubectl apply -k {REPO}/mlflow/k8s",
+        f"kubectl apply -k {REPO}/.tckr/mlflow-k8s",
         "kubectl -n kubeflow rollout status deployment/mlflow",
         "kubectl -n kubeflow port-forward svc/ml-pipeline 8888:8888 &",
         "submit --host http://127.0.0.1:8888 --profile demo --wait",
@@ -112,6 +114,21 @@ def test_schema_validation_rejects_a_broken_deployment(path, value, complaint):
         parent[path[-1]] = value
     with pytest.raises(kubernetes_validate.ValidationError, match=complaint):
         kubernetes_validate.validate(deployment, SCHEMA_VERSIONS[-1], strict=True)
+
+
+def test_run_local_serves_mlflow_from_the_image_it_built():
+    """mlflow/k8s names the repository only; run-local.sh's overlay gives it this code's tag."""
+    from tckr.components import default_images
+
+    result = subprocess.run([shutil.which("bash"), str(REPO / "scripts" / "run-local.sh"), "mlflow-manifests"],
+                            capture_output=True, text=True, check=True,
+                            env=os.environ | {"PATH": f"{Path(_tool('kubectl')).parent}:{os.environ['PATH']}"})
+    objects = {o["kind"]: o for o in yaml.safe_load_all(result.stdout)}
+    (container,) = objects["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == default_images().cpu
+    base = {o["kind"]: o for o in _render(REPO / "mlflow" / "k8s")}
+    (untagged,) = base["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert untagged["image"] == "ghcr.io/tckr/tckr"  # applied without the overlay it would not pin an old tag
 
 
 def test_mlflow_kustomization_renders_and_references_its_secrets():

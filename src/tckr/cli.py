@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from tckr.components import REPOSITORY
 from tckr.core.errors import ConfigError, TckrError
 from tckr.recipes.config import available_profiles, load_config
 
@@ -18,6 +19,19 @@ def _config_arguments(parser: argparse.ArgumentParser, default: str | None = "de
                         help=f"one of {', '.join(available_profiles())}, or a .yaml path (default: {default})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. --set teacher.epochs=3 (repeatable)")
+
+
+def _image_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image", help="image of the CPU tasks, e.g. a tag `make images` printed "
+                        "(default: kubernetes.image, else this code's own, tagged by content)")
+    parser.add_argument("--cuda-image", help="image of the GPU tasks (default: kubernetes.cuda_image, else this "
+                        "code's own CUDA image)")
+
+
+def _image_overrides(args: argparse.Namespace) -> list[str]:
+    """--image / --cuda-image as the config overrides they are."""
+    return [f"kubernetes.{key}={value}" for key, value in (("image", args.image), ("cuda_image", args.cuda_image))
+            if value]
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -124,12 +138,14 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     """Without --profile: the committed pipelines beside their sources."""
     from tckr.pipelines.compile import compile_committed, compile_pipeline
 
-    if args.profile is None and args.overrides:
-        raise ConfigError("--set needs --profile (without one, tckr compile writes the committed pipelines)")
+    overrides = args.overrides + _image_overrides(args)
+    if args.profile is None and overrides:
+        raise ConfigError("--set, --image and --cuda-image need --profile (without one, tckr compile writes the "
+                          "committed pipelines)")
     if args.profile is None:
         written = compile_committed(Path(args.out_dir) if args.out_dir else None)
     else:
-        cfg = load_config(args.profile, args.overrides)
+        cfg = load_config(args.profile, overrides)
         out_dir = Path(args.out_dir or f"compiled/{Path(args.profile).stem}")
         written = [compile_pipeline(cfg, out_dir)]
     for path in written:
@@ -139,20 +155,25 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 def _cmd_submit(args: argparse.Namespace) -> int:
     from tckr.pipelines.build import pipeline_arguments
-    from tckr.pipelines.compile import compile_pipeline
+    from tckr.pipelines.cluster import images_of
+    from tckr.pipelines.compile import GRAPHS, compile_pipeline
     from tckr.platform.runner import new_run_name
-    from tckr.platform.submit import follow, submit
+    from tckr.platform.submit import follow, submit, ui_links
 
-    cfg = load_config(args.profile, args.overrides)
+    cfg = load_config(args.profile, args.overrides + _image_overrides(args))
     run_name = new_run_name(cfg)
     tracking_uri = args.tracking_uri or cfg.kubernetes.tracking_uri
-    client, run_id = submit(args.host, lambda folder: compile_pipeline(cfg, folder, cache=not args.no_cache),
-                            pipeline_arguments(cfg, run_name, tracking_uri), run_name,
-                            args.experiment or cfg.experiment_name, namespace=args.namespace)
-    print(f"submitted {run_name}: {args.host.rstrip('/')}/#/runs/details/{run_id}")
+    submitted = submit(args.host, lambda folder: compile_pipeline(cfg, folder, cache=not args.no_cache),
+                       pipeline_arguments(cfg, run_name, tracking_uri), run_name,
+                       args.experiment or cfg.experiment_name, pipeline_name=cfg.recipe, profile=cfg.profile,
+                       description=GRAPHS[cfg.recipe][1], namespace=args.namespace,
+                       version_description=f"profile {cfg.profile}; images {', '.join(images_of(cfg.kubernetes))}")
+    links = ui_links(args.host, submitted)
+    print(f"pipeline:      {cfg.recipe}, version {submitted.version_name}: {links['pipeline']}")
+    print(f"submitted {run_name}: {links['run']}")
     if not args.wait:
         return 0
-    state = follow(client, run_id)
+    state = follow(submitted.client, submitted.run_id)
     return 0 if state == "SUCCEEDED" else 1
 
 
@@ -171,6 +192,15 @@ def _cmd_rehearse(args: argparse.Namespace) -> int:
                                cfg.kubernetes, workdir, Path(args.mlflow_deployment))
     print(f"rehearsed {package}: {len(outcome.tasks)} pods in {outcome.seconds:.0f} s, MLflow parent run "
           f"{outcome.parent_run_status}; pods' logs in {workdir / 'logs'}")
+    return 0
+
+
+def _cmd_images(args: argparse.Namespace) -> int:
+    """The tags this code's images get (``make images`` builds them under these)."""
+    from tckr.components import default_images
+
+    images = default_images(repository=args.repository)
+    print(*(getattr(images, target) for target in args.target), sep="\n")
     return 0
 
 
@@ -223,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     compile_ = commands.add_parser("compile", help="compile the pipelines to YAML")
     _config_arguments(compile_, default=None)
     compile_.add_argument("--out-dir", help="default: beside the sources, or compiled/<profile> with --profile")
+    _image_arguments(compile_)
     compile_.set_defaults(handler=_cmd_compile)
 
     submit_ = commands.add_parser("submit", help="run the pipeline on a Kubeflow Pipelines server")
@@ -230,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     submit_.add_argument("--host", required=True, help="the KFP API, e.g. http://127.0.0.1:8080")
     submit_.add_argument("--experiment", help="KFP experiment (default: the MLflow experiment's name)")
     submit_.add_argument("--no-cache", action="store_true", help="re-run every task instead of reusing cached ones")
+    _image_arguments(submit_)
     submit_.add_argument("--wait", action=argparse.BooleanOptionalAction, default=False,
                          help="follow the run to its end; exit 1 unless it succeeds (default: --no-wait)")
     submit_.add_argument("--tracking-uri", help="MLflow server as the pods see it (default: kubernetes.tracking_uri)")
@@ -247,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, e.g. runs/latest")
     report.add_argument("--out", help="also write the Markdown report here")
     report.set_defaults(handler=_cmd_report)
+
+    images = commands.add_parser("images", help="print the tags of this code's images (CPU, then CUDA)")
+    images.add_argument("--target", nargs="+", choices=["cpu", "cuda"], default=["cpu", "cuda"],
+                        help="which tags, one per line (default: both)")
+    images.add_argument("--repository", default=REPOSITORY, help=f"where they are pushed (default: {REPOSITORY})")
+    images.set_defaults(handler=_cmd_images)
 
     services_ = commands.add_parser("services", help="start or stop the local S3 store and MLflow server")
     services_.add_argument("action", choices=["up", "down", "ui"],

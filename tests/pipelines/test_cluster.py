@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 import tckr.pipelines
-from tckr.components import CUDA_IMAGE, IMAGE
+from tckr.components import default_images
 from tckr.core.distributed import PROCESSES_ENV
 from tckr.core.errors import ConfigError
 from tckr.pipelines.cluster import KFP_RUN_ID_FIELD
@@ -20,6 +20,8 @@ from tckr.recipes.config import RECIPES, load_config
 from tckr.recipes.tckr.stages import STAGES
 
 pytestmark = pytest.mark.unit  # starts no server, trains nothing beyond a few steps
+
+IMAGE, CUDA_IMAGE = default_images()  # this code's, tagged by content (tests/test_images.py)
 
 GPU_STAGES = {stage.name for stage in STAGES if stage.resources["gpus"]}
 TRACKED_STAGES = {"start_run", "finish_run", "ingest", "teacher", "caption", "generator", "finetune", "generate", "fid",
@@ -102,6 +104,20 @@ def test_tasks_use_the_two_project_images(paper):
     """CPU tasks the slim image, GPU tasks the CUDA one (their tags: tests/test_images.py)."""
     spec, _, _ = paper
     assert {c["image"] for c in _executors(spec).values()} == {IMAGE, CUDA_IMAGE}
+
+
+def test_tckr_compile_names_the_images_it_is_given(tmp_path):
+    """Another registry's tags (``make images IMAGE_REPO=...`` prints them): every task runs one of them."""
+    from tckr.cli import main
+
+    cpu = "registry.example:5000/ml/tckr:0.1.0-0123456789ab"
+    cuda = f"{cpu}-cuda"
+    assert main(["compile", "--profile", "paper-cifar10", "--out-dir", str(tmp_path), "--image", cpu,
+                 "--cuda-image", cuda]) == 0
+    spec, _, _ = _read(tmp_path / "tckr_pipeline.yaml")
+    images = {name: c["image"] for name, c in _executors(spec).items()}
+    assert {images[name] for name in GPU_STAGES} == {cuda}
+    assert {image for name, image in images.items() if name not in GPU_STAGES} == {cpu}
 
 
 def test_data_loading_stages_get_a_memory_backed_dev_shm(paper):

@@ -15,7 +15,7 @@ from typing import Any
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
-from tckr.components import IMAGE
+from tckr.components import default_images
 from tckr.core.stage import ALL_SECTIONS, PipelineStatus, Stage
 from tckr.recipes.config import RECIPES
 
@@ -73,4 +73,4 @@ def component(recipe: str, name: str):
     exec(compile(source, filename, "exec", dont_inherit=True), namespace)  # noqa: S102 - generated here, see above
     # kfp is in the image (a dependency of tckr): a pod that ran `pip install kfp` at start would need the
     # internet, which many clusters' nodes lack, and would spend seconds per pod on it.
-    return dsl.component(namespace[name], base_image=IMAGE, install_kfp_package=False)
+    return dsl.component(namespace[name], base_image=default_images().cpu, install_kfp_package=False)

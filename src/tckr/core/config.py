@@ -106,6 +106,9 @@ class KubernetesConfig(Section):
                               description="the MLflow server `tckr submit` gives the run (mlflow/k8s)")
     parallelism: int = Field(8, ge=0, description="most pods of one fan-out (generation shards, shadow groups) "
                              "running at once; 0: as many as the cluster schedules")
+    image: str = Field("", description="image of the CPU tasks; empty: this code's own, tagged by content "
+                       "(`make images` builds and prints it)")
+    cuda_image: str = Field("", description="image of the GPU tasks; empty: this code's own CUDA image")
     retries: int = Field(2, ge=0, description="times KFP retries a failed pod of a resumable stage (backoff 1 min, "
                          "doubling); bookkeeping stages (run start, registry, report) are never retried")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from kfp import kubernetes
 from kfp.dsl import PipelineTask, pipeline_context
 
-from tckr.components import CUDA_IMAGE
+from tckr.components import Images, default_images
 from tckr.core.config import KubernetesConfig
 from tckr.core.distributed import PROCESSES_ENV
 from tckr.core.stage import StageRegistry
@@ -22,22 +22,29 @@ MLFLOW_KEYS = {"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACK
 KFP_RUN_ID_FIELD = "metadata.labels['pipeline/runid']"
 
 
+def images_of(cluster: KubernetesConfig) -> Images:
+    """The images the tasks run in: the section's, else this code's own."""
+    images = default_images()
+    return Images(cluster.image or images.cpu, cluster.cuda_image or images.cuda)
+
+
 def place_all_tasks(cluster: KubernetesConfig, stages: StageRegistry) -> None:
     """Place every task of the pipeline being defined (call last in its body), so none is missed."""
+    images = images_of(cluster)
     for task in pipeline_context.Pipeline.get_default_pipeline().tasks.values():
-        place(task, cluster, stages)
+        place(task, cluster, stages, images)
 
 
-def place(task: PipelineTask, cluster: KubernetesConfig, stages: StageRegistry) -> None:
+def place(task: PipelineTask, cluster: KubernetesConfig, stages: StageRegistry, images: Images) -> None:
     """Resources, GPU, image, node placement, /dev/shm, processes and credentials of one task."""
     stage = stages[task.component_spec.name.replace("-", "_")]
     need = cluster.stages[stage.name]
     task.set_cpu_request(need.cpu).set_memory_request(need.memory).set_memory_limit(need.memory_limit)
     if need.cpu_limit:
         task.set_cpu_limit(need.cpu_limit)
+    task.set_container_image(images.cuda if need.gpus else images.cpu)
     if need.gpus:
         task.set_accelerator_type(cluster.gpu_resource).set_accelerator_limit(need.gpus)
-        task.set_container_image(CUDA_IMAGE)
         for label, value in cluster.gpu_node_selector.items():
             kubernetes.add_node_selector(task, label, value)
         for toleration in cluster.gpu_tolerations:

@@ -1,14 +1,20 @@
 """Run the pipeline on a Kubeflow Pipelines server: compile it with the profile's ``kubernetes:``
-section, check the server answers, create the run, and optionally follow it to the end."""
+section, check the server answers, upload it as a version of the recipe's pipeline, run that version, and
+optionally follow it to the end."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
+import json
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +47,59 @@ def check_reachable(host: str, attempts: int = 3, delay: float = 0.5, timeout: f
             time.sleep(delay * 2 ** (attempt - 1))
 
 
+@dataclass
+class Submitted:
+    client: Any
+    run_id: str
+    pipeline_id: str
+    version_id: str
+    version_name: str
+
+
+def package_version(package: Path, profile: str) -> str:
+    """A pipeline version's name: the profile and the package's content (the same package is the same version)."""
+    return f"{profile}-{hashlib.sha256(package.read_bytes()).hexdigest()[:12]}"
+
+
+def _find(listing: Any, attribute: str) -> Any:
+    return next(iter(getattr(listing, attribute) or []), None)
+
+
+def _named(name: str) -> str:
+    """A KFP API filter: display_name equals ``name``."""
+    return json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]})
+
+
+def pipeline_version(client: Any, package: Path, pipeline_name: str, version_name: str, description: str,
+                     version_description: str, namespace: str | None = None) -> tuple[str, str]:
+    """``(pipeline_id, version_id)`` of ``package`` as version ``version_name`` of the pipeline ``pipeline_name``,
+    each created only when it is not there yet: a resubmitted package reuses its version, and the UI lists every
+    package ever run under its pipeline. The pipeline is created empty (``upload_pipeline`` would make the package
+    its first version, named after the pipeline rather than its content)."""
+    import kfp_server_api
+
+    pipeline_id = client.get_pipeline_id(pipeline_name)
+    if pipeline_id is None:
+        pipeline = kfp_server_api.V2beta1Pipeline(display_name=pipeline_name, description=description,
+                                                  namespace=namespace)
+        pipeline_id = client._pipelines_api.pipeline_service_create_pipeline(pipeline=pipeline).pipeline_id
+    existing = _find(client.list_pipeline_versions(pipeline_id, filter=_named(version_name)), "pipeline_versions")
+    if existing is not None:
+        return pipeline_id, existing.pipeline_version_id
+    version = client.upload_pipeline_version(str(package), version_name, pipeline_id=pipeline_id,
+                                             description=version_description)
+    return pipeline_id, version.pipeline_version_id
+
+
 def submit(host: str, compile_to: Callable[[Path], Path], arguments: dict[str, Any], run_name: str, experiment: str,
-           namespace: str | None = None):
-    """Compile the pipeline (``compile_to(folder)`` writes the package and returns its path) and create the run
-    with ``arguments``; returns ``(client, run_id)``. Caching is the compiled spec's, task by task (bookkeeping
-    tasks never cached): kfp.Client's ``enable_caching`` would overwrite it on the top-level tasks (with True, an
-    unchanged second run would reuse the first one's start, registration and report; with False it misses the
-    tasks inside the exit handler), so ``--no-cache`` is compiled in instead."""
+           pipeline_name: str, profile: str, description: str, version_description: str,
+           namespace: str | None = None) -> Submitted:
+    """Compile the pipeline (``compile_to(folder)`` writes the package and returns its path), make it a version of
+    the pipeline ``pipeline_name`` (:func:`pipeline_version`) and run that version with ``arguments``. Caching is
+    the compiled spec's, task by task (bookkeeping tasks never cached): kfp.Client's ``enable_caching`` would
+    overwrite it on the top-level tasks (with True, an unchanged second run would reuse the first one's start,
+    registration and report; with False it misses the tasks inside the exit handler), so ``--no-cache`` is
+    compiled in instead."""
     import kfp
     import kfp_server_api
     import urllib3
@@ -55,14 +107,27 @@ def submit(host: str, compile_to: Callable[[Path], Path], arguments: dict[str, A
     check_reachable(host)
     with tempfile.TemporaryDirectory(prefix="tckr-submit-") as folder:
         package = compile_to(Path(folder))
+        version_name = package_version(package, profile)
         try:
-            client = kfp.Client(host=host, namespace=namespace or "kubeflow")
-            result = client.create_run_from_pipeline_package(
-                str(package), arguments=arguments, run_name=run_name, experiment_name=experiment, namespace=namespace)
+            # kfp.Client prints a link per call; the caller prints the ones that matter, once.
+            with contextlib.redirect_stdout(io.StringIO()):
+                client = kfp.Client(host=host, namespace=namespace or "kubeflow")
+                pipeline_id, version_id = pipeline_version(client, package, pipeline_name, version_name,
+                                                           description, version_description, namespace)
+                experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id
+                run = client.run_pipeline(experiment_id, run_name, params=arguments, pipeline_id=pipeline_id,
+                                          version_id=version_id)
         except (kfp_server_api.ApiException, urllib3.exceptions.HTTPError, TimeoutError) as error:
             reason = getattr(error, "reason", None) or str(error).splitlines()[0]
             raise SubmitError(f"Kubeflow Pipelines at {host} refused the run: {reason}") from None
-    return client, result.run_id
+    return Submitted(client, run.run_id, pipeline_id, version_id, version_name)
+
+
+def ui_links(host: str, submitted: Submitted) -> dict[str, str]:
+    """The KFP UI's pages of the run and of the pipeline version it ran."""
+    base = host.rstrip("/")
+    return {"run": f"{base}/#/runs/details/{submitted.run_id}",
+            "pipeline": f"{base}/#/pipelines/details/{submitted.pipeline_id}/version/{submitted.version_id}"}
 
 
 def follow(client, run_id: str, poll_seconds: float = 15.0, echo: Callable[[str], None] = print) -> str:
