@@ -1,7 +1,11 @@
 """The smoke profile end to end through the real kfp.local runner, a real MLflow server (sqlite backend)
 and its artifacts in a real SeaweedFS S3 store."""
 
+import hashlib
 import json
+import os
+import subprocess
+import sys
 
 import mlflow
 import pytest
@@ -111,6 +115,81 @@ def test_mlflow_parent_and_stage_runs(smoke_run):
     shadows = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == stages["attack"].info.run_id]
     assert sorted(r.info.run_name for r in shadows) == [f"shadow-{i:03d}" for i in range(cfg.attack.shadows)]
     assert all(r.info.status == "FINISHED" and "out_accuracy" in r.data.metrics for r in shadows)
+
+
+def test_mlflow_shows_each_models_data_figures_and_description(smoke_run):
+    """What a user browsing MLflow comes for: which data each model saw (name, content digest, size, what for),
+    the synthetic samples and the attack's ROC as images, and a registry description that says what the model is
+    worth and leaks."""
+    cfg, outcome, uri = smoke_run
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    info = json.loads(next(outcome.run_dir.glob("kfp/*/ingest/data/dataset.json")).read_text())
+    experiment = client.get_experiment_by_name(cfg.experiment_name)
+    runs = {r.data.tags.get("tckr.stage"): r for r in client.search_runs([experiment.experiment_id])}
+
+    def inputs(stage: str) -> dict[str, tuple[str, str, str]]:
+        """Dataset name -> (digest, context, images) of a stage run's inputs."""
+        found = {}
+        for used in runs[stage].inputs.dataset_inputs:
+            tags = {tag.key: tag.value for tag in used.tags}
+            found[used.dataset.name] = (used.dataset.digest, tags["mlflow.data.context"], tags["images"])
+        return found
+
+    split = {name: (info["split_fingerprints"][name], info["splits"][name]["count"]) for name in info["splits"]}
+    assert inputs("teacher") == {f"fashion-mnist/{name}": (split[name][0], context, str(split[name][1]))
+                                 for name, context in (("train", "training"), ("validation", "validation"),
+                                                       ("test", "test"))}
+    synthetic = next(outcome.run_dir.glob("kfp/*/generate/synthetic"))
+    manifest_digest = hashlib.sha256((synthetic / "manifest.jsonl").read_bytes()).hexdigest()[:16]
+    assert inputs("student")["fashion-mnist/synthetic-tckr"] == (manifest_digest, "training",
+                                                                 str(int(outcome.metrics["synthetic.images"])))
+    assert set(inputs("ingest")) == {f"fashion-mnist/{name}" for name in info["splits"]}
+
+    def artifacts(stage: str, path: str = "") -> set[str]:
+        return {a.path for a in client.list_artifacts(runs[stage].info.run_id, path)}
+
+    assert "roc.png" in artifacts("attack")
+    for role in ("teacher", "student"):  # each target's own curve beside the model, on the page the registry links
+        assert "mia/roc.png" in artifacts(role, "mia")
+    assert any(path.startswith("images/synthetic_samples") for path in artifacts("generate", "images"))
+
+    champion = client.get_model_version_by_alias("tckr-fashion-mnist-student", "champion")
+    assert champion.run_id == runs["student"].info.run_id
+    for figure in (f"test accuracy {champion.tags['accuracy']}", f"LiRA AUC {champion.tags['auc_mia']}",
+                   f"AOP {champion.tags['aop']}", "fashion-mnist", "tckr recipe"):
+        assert figure in champion.description
+
+
+def test_registered_student_serves_from_its_signature_in_a_fresh_process(smoke_run):
+    """A teammate's process, not this one: load the champion by alias through pyfunc, check its signature and
+    predict the real test split (float images in [0, 1], the signature's input): the accuracy logged."""
+    cfg, outcome, uri = smoke_run
+    data = next(outcome.run_dir.glob("kfp/*/ingest/data"))
+    script = f"""
+import json, sys
+import mlflow, numpy as np
+from tckr.data.images import ImageSplit
+from tckr.data.ingest import load_prepared
+
+mlflow.set_tracking_uri({uri!r})
+model = mlflow.pyfunc.load_model("models:/tckr-fashion-mnist-student@champion")
+signature = model.metadata.signature
+splits, info = load_prepared({str(data)!r})
+test = ImageSplit(splits["test"], {cfg.image_size}, info.channels)
+batch = np.stack([test[i][0].numpy() for i in range(len(test))]).astype(np.float32) / 255
+logits = np.asarray(model.predict(batch))
+accuracy = float((logits.argmax(1) == np.asarray(test.labels)).mean())
+print(json.dumps({{"inputs": signature.inputs.to_dict(), "shape": list(logits.shape), "accuracy": accuracy}}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    served = json.loads(result.stdout.strip().splitlines()[-1])
+    (tensor,) = served["inputs"]
+    assert tensor["type"] == "tensor" and tensor["tensor-spec"]["dtype"] == "float32"
+    assert tensor["tensor-spec"]["shape"] == [-1, 1, cfg.image_size, cfg.image_size]
+    assert served["shape"] == [int(outcome.metrics["data.test_images"]), 10]
+    assert served["accuracy"] == pytest.approx(outcome.metrics["student.test_accuracy"], abs=1e-4)
 
 
 def test_teacher_and_student_registered_and_loadable(smoke_run):

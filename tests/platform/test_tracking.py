@@ -53,3 +53,32 @@ def test_a_pipeline_run_without_its_parent_is_refused(tracking_uri, monkeypatch)
     with pytest.raises(TrackingError, match=f"is tagged {KFP_RUN_ID_TAG}=never-started: the pipeline's start_run"), \
             stage_run("ingest", tracking):
         pass
+
+
+def test_a_stage_logs_its_datasets_figures_and_a_described_model_version(tracking_uri, monkeypatch):
+    """The helpers behind MLflow's dataset view, figures beside a model and the registry's description."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from tckr.platform.tracking import log_classifier, log_dataset, log_figure_to_model_run, register_model
+
+    monkeypatch.delenv(KFP_RUN_ID_ENV, raising=False)
+    tracking = Tracking(tracking_uri, "tckr-test")
+    with stage_run("teacher", tracking) as run:
+        log_dataset("fashion-mnist/train", "03d92f8102b43d25", "/data/ingest", "training", 10000)
+        model_uri = log_classifier(torch.nn.Flatten(), torch.zeros(2, 1, 4, 4).numpy())
+    figure = plt.figure()
+    log_figure_to_model_run(model_uri, figure, "mia/roc.png")  # later, from another stage's run
+    plt.close(figure)
+    version = register_model(model_uri, "tckr-test-teacher", {"accuracy": "0.9"}, ("champion",), "a described model")
+
+    client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    (used,) = client.get_run(run.info.run_id).inputs.dataset_inputs
+    assert (used.dataset.name, used.dataset.digest) == ("fashion-mnist/train", "03d92f8102b43d25")
+    assert {tag.key: tag.value for tag in used.tags} == {"mlflow.data.context": "training", "images": "10000"}
+    assert "/data/ingest" in used.dataset.source
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "mia")] == ["mia/roc.png"]
+    assert client.get_model_version("tckr-test-teacher", version).description == "a described model"

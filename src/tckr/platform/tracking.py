@@ -208,9 +208,32 @@ def log_classifier(model: Any, example_batch: Any) -> str:
     return info.model_uri
 
 
-def register_model(model_uri: str, name: str, tags: dict[str, str], aliases: tuple[str, ...] = ()) -> str:
-    """Register a logged model as a new version of ``name`` with ``tags`` and ``aliases``: all of it or,
-    when the server fails midway, nothing (a version without its aliases is deleted again)."""
+def log_dataset(name: str, digest: str, source: str, context: str, images: int) -> None:
+    """One dataset the active run read, for MLflow's dataset views (the run's "Datasets used", filterable in the
+    runs table): its name, content digest, where it lies and its size; ``context`` says what for ("training",
+    "validation", "test"). The images stay where they are (a metadata-only dataset)."""
+    import mlflow
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    dataset = MetaDataset(LocalArtifactDatasetSource(source), name=name, digest=digest)
+    mlflow.log_input(dataset, context=context, tags={"images": str(images)})
+
+
+def log_figure_to_model_run(model_uri: str, figure: Any, artifact_file: str) -> None:
+    """``figure`` in the run that logged ``model_uri`` (``models:/<model id>``): a figure measured later (the
+    attack's ROC) beside the model it describes, on the page a user opens from the registry."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    run_id = client.get_logged_model(model_uri.removeprefix("models:/")).source_run_id
+    client.log_figure(run_id, figure, artifact_file)
+
+
+def register_model(model_uri: str, name: str, tags: dict[str, str], aliases: tuple[str, ...] = (),
+                   description: str = "") -> str:
+    """Register a logged model as a new version of ``name`` with ``tags``, ``aliases`` and ``description``: all of
+    it or, when the server fails midway, nothing (a version without its aliases is deleted again)."""
     import mlflow
     from mlflow.entities import LoggedModelStatus
     from mlflow.exceptions import MlflowException
@@ -226,6 +249,8 @@ def register_model(model_uri: str, name: str, tags: dict[str, str], aliases: tup
     version = None
     try:
         version = mlflow.register_model(model_uri, name, tags=tags).version
+        if description:
+            client.update_model_version(name, version, description=description)
         for alias in aliases:
             client.set_registered_model_alias(name, alias, version)
     except MlflowException as error:

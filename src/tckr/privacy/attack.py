@@ -142,7 +142,7 @@ def _write_scores(path: Path, population: Population, statistics: dict[str, np.n
                              *(f"{statistic[i]:.6g}" for statistic in statistics.values())])
 
 
-def plot_roc(results: dict[str, AttackResult], path: Path) -> Path:
+def roc_figure(results: dict[str, AttackResult]):
     """Log-log ROC (where LiRA's low-FPR regime is visible), one curve per target, chance dashed."""
     import matplotlib
 
@@ -159,6 +159,13 @@ def plot_roc(results: dict[str, AttackResult], path: Path) -> Path:
              ylabel="true positive rate", title="LiRA membership inference")
     axes.legend(loc="lower right", fontsize=7)
     figure.tight_layout()
+    return figure
+
+
+def plot_roc(results: dict[str, AttackResult], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    figure = roc_figure(results)
     figure.savefig(path)
     plt.close(figure)
     return Path(path)

@@ -47,6 +47,7 @@ def ingest(*, dataset: str, ingest: IngestConfig, data: Path) -> Metrics:
     from tckr.data.ingest import prepare
 
     info = prepare(ingest, data, dataset)
+    log_private_splits(info, data, {split: "ingested" for split in info.splits})
     mlflow.log_artifact(str(data / "dataset.json"))
     mlflow.set_tag("tckr.dataset_fingerprint", info.fingerprint)
     return {f"data.{name}_images": float(split.count) for name, split in info.splits.items()} | {
@@ -101,6 +102,36 @@ def log_epoch(record: dict) -> None:
     mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
 
 
+def log_private_splits(info, data: Path, contexts: dict[str, str]) -> None:
+    """The prepared splits a stage read (split -> what for: "training", "validation", ...) as MLflow datasets,
+    each named ``<dataset>/<split>`` with its own content fingerprint (``dataset.json``)."""
+    from tckr.platform.tracking import log_dataset
+
+    for split, context in contexts.items():
+        log_dataset(f"{info.name}/{split}", info.split_fingerprints[split], str(data), context,
+                    info.splits[split].count)
+
+
+def log_synthetic_set(info, synthetic: Path, recipe: str, context: str, images: int) -> None:
+    """A synthetic set as an MLflow dataset: named ``<dataset>/synthetic-<recipe>``, digest of its manifest."""
+    from tckr.generators.pixel import digest_files
+    from tckr.platform.tracking import log_dataset
+
+    log_dataset(f"{info.name}/synthetic-{recipe}", digest_files([synthetic / "manifest.jsonl"]), str(synthetic),
+                context, images)
+
+
+def log_sample_grid(synthetic: Path, classes: list[str]) -> None:
+    """The synthetic set's sample grid (one row per class) in the run's images."""
+    import mlflow
+    from PIL import Image
+
+    from tckr.generators.generate import sample_grid
+
+    with Image.open(sample_grid(synthetic, classes, per_class=10)) as grid:
+        mlflow.log_image(grid, key="synthetic_samples", step=0)
+
+
 def classifier_metrics(role: str, result, model_dir: Path, splits, info, image_size: int) -> Metrics:
     """A trained classifier's metrics, and its logged model (served form: float images in [0, 1] -> logits) whose
     URI goes to ``model_dir/logged_model.json`` for the register stage."""
@@ -141,6 +172,25 @@ def log_shadow_runs(summaries: list[dict]) -> None:
         client.set_terminated(run.info.run_id)
 
 
+def log_roc_figures(outcome: dict, targets: dict[str, Path]) -> None:
+    """The ROC of every target in the attack's run, and each target's own curve in the run that logged it, so the
+    page a user reaches from the registry shows what the model leaks."""
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    from tckr.platform.tracking import log_figure_to_model_run
+    from tckr.privacy.attack import roc_figure
+
+    figures = {"roc.png": roc_figure(outcome)}
+    mlflow.log_figure(figures["roc.png"], "roc.png")
+    for name, model_dir in targets.items():
+        figures[name] = roc_figure({name: outcome[name]})
+        model_uri = json.loads((model_dir / "logged_model.json").read_text())["model_uri"]
+        log_figure_to_model_run(model_uri, figures[name], "mia/roc.png")
+    for figure in figures.values():
+        plt.close(figure)
+
+
 def run_attack(image_size: int, recipe, attack: AttackConfig, runtime: RuntimeConfig, data: Path,
                targets: dict[str, Path], shadows: list[Path], results: Path, eval_batch_size: int) -> Metrics:
     """LiRA against ``targets``: the fan-out's shadows (of ``recipe``) are used, missing ones trained here; each
@@ -158,8 +208,9 @@ def run_attack(image_size: int, recipe, attack: AttackConfig, runtime: RuntimeCo
     logits, summaries = collect_shadows([shadows_here, *shadows], attack.shadows)
     outcome = lira(attack, population, info, logits, targets, results, on, eval_batch_size)
     log_shadow_runs(summaries)
-    for name in ("attack.json", "roc.png", "scores.csv", *(f"roc-{target}.csv" for target in targets)):
+    for name in ("attack.json", "scores.csv", *(f"roc-{target}.csv" for target in targets)):
         mlflow.log_artifact(str(results / name))
+    log_roc_figures(outcome, targets)
     metrics: Metrics = {}
     for name, result in outcome.items():
         metrics |= result.metrics(f"{name}.mia")
@@ -194,7 +245,11 @@ def register_classifier(config: Any, role: str, model_dir: Path, metrics: Metric
         registered[f"{role}.champion"] = float(promoted)
         aliases = ("candidate", "champion") if promoted else ("candidate",)
     uri = json.loads((model_dir / "logged_model.json").read_text())["model_uri"]
-    registered[f"{role}.registry_version"] = float(register_model(uri, name, tags, aliases))
+    description = (f"The {role} of the {config.recipe} recipe on {config.dataset} (profile {config.profile}; dataset "
+                   f"fingerprint {card['dataset_fingerprint']}; input {tags['input']}): test accuracy "
+                   f"{tags['accuracy']}, LiRA AUC {tags['auc_mia']} (0.5 is chance), TPR at 1% FPR "
+                   f"{tags['tpr_at_1pct_fpr']}, AOP {tags['aop']}. The attack's ROC is in its run, mia/roc.png.")
+    registered[f"{role}.registry_version"] = float(register_model(uri, name, tags, aliases, description))
     return registered
 
 

@@ -36,6 +36,9 @@ from tckr.recipes.common import (
     declare_shared,
     log_epoch,
     log_every,
+    log_private_splits,
+    log_sample_grid,
+    log_synthetic_set,
     run_attack,
     run_device,
 )
@@ -168,7 +171,7 @@ def sample(*, sample: GenerateConfig, runtime: RuntimeConfig, data: Path, genera
 
     from tckr.core import distributed
     from tckr.generators.conditional import ClassConditionalGenerator
-    from tckr.generators.generate import finalize, gather_shards, generate_shards, sample_grid
+    from tckr.generators.generate import finalize, gather_shards, generate_shards
 
     plan, info = _sampling_plan(sample, data)
     gathered = gather_shards(shards, synthetic) if distributed.is_lead() else []
@@ -177,7 +180,7 @@ def sample(*, sample: GenerateConfig, runtime: RuntimeConfig, data: Path, genera
     if not distributed.is_lead():
         return {}
     summary = finalize(synthetic, plan, sample)
-    mlflow.log_artifact(str(sample_grid(synthetic, info.classes, per_class=10)))
+    log_sample_grid(synthetic, info.classes)
     mlflow.log_artifact(str(synthetic / "synthetic.json"))
     return {"synthetic.images": float(summary["images"]), "synthetic.shards_gathered": float(len(gathered)),
             "synthetic.shards_generated_here": float(len(made_here)),
@@ -215,6 +218,9 @@ def classifier(*, image_size: int, classifier: ClassifierConfig, downstream: Dow
                                     run_device(runtime), on_epoch=log_epoch)
     if result is None:  # not the lead rank
         return {}
+    log_synthetic_set(info, synthetic, "privimage", "training", len(used["train"]))
+    log_private_splits(info, data, {"validation": "validation", "test": "test"} if downstream.selection == "real"
+                       else {"test": "test"})
     return classifier_metrics(ROLE, result, model, used, info, image_size) | {
         f"{ROLE}.synthetic_train_images": float(len(used["train"])),
         f"{ROLE}.selected_on_real": float(downstream.selection == "real")}

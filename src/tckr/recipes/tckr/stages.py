@@ -36,6 +36,9 @@ from tckr.recipes.common import (
     declare_shared,
     log_epoch,
     log_every,
+    log_private_splits,
+    log_sample_grid,
+    log_synthetic_set,
     run_attack,
     run_device,
 )
@@ -62,6 +65,7 @@ def teacher(*, image_size: int, teacher: ClassifierConfig, runtime: RuntimeConfi
                               on_epoch=log_epoch)
     if result is None:  # not the lead rank
         return {}
+    log_private_splits(info, data, {"train": "training", "validation": "validation", "test": "test"})
     return classifier_metrics("teacher", result, model, splits, info, image_size)
 
 
@@ -209,7 +213,7 @@ def generate(*, image_size: int, generate: GenerateConfig, runtime: RuntimeConfi
     import mlflow
 
     from tckr.data.images import BatchAugment, ImageSplit
-    from tckr.generators.generate import finalize, gather_shards, generate_shards, load_synthetic, sample_grid
+    from tckr.generators.generate import finalize, gather_shards, generate_shards, load_synthetic
     from tckr.generators.lora import load_finetuned
     from tckr.training.classifier import accuracy, load_classifier, predict_logits
 
@@ -224,7 +228,7 @@ def generate(*, image_size: int, generate: GenerateConfig, runtime: RuntimeConfi
     images = ImageSplit(load_synthetic(synthetic, info.classes), image_size, info.channels)
     logits = predict_logits(load_classifier(teacher_model, device), BatchAugment(info.mean, info.std).to(device),
                             images, 512, device, "teacher on synthetic")
-    mlflow.log_artifact(str(sample_grid(synthetic, info.classes, per_class=10)))
+    log_sample_grid(synthetic, info.classes)
     mlflow.log_artifact(str(synthetic / "synthetic.json"))
     return {"synthetic.images": float(summary["images"]), "synthetic.shards": float(summary["shards"]),
             "synthetic.shards_gathered": float(len(gathered)), "synthetic.shards_generated_here": float(len(made_here)),
@@ -267,6 +271,8 @@ def student(*, image_size: int, student: ClassifierConfig, distill: DistillConfi
                            run_device(runtime), sources_key=sources, on_epoch=log_epoch)
     if result is None:  # not the lead rank
         return {}
+    log_synthetic_set(info, synthetic, "tckr", "training", len(images))
+    log_private_splits(info, data, {"validation": "validation", "test": "test"})
     return classifier_metrics("student", result, model, splits, info, image_size) | {
         "student.synthetic_images": float(len(images))}
 
