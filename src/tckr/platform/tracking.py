@@ -213,8 +213,8 @@ def log_dataset(name: str, digest: str, source: str, context: str, images: int) 
     runs table): its name, content digest, where it lies and its size; ``context`` says what for ("training",
     "validation", "test"). The images stay where they are (a metadata-only dataset)."""
     import mlflow
-    from mlflow.data.sources import LocalArtifactDatasetSource
     from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
 
     dataset = MetaDataset(LocalArtifactDatasetSource(source), name=name, digest=digest)
     mlflow.log_input(dataset, context=context, tags={"images": str(images)})
