@@ -1,7 +1,7 @@
 """The MLflow UI in a real browser, after the smoke pipeline: headless Chromium (Debian's, driven by Selenium
 through Debian's chromedriver) opens the tracking server's UI on loopback and finds what a user comes for:
 the experiment, the pipeline's run with its teacher and student stage runs nested under it, their test
-accuracy as logged, and the champion student in the model registry. Each page checked is saved as a PNG
+accuracy as logged, the student's datasets and its ROC figure, and the champion student in the model registry. Each page checked is saved as a PNG
 (``screenshot`` in conftest.py: ``$TCKR_SCREENSHOTS`` or pytest's temporary directory)."""
 
 from __future__ import annotations
@@ -167,3 +167,23 @@ def test_registry_shows_the_champion_student(ui, pipeline, screenshot):
         f"Version {champion.version}"
     accuracy = row.find_element(By.XPATH, ".//div[@role='status'][@title='accuracy']").text.replace("\n", "")
     assert accuracy == f"accuracy: {champion.tags['accuracy']}"
+
+
+def test_student_run_page_shows_its_datasets_and_its_roc(ui, pipeline, screenshot):
+    """From the registry to the student's run: the data it learned from (the synthetic set) and was tested on,
+    and the attack's ROC curve for it, as an image the artifact view renders."""
+    run_id = pipeline.stages["student"].info.run_id
+    ui.open(f"experiments/{pipeline.experiment_id}/runs/{run_id}")
+    ui.visible(By.XPATH, "//h2[normalize-space()='student']")
+    ui.visible(By.XPATH, f"//*[contains(normalize-space(text()), '{pipeline.dataset}/synthetic-tckr')]")
+    screenshot(ui.driver, "student-run-datasets")
+
+    ui.click(By.XPATH, "//*[@role='tab'][normalize-space()='Artifacts']")  # the figure the attack logged here
+    ui.click(By.XPATH, "//*[normalize-space(text())='mia']")
+    ui.click(By.XPATH, "//*[normalize-space(text())='roc.png']")
+    ui.visible(By.XPATH, "//*[normalize-space(text())='mia/roc.png']")  # the preview's title
+    # The preview renders the figure itself (from a blob: URL): 4.5 x 4.5 in at 120 dpi.
+    ui.wait.until(lambda driver: driver.execute_script(
+        "return [...document.images].some(i => i.complete && i.naturalWidth === 540 && i.naturalHeight === 540)"),
+        "the ROC figure is not rendered")
+    screenshot(ui.driver, "student-run-roc")
