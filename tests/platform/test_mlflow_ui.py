@@ -1,7 +1,8 @@
 """The MLflow UI in a real browser, after the smoke pipeline: headless Chromium (Debian's, driven by Selenium
 through Debian's chromedriver) opens the tracking server's UI on loopback and finds what a user comes for:
 the experiment, the pipeline's run with its teacher and student stage runs nested under it, their test
-accuracy as logged, the student's datasets and its ROC figure, and the champion student in the model registry. Each page checked is saved as a PNG
+accuracy as logged, the student's datasets and its ROC figure, and the champion student in the model
+registry. Each page checked is saved as a PNG
 (``screenshot`` in conftest.py: ``$TCKR_SCREENSHOTS`` or pytest's temporary directory)."""
 
 from __future__ import annotations
