@@ -376,3 +376,45 @@ def test_profiles_change_placement_and_defaults_not_the_graph():
     paper = pipeline_for(load_config("paper-cifar10")).pipeline_spec
     assert demo.root.dag == paper.root.dag and demo.components == paper.components
     assert demo.root.input_definitions != paper.root.input_definitions
+
+
+def test_a_work_volume_is_mounted_in_every_task_with_the_caches_on_it(tmp_path):
+    """kubernetes.work_pvc: every pod mounts it and finds the Hugging Face cache, tckr's caches and the volume
+    (where the launcher puts the task's checkpoints, tests/training/test_loop.py) on it."""
+    from tckr.core.volume import VOLUME_ENV
+    from tckr.pipelines.cluster import VOLUME_MOUNT
+
+    spec, platform, _ = _compile(tmp_path, ["kubernetes.work_pvc=tckr-work"])
+    containers = _executors(spec)
+    assert set(platform) == {f"exec-{name.replace('_', '-')}" for name in containers}
+    for name, container in containers.items():
+        assert platform[f"exec-{name.replace('_', '-')}"]["pvcMount"] == [
+            {"constant": "tckr-work", "mountPath": VOLUME_MOUNT, "pvcNameParameter": {"runtimeValue": {
+                "constant": "tckr-work"}}}], name
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        assert env["HF_HOME"] == f"{VOLUME_MOUNT}/huggingface" and env["TCKR_CACHE"] == f"{VOLUME_MOUNT}/cache"
+        assert env[VOLUME_ENV] == VOLUME_MOUNT
+    spec, platform, _ = _compile(tmp_path / "without")
+    assert not any("pvcMount" in executor for executor in platform.values())
+    assert not any(VOLUME_ENV in str(c.get("env")) for c in _executors(spec).values())
+
+
+def test_a_tasks_identity_is_the_same_for_each_retried_pod():
+    """The launcher names a task's checkpoint folder by its inputs, sections and parameters, never by the output
+    paths a new pod gets, nor the tracking server."""
+    from types import SimpleNamespace
+
+    from tckr.components.launcher import task_identity
+
+    stage = RECIPES["tckr"].stages["shadow_group"]
+    sections = {name: "{}" for name in ("teacher", "attack", "runtime")} | {"image_size": 16}
+
+    def pod(output: str, data: str = "s3://mlpipeline/v2/artifacts/run-1/ingest/data") -> dict:
+        return {"data": SimpleNamespace(uri=data, path="/gcs/ingest/data"), "group": 1, **sections,
+                "shadows": SimpleNamespace(uri=output, path=output)}
+
+    first = task_identity(stage, pod("s3://mlpipeline/v2/artifacts/run-1/shadow-group/1/shadows"))
+    assert first == task_identity(stage, pod("s3://mlpipeline/v2/artifacts/run-1/shadow-group/2/shadows"))
+    assert first["data"] == "s3://mlpipeline/v2/artifacts/run-1/ingest/data" and first["group"] == 1
+    assert first != task_identity(stage, pod("x", data="s3://mlpipeline/v2/artifacts/run-2/ingest/data"))
+    assert first != task_identity(stage, pod("x") | {"group": 2})

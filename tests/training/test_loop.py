@@ -180,3 +180,29 @@ def test_shadow_group_refuses_a_checkpoint_of_another_recipe(tmp_path):
         train_shadow_group(ClassifierConfig(model="tckr_cnn", epochs=1, batch_size=10), [0, 1], keep, population,
                            (images[:10], labels[:10]), info, tmp_path, CPU, vectorize=False)
     assert not list(tmp_path.glob("shadow-*"))
+
+
+def test_a_retried_pod_resumes_from_the_shared_volume(tmp_path, monkeypatch):
+    """KFP retries a dead pod as a new one with new output paths: with the pipeline's volume, the checkpoint
+    is in the task's folder there (named by what the task is), so the retry resumes; without, it starts over."""
+    from tckr.core.volume import CHECKPOINT_DIR_ENV, VOLUME_ENV, enter_task
+
+    whole = toy_run(tmp_path / "whole.pt", "epoch")
+    identity = {"data": "s3://mlpipeline/v2/artifacts/run-1/ingest/data", "teacher": '{"epochs": 4}'}
+    monkeypatch.setenv(VOLUME_ENV, str(tmp_path / "volume"))
+    folder = enter_task("tckr", "teacher", identity)
+    with pytest.raises(Killed):
+        toy_run(tmp_path / "pod-1" / "checkpoint.pt", "epoch", kill_epoch=2)
+    assert not (tmp_path / "pod-1").exists() and (folder / "checkpoint.pt").is_file()
+    assert enter_task("tckr", "teacher", dict(identity)) == folder  # the retry: same task, a new pod
+    retried = toy_run(tmp_path / "pod-2" / "checkpoint.pt", "epoch")
+    assert retried[2] == [3, 4]
+    assert_same_run(retried, whole)
+    # Another task (another input) has its own folder; a pod without the volume keeps its checkpoint beside it.
+    assert enter_task("tckr", "teacher", identity | {"data": "s3://other"}) != folder
+    monkeypatch.delenv(VOLUME_ENV)
+    monkeypatch.delenv(CHECKPOINT_DIR_ENV)
+    assert enter_task("tckr", "teacher", identity) is None
+    (tmp_path / "pod-3").mkdir()
+    toy_run(tmp_path / "pod-3" / "checkpoint.pt", "epoch", length=1)
+    assert (tmp_path / "pod-3" / "checkpoint.pt").is_file()

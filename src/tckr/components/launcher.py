@@ -8,9 +8,23 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tckr.components.factory import TRACKING_PARAMETERS
 from tckr.core.stage import PipelineStatus
+from tckr.core.volume import enter_task
 from tckr.platform.tracking import Tracking, default_tracking_uri
 from tckr.recipes.invoke import invoke, parse_sections, recipe_stage
+
+
+def task_identity(stage, arguments: dict[str, Any]) -> dict[str, Any]:
+    """What a task is, the same for each retry of its pod: its inputs' URIs, its sections and its parameters (not
+    its outputs' paths, which every pod gets anew, nor the tracking server)."""
+    identity: dict[str, Any] = {}
+    for name, port in stage.inputs.items():
+        given = arguments[name]
+        identity[name] = [a.uri for a in given] if port.many else given.uri
+    return identity | {name: arguments[name] for name in arguments
+                       if name not in identity and name not in stage.outputs and name not in TRACKING_PARAMETERS
+                       and name != "metrics" and isinstance(arguments[name], str | int | float | bool)}
 
 
 def launch(recipe_name: str, stage_name: str, arguments: dict[str, Any]) -> Any:
@@ -24,6 +38,7 @@ def launch(recipe_name: str, stage_name: str, arguments: dict[str, Any]) -> Any:
             artifacts[name] = [Path(a.path) for a in given] if port.many else Path(given.path)
     for name in stage.outputs:
         artifacts[name] = Path(arguments[name].path)
+    enter_task(recipe_name, stage_name, task_identity(stage, arguments))
     tracking = (Tracking(arguments["tracking_uri"] or default_tracking_uri(), arguments["experiment"])
                 if stage.tracked else None)
     params = {name: PipelineStatus(arguments[name].state, arguments[name].error_message or "")

@@ -109,6 +109,10 @@ class KubernetesConfig(Section):
     image: str = Field("", description="image of the CPU tasks; empty: this code's own, tagged by content "
                        "(`make images` builds and prints it)")
     cuda_image: str = Field("", description="image of the GPU tasks; empty: this code's own CUDA image")
+    work_pvc: str | None = Field(
+        None, description="an existing ReadWriteMany PVC every task mounts (at /mnt/tckr): the Hugging Face cache, "
+        "tckr's caches (pretrained generators, FID statistics) and each task's checkpoints live there, so pods "
+        "share downloads and a retried pod resumes its training; null: none, every pod starts cold")
     retries: int = Field(2, ge=0, description="times KFP retries a failed pod of a resumable stage (backoff 1 min, "
                          "doubling); bookkeeping stages (run start, registry, report) are never retried")
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from tckr.core.errors import ConfigError
+from tckr.core.volume import checkpoint_location
 from tckr.generators.config import ClassGeneratorConfig, GeneratorError
 from tckr.generators.pixel import (
     DenoiserData,
@@ -172,7 +173,7 @@ def pretrain_class_generator(cfg: ClassGeneratorConfig, images: torch.Tensor, la
     resume_key = json.dumps({"config": cfg.model_dump(mode="json"), "classes": classes, "data": data_digest,
                              "init": init_digest})
     started = time.perf_counter()
-    checkpoint = out_dir / "pretrain-checkpoint.pt"
+    checkpoint = checkpoint_location(out_dir / "pretrain-checkpoint.pt")
     losses = train_denoiser(
         unet, list(unet.parameters()), DenoiserData(images, ClassLabels(labels, len(classes))), scheduler,
         steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=1, lr=cfg.lr, weight_decay=0.0, max_grad_norm=1.0,

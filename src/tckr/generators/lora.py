@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from tckr.core.errors import ConfigError
+from tckr.core.volume import checkpoint_location
 from tckr.generators import stable_diffusion
 from tckr.generators.config import FinetuneConfig, GeneratorError
 from tckr.generators.generate import ImageGenerator
@@ -131,7 +132,7 @@ def train_adapter(unet: nn.Module, data: DenoiserData, noise_scheduler, cfg: Fin
     summary = {"steps": steps, "final_loss": float(np.mean(losses[-20:])), "seconds": time.perf_counter() - started,
                "trainable_parameters": sum(p.numel() for p in parameters), "train_images": len(data)}
     (out_dir / "adapter.json").write_text(json.dumps({"finetune": cfg.model_dump(mode="json")} | summary, indent=2))
-    (out_dir / "lora-checkpoint.pt").unlink(missing_ok=True)
+    checkpoint_location(out_dir / "lora-checkpoint.pt").unlink(missing_ok=True)
     return summary
 
 

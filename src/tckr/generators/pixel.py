@@ -29,6 +29,7 @@ from torch import nn
 
 from tckr.core.errors import ConfigError
 from tckr.core.progress import progress
+from tckr.core.volume import checkpoint_location
 from tckr.generators.config import ClassGeneratorConfig, GeneratorConfig, GeneratorError
 from tckr.training.loop import CheckpointMismatchError, Loop
 
@@ -411,7 +412,7 @@ def pretrain_pixel_generator(cfg: GeneratorConfig, images: torch.Tensor, texts: 
                "train_images": len(images), "unique_prompts": len(prompts.states) - 1,
                "parameters": sum(p.numel() for p in unet.parameters())}
     generator.save(out_dir, {"pretraining": summary})
-    (out_dir / "pretrain-checkpoint.pt").unlink(missing_ok=True)
+    checkpoint_location(out_dir / "pretrain-checkpoint.pt").unlink(missing_ok=True)
     return summary
 
 

@@ -13,8 +13,10 @@ from tckr.components import Images, default_images
 from tckr.core.config import KubernetesConfig
 from tckr.core.distributed import PROCESSES_ENV
 from tckr.core.stage import StageRegistry
+from tckr.core.volume import volume_environment
 from tckr.platform.tracking import KFP_RUN_ID_ENV
 
+VOLUME_MOUNT = "/mnt/tckr"  # kubernetes.work_pvc's mount path in every pod
 # Secret keys -> environment variables. KFP's object-store secret names its keys accesskey/secretkey.
 S3_KEYS = {"accesskey": "AWS_ACCESS_KEY_ID", "secretkey": "AWS_SECRET_ACCESS_KEY"}
 MLFLOW_KEYS = {"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"}
@@ -54,6 +56,10 @@ def place(task: PipelineTask, cluster: KubernetesConfig, stages: StageRegistry, 
                        backoff_max_duration="3600s")
     if stage.multi_gpu:  # one process per GPU of the pod (tckr.core.distributed)
         task.set_env_variable(PROCESSES_ENV, str(max(1, need.gpus)))
+    if cluster.work_pvc:
+        kubernetes.mount_pvc(task, pvc_name=cluster.work_pvc, mount_path=VOLUME_MOUNT)
+        for variable, value in volume_environment(VOLUME_MOUNT).items():
+            task.set_env_variable(variable, value)
     if need.shm:  # DataLoader workers pass batches through shared memory
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                    size_limit=need.shm)

@@ -8,9 +8,10 @@ checkpoint: the named ``objects`` (model, optimiser, scheduler, scaler, EMA, a d
 ``torch.Generator``, a privacy accountant: anything with ``state_dict``/``load_state_dict``), the global
 RNGs, and plain ``extra`` state such as the history.
 
-A checkpoint names the recipe and trainer that wrote it and a key of the run's settings: a file of
-another trainer is refused (:class:`CheckpointMismatchError`), a file of other settings is stale and
-training starts over.
+The checkpoint goes where :func:`tckr.core.volume.checkpoint_location` says: at ``path``, or on the pipeline's
+shared volume when a pod has one, so a retried pod resumes. A checkpoint names the recipe and trainer that wrote
+it and a key of the run's settings: a file of another trainer is refused (:class:`CheckpointMismatchError`), a
+file of other settings is stale and training starts over.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from tckr.core.atomic import torch_save
 from tckr.core.errors import TckrError
 from tckr.core.progress import progress
+from tckr.core.volume import checkpoint_location
 
 
 class CheckpointMismatchError(TckrError, RuntimeError):
@@ -50,7 +52,7 @@ class Loop:
 
     def __init__(self, path: Path, recipe: str, settings: str, objects: Mapping[str, Stateful | torch.Generator],
                  extra: dict[str, Any] | None = None, *, desc: str = "train", lead: bool = True) -> None:
-        self.path, self.recipe, self.settings = Path(path), recipe, settings
+        self.path, self.recipe, self.settings = checkpoint_location(path), recipe, settings
         self.objects = objects
         self.extra = {} if extra is None else extra
         self.desc, self.lead = desc, lead

@@ -20,6 +20,7 @@ from torch import nn
 
 from tckr.core.atomic import copy_tree, write_text
 from tckr.core.errors import ConfigError
+from tckr.core.volume import checkpoint_location
 from tckr.generators.conditional import (
     ClassConditionalGenerator,
     build_class_unet,
@@ -147,7 +148,7 @@ def finetune_privately(cfg: FinetuneConfig, image_size: int, data_dir: Path, sel
         "epsilon_spent": result.epsilon, "history": [list(entry) for entry in result.history], "epochs": epochs,
         "covers": "the semantic query (one Gaussian step over the private train split) and every DP-SGD step",
         "does_not_cover": "hyperparameter search, and the public data (assumed public)"}, indent=2) + "\n")
-    (out_dir / "dp-checkpoint.pt").unlink(missing_ok=True)
+    checkpoint_location(out_dir / "dp-checkpoint.pt").unlink(missing_ok=True)
     return plan, result
 
 
