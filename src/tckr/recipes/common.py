@@ -112,26 +112,6 @@ def log_private_splits(info, data: Path, contexts: dict[str, str]) -> None:
                     info.splits[split].count)
 
 
-def log_synthetic_set(info, synthetic: Path, recipe: str, context: str, images: int) -> None:
-    """A synthetic set as an MLflow dataset: named ``<dataset>/synthetic-<recipe>``, digest of its manifest."""
-    from tckr.generators.pixel import digest_files
-    from tckr.platform.tracking import log_dataset
-
-    log_dataset(f"{info.name}/synthetic-{recipe}", digest_files([synthetic / "manifest.jsonl"]), str(synthetic),
-                context, images)
-
-
-def log_sample_grid(synthetic: Path, classes: list[str]) -> None:
-    """The synthetic set's sample grid (one row per class) in the run's images."""
-    import mlflow
-    from PIL import Image
-
-    from tckr.generators.generate import sample_grid
-
-    with Image.open(sample_grid(synthetic, classes, per_class=10)) as grid:
-        mlflow.log_image(grid, key="synthetic_samples", step=0)
-
-
 def classifier_metrics(role: str, result, model_dir: Path, splits, info, image_size: int) -> Metrics:
     """A trained classifier's metrics, and its logged model (served form: float images in [0, 1] -> logits) whose
     URI goes to ``model_dir/logged_model.json`` for the register stage."""

@@ -37,8 +37,6 @@ from tckr.recipes.common import (
     log_epoch,
     log_every,
     log_private_splits,
-    log_sample_grid,
-    log_synthetic_set,
     run_attack,
     run_device,
 )
@@ -49,6 +47,7 @@ from tckr.recipes.privimage.config import (
     PrivImageRun,
     QueryConfig,
 )
+from tckr.recipes.synthetic import log_sample_grid, log_synthetic_set
 from tckr.training.classifier import ClassifierConfig
 
 STAGES = StageRegistry()

@@ -37,11 +37,10 @@ from tckr.recipes.common import (
     log_epoch,
     log_every,
     log_private_splits,
-    log_sample_grid,
-    log_synthetic_set,
     run_attack,
     run_device,
 )
+from tckr.recipes.synthetic import log_sample_grid, log_synthetic_set
 from tckr.recipes.tckr.config import DistillConfig, TckrRun
 from tckr.training.classifier import ClassifierConfig
 
