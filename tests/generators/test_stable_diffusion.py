@@ -130,7 +130,7 @@ def test_stages_run_the_paper_generator_path(tmp_path, tiny_sd, tracking_uri):
 
     metrics = run("finetune", data=data, captions=captions, base_model=base, adapter=lora)
     assert metrics["finetune.steps"] == 10  # ceil(300 private images / 32 per step)
-    run("generate_shard", shard=0, data=data, captions=captions, base_model=base, adapter=lora, images=shards)
+    run("generate_shard", shard=0, captions=captions, base_model=base, adapter=lora, images=shards)
     images = sorted((shards / "shards" / "shard-00000").glob("*.png"))
     assert len(images) == cfg.generate.shard_size
     with Image.open(images[0]) as image:

@@ -418,3 +418,19 @@ def test_a_tasks_identity_is_the_same_for_each_retried_pod():
     assert first["data"] == "s3://mlpipeline/v2/artifacts/run-1/ingest/data" and first["group"] == 1
     assert first != task_identity(stage, pod("x", data="s3://mlpipeline/v2/artifacts/run-2/ingest/data"))
     assert first != task_identity(stage, pod("x") | {"group": 2})
+
+
+@pytest.mark.parametrize(("profile", "shard_stages"), [
+    ("paper-cifar10", ("generation_plan", "generate_shard")),
+    ("paper-cifar10-privimage", ("sample_plan", "sample_shard", "sample"))])
+def test_generation_shards_never_receive_the_private_dataset(tmp_path, profile, shard_stages):
+    """At paper scale hundreds of shard pods run: each gets the caption text (TCKR) or the fine-tuned generator
+    (PrivImage) and the models, never the ingested private images."""
+    spec, _, _ = _compile(tmp_path, profile=profile)
+
+    def artifacts(stage: str) -> set[str]:
+        return set(spec["components"][f"comp-{stage.replace('_', '-')}"]["inputDefinitions"]["artifacts"])
+
+    for stage in shard_stages:
+        assert "data" not in artifacts(stage), (stage, artifacts(stage))
+    assert "data" in artifacts("shadow_group")  # where the private dataset does travel

@@ -10,8 +10,9 @@ Two captioners share one interface (:class:`Captioner`):
 
 Output of :func:`caption_split` (one directory per split): ``captions.jsonl`` (one record per image in
 dataset order, written batch by batch and resumed after a kill), ``captions_by_class.json`` (the
-generation view), ``images/`` (``NNNNNN.png`` + ``metadata.jsonl``: diffusers' text-to-image
-``imagefolder`` layout) and ``run.json`` (what made the captions, to refuse mixing two runs).
+generation view) and ``run.json`` (what made the captions: captioner, template, classes and image count, to
+refuse mixing two runs). Text only: the artifact travels to every generation shard's pod, and the private images
+it describes stay in the ingested dataset (a record's ``index`` is its row there).
 """
 
 from __future__ import annotations
@@ -33,8 +34,6 @@ from tckr.core.errors import TckrError
 from tckr.core.progress import progress
 from tckr.generators.config import CaptionConfig
 from tckr.training.semantic import JUDGED_AT, ImageNetClassifier, grey_on_dark, square_views
-
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 class CaptionError(TckrError, ValueError):
@@ -223,14 +222,6 @@ def _completed_records(path: Path, labels: np.ndarray) -> list[dict[str, Any]]:
     return records
 
 
-def _png_bytes(data: bytes, image: PILImage.Image) -> bytes:
-    if data.startswith(_PNG_MAGIC):
-        return data
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def caption_split(captioner: Captioner, split, classes: list[str], out_dir: Path,
                   template: str = "{class_name}: {caption}", batch_size: int = 32) -> dict[str, Any]:
     """Caption every image of ``split`` (``image`` + ``label`` columns) in dataset order into ``out_dir``.
@@ -243,8 +234,7 @@ def caption_split(captioner: Captioner, split, classes: list[str], out_dir: Path
     if len(split) == 0:
         raise CaptionError("the split to caption has no images")
     out_dir = Path(out_dir)
-    image_dir = out_dir / "images"
-    image_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     labels = np.asarray(split["label"])
     if labels.min() < 0 or labels.max() >= len(classes):
         raise CaptionError(f"labels must lie in [0, {len(classes)}) for classes {classes}")
@@ -272,10 +262,8 @@ def caption_split(captioner: Captioner, split, classes: list[str], out_dir: Path
                 raise CaptionError(f"captioner {captioner.name} returned {len(captions)} captions "
                                    f"for {len(images)} images")
             lines = []
-            for offset, (data, image, caption) in enumerate(zip(encoded, images, captions, strict=True)):
+            for offset, caption in enumerate(captions):
                 index, caption = start + offset, caption.strip()
-                # The image lands before its record, so every recorded image is complete on disk.
-                (image_dir / f"{index:06d}.png").write_bytes(_png_bytes(data, image))
                 label = int(labels[index])
                 record = {"index": index, "label": label, "class_name": classes[label], "caption": caption,
                           "text": caption_text(template, classes[label], caption)}
@@ -291,9 +279,6 @@ def caption_split(captioner: Captioner, split, classes: list[str], out_dir: Path
     for record in records:
         by_class[record["class_name"]].append(record["text"])
     write_text(out_dir / "captions_by_class.json", json.dumps(by_class, indent=1, ensure_ascii=False) + "\n")
-    write_text(image_dir / "metadata.jsonl", "".join(
-        json.dumps({"file_name": f"{r['index']:06d}.png", "text": r["text"], "label": r["label"]},
-                   ensure_ascii=False) + "\n" for r in records))
     done = len(records) - resumed_from
     return {"images": len(records), "distinct_captions": len({r["caption"] for r in records}),
             "empty_captions": sum(not r["caption"] for r in records), "resumed_from": resumed_from,

@@ -25,11 +25,12 @@ def privimage_graph(task: Tasks) -> None:
     base = task("pretrain", data=data, public=public, selection=selection).after(parent)
     tuned = task("finetune", data=data, selection=selection, base_model=base.outputs["base_model"]).after(parent)
     generator = tuned.outputs["generator"]
-    plan = task("sample_plan", data=data)
-    # One task (pod) per shard, at most kubernetes.parallelism at once; likewise one per group of shadows.
+    plan = task("sample_plan", generator=generator)
+    # One task (pod) per shard, at most kubernetes.parallelism at once; likewise one per group of shadows. A shard's
+    # pod gets the fine-tuned generator, never the private dataset.
     with dsl.ParallelFor(plan.output, name="shards", parallelism=task.parallelism) as shard:
-        shard_task = task("sample_shard", shard=shard, data=data, generator=generator)
-    sampled = task("sample", data=data, generator=generator,
+        shard_task = task("sample_shard", shard=shard, generator=generator)
+    sampled = task("sample", generator=generator,
                    shards=dsl.Collected(shard_task.outputs["images"])).after(parent)
     synthetic = sampled.outputs["synthetic"]
     scored = task("fid", data=data, synthetic=synthetic).after(parent)

@@ -24,13 +24,13 @@ def tckr_graph(task: Tasks) -> None:
     captions = captioned.outputs["captions"]
     base = task("generator", data=data, captions=captions).after(parent)
     tuned = task("finetune", data=data, captions=captions, base_model=base.outputs["base_model"]).after(parent)
-    model_inputs = {"data": data, "captions": captions, "base_model": base.outputs["base_model"],
-                    "adapter": tuned.outputs["adapter"]}
-    plan = task("generation_plan", data=data, captions=captions)
+    # A shard's pod gets the caption text and the two models, never the private dataset.
+    model_inputs = {"captions": captions, "base_model": base.outputs["base_model"], "adapter": tuned.outputs["adapter"]}
+    plan = task("generation_plan", captions=captions)
     # One task (pod) per shard, at most kubernetes.parallelism at once; likewise one per group of shadows.
     with dsl.ParallelFor(plan.output, name="shards", parallelism=task.parallelism) as shard:
         shard_task = task("generate_shard", shard=shard, **model_inputs)
-    synthetic = task("generate", teacher_model=trained.outputs["model"],
+    synthetic = task("generate", data=data, teacher_model=trained.outputs["model"],
                      shards=dsl.Collected(shard_task.outputs["images"]), **model_inputs).after(parent)
     scored = task("fid", data=data, synthetic=synthetic.outputs["synthetic"]).after(parent)
     distilled = task("student", data=data, synthetic=synthetic.outputs["synthetic"],

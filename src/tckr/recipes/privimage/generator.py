@@ -143,7 +143,7 @@ def finetune_privately(cfg: FinetuneConfig, image_size: int, data_dir: Path, sel
                                              "label_dropout": cfg.label_dropout, "lora": cfg.lora_targets}))
     weights = merged_lora(ema) if cfg.lora_rank else ema
     ClassConditionalGenerator(weights.eval(), base.scheduler_config, info.classes, image_size, base.channels).save(
-        out_dir, {"finetuning": {"dp_steps": result.steps, "lora_rank": cfg.lora_rank}})
+        out_dir, {"finetuning": {"dp_steps": result.steps, "lora_rank": cfg.lora_rank, "private_images": num_private}})
     write_text(out_dir / "privacy.json", json.dumps(plan.as_dict() | {
         "epsilon_spent": result.epsilon, "history": [list(entry) for entry in result.history], "epochs": epochs,
         "covers": "the semantic query (one Gaussian step over the private train split) and every DP-SGD step",

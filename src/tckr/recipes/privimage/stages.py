@@ -126,43 +126,47 @@ def finetune(*, image_size: int, privacy: FinetuneConfig, runtime: RuntimeConfig
             f"{ROLE}.dp_steps": float(plan.steps), "finetune.final_loss": result.losses[-1] if result.losses else 0.0}
 
 
-def _sampling_plan(sample: GenerateConfig, data: Path):
-    from tckr.data.ingest import DatasetInfo
+def _sampling_plan(sample: GenerateConfig, generator: Path):
+    """The plan from the fine-tuned generator's card alone (its classes, and the private set's size the ratio
+    scales), so a shard's pod gets the generator and never the private dataset."""
+    import json
+
     from tckr.generators.generate import plan_generation
 
-    info = DatasetInfo.load(data / "dataset.json")
+    card = json.loads((generator / "generator.json").read_text())
+    classes = card["classes"]
     # A class generator is prompted with class names: one "caption" per class.
-    return plan_generation({name: [name] for name in info.classes}, info.classes, info.splits["train"].count,
-                           sample), info
+    plan = plan_generation({name: [name] for name in classes}, classes, card["finetuning"]["private_images"], sample)
+    return plan, classes
 
 
-@stage(sections=("sample",), inputs={"data": DATASET}, returns="fan-out", tracked=False,
+@stage(sections=("sample",), inputs={"generator": MODEL}, returns="fan-out", tracked=False,
        resources=resources("250m", "1", "1Gi", "2Gi"))
-def sample_plan(*, sample: GenerateConfig, data: Path) -> list[int]:
+def sample_plan(*, sample: GenerateConfig, generator: Path) -> list[int]:
     """The shard numbers of the synthetic set, for the ParallelFor fan-out."""
     from tckr.generators.generate import shard_ranges
 
-    plan, _ = _sampling_plan(sample, data)
+    plan, _ = _sampling_plan(sample, generator)
     return list(range(len(shard_ranges(len(plan), sample.shard_size))))
 
 
-@stage(sections=("sample", "runtime"), params={"shard": int}, inputs={"data": DATASET, "generator": MODEL},
+@stage(sections=("sample", "runtime"), params={"shard": int}, inputs={"generator": MODEL},
        outputs={"images": DATASET}, returns="nothing", tracked=False, multi_gpu=True,
        resources=resources("4", "8", "16Gi", "24Gi", gpus=1))
-def sample_shard(*, sample: GenerateConfig, runtime: RuntimeConfig, shard: int, data: Path, generator: Path,
+def sample_shard(*, sample: GenerateConfig, runtime: RuntimeConfig, shard: int, generator: Path,
                  images: Path) -> None:
     """One shard of the synthetic set (one task of the fan-out), resumable like any shard."""
     from tckr.generators.conditional import ClassConditionalGenerator
     from tckr.generators.generate import generate_shards
 
-    plan, _ = _sampling_plan(sample, data)
+    plan, _ = _sampling_plan(sample, generator)
     model = ClassConditionalGenerator.load(generator, run_device(runtime))
     generate_shards(model, plan, images, sample, shards=[int(shard)])
 
 
-@stage(sections=("sample", "runtime"), inputs={"data": DATASET, "generator": MODEL, "shards": collected(DATASET)},
+@stage(sections=("sample", "runtime"), inputs={"generator": MODEL, "shards": collected(DATASET)},
        outputs={"synthetic": DATASET}, multi_gpu=True, resources=resources("4", "8", "16Gi", "24Gi", gpus=1))
-def sample(*, sample: GenerateConfig, runtime: RuntimeConfig, data: Path, generator: Path, shards: list[Path],
+def sample(*, sample: GenerateConfig, runtime: RuntimeConfig, generator: Path, shards: list[Path],
            synthetic: Path) -> Metrics:
     """The labelled synthetic set: the fan-out's shards gathered, any missing one sampled here, the whole
     checked against the plan."""
@@ -172,14 +176,14 @@ def sample(*, sample: GenerateConfig, runtime: RuntimeConfig, data: Path, genera
     from tckr.generators.conditional import ClassConditionalGenerator
     from tckr.generators.generate import finalize, gather_shards, generate_shards
 
-    plan, info = _sampling_plan(sample, data)
+    plan, classes = _sampling_plan(sample, generator)
     gathered = gather_shards(shards, synthetic) if distributed.is_lead() else []
     distributed.barrier()
     made_here = generate_shards(ClassConditionalGenerator.load(generator, run_device(runtime)), plan, synthetic, sample)
     if not distributed.is_lead():
         return {}
     summary = finalize(synthetic, plan, sample)
-    log_sample_grid(synthetic, info.classes)
+    log_sample_grid(synthetic, classes)
     mlflow.log_artifact(str(synthetic / "synthetic.json"))
     return {"synthetic.images": float(summary["images"]), "synthetic.shards_gathered": float(len(gathered)),
             "synthetic.shards_generated_here": float(len(made_here)),

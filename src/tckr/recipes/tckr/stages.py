@@ -164,38 +164,39 @@ def finetune(*, image_size: int, finetune: FinetuneConfig, runtime: RuntimeConfi
     return {"finetune.final_loss": summary["final_loss"], "finetune.steps": float(summary["steps"])}
 
 
-def _generation_plan(cfg: GenerateConfig, data: Path, captions: Path):
+def _generation_plan(cfg: GenerateConfig, captions: Path):
+    """The plan from the captions alone (their run card names the classes and counts the private images), so a
+    shard's pod gets the caption text and never the private dataset."""
     import json
 
-    from tckr.data.ingest import DatasetInfo
     from tckr.generators.generate import plan_generation
 
-    info = DatasetInfo.load(data / "dataset.json")
+    card = json.loads((captions / "train" / "run.json").read_text())
     by_class = json.loads((captions / "train" / "captions_by_class.json").read_text())
-    return plan_generation(by_class, info.classes, info.splits["train"].count, cfg), info
+    return plan_generation(by_class, card["classes"], card["images"], cfg)
 
 
-@stage(sections=("generate",), inputs={"data": DATASET, "captions": ARTIFACT}, returns="fan-out", tracked=False,
+@stage(sections=("generate",), inputs={"captions": ARTIFACT}, returns="fan-out", tracked=False,
        resources=resources("500m", "2", "4Gi", "8Gi"))
-def generation_plan(*, generate: GenerateConfig, data: Path, captions: Path) -> list[int]:
+def generation_plan(*, generate: GenerateConfig, captions: Path) -> list[int]:
     """The shard numbers of the generation plan, for the ParallelFor fan-out."""
     from tckr.generators.generate import shard_ranges
 
-    plan, _ = _generation_plan(generate, data, captions)
+    plan = _generation_plan(generate, captions)
     return list(range(len(shard_ranges(len(plan), generate.shard_size))))
 
 
 @stage(sections=("generate", "runtime"), params={"shard": int},
-       inputs={"data": DATASET, "captions": ARTIFACT, "base_model": MODEL, "adapter": MODEL},
+       inputs={"captions": ARTIFACT, "base_model": MODEL, "adapter": MODEL},
        outputs={"images": DATASET}, returns="nothing", tracked=False, multi_gpu=True,
        resources=resources("4", "8", "24Gi", "32Gi", gpus=1))
-def generate_shard(*, generate: GenerateConfig, runtime: RuntimeConfig, shard: int, data: Path, captions: Path,
+def generate_shard(*, generate: GenerateConfig, runtime: RuntimeConfig, shard: int, captions: Path,
                    base_model: Path, adapter: Path, images: Path) -> None:
     """One shard of the synthetic set (one task of the fan-out), resumable like any shard."""
     from tckr.generators.generate import generate_shards
     from tckr.generators.lora import load_finetuned
 
-    plan, _ = _generation_plan(generate, data, captions)
+    plan = _generation_plan(generate, captions)
     generator = load_finetuned(base_model, adapter, run_device(runtime))
     generate_shards(generator, plan, images, generate, shards=[int(shard)])
 
@@ -212,11 +213,12 @@ def generate(*, image_size: int, generate: GenerateConfig, runtime: RuntimeConfi
     import mlflow
 
     from tckr.data.images import BatchAugment, ImageSplit
+    from tckr.data.ingest import DatasetInfo
     from tckr.generators.generate import finalize, gather_shards, generate_shards, load_synthetic
     from tckr.generators.lora import load_finetuned
     from tckr.training.classifier import accuracy, load_classifier, predict_logits
 
-    plan, info = _generation_plan(generate, data, captions)
+    plan, info = _generation_plan(generate, captions), DatasetInfo.load(data / "dataset.json")
     device = run_device(runtime)
     gathered = gather_shards(shards, synthetic) if distributed.is_lead() else []
     distributed.barrier()  # the gathered shards are in place before any rank looks for missing ones
