@@ -1,6 +1,7 @@
 """DVC end to end on the smoke profiles: `dvc repro` runs the stages, `dvc push` sends data and weights to
-a real SeaweedFS remote, a wiped clone gets them back byte-identical with `dvc pull`, only the stages
-downstream of a change run again, and PrivImage's stages (privimage/dvc.yaml) build on TCKR's ingest."""
+a real SeaweedFS remote, a teammate's fresh git clone gets them back byte-identical with `dvc pull` and runs an
+experiment with `dvc exp run --set-param`, only the stages downstream of a change run again, and PrivImage's
+stages (privimage/dvc.yaml) build on TCKR's ingest."""
 
 import ast
 import importlib
@@ -149,17 +150,18 @@ def dvc_project(tmp_path_factory, s3_store):
     env |= s3_store.credentials.env() | {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlruns.db'}",
                                          "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}
 
-    def run(*command: str, stdout_only: bool = False) -> str:
-        done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+    def run(*command: str, stdout_only: bool = False, cwd: Path = root) -> str:
+        done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
         assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}"
         return done.stdout if stdout_only else done.stdout + done.stderr
 
+    (root / ".gitignore").write_text("mlruns.db\nmlartifacts/\n")
     run("git", "init", "-q")
     run("dvc", "remote", "modify", "--local", "storage", "endpointurl", s3_store.url)
     return root, run
 
 
-def test_repro_push_wipe_pull_is_byte_identical(dvc_project, s3_store):
+def test_a_teammates_clone_pulls_the_weights_byte_identical(dvc_project, s3_store):
     root, run = dvc_project
     log = run("dvc", "repro")
     for stage in (*UPSTREAM, *DOWNSTREAM):
@@ -174,13 +176,34 @@ def test_repro_push_wipe_pull_is_byte_identical(dvc_project, s3_store):
     before = _digests(root)
     assert len(before) > 10
 
-    run("dvc", "push", "--with-deps", "dvc.yaml")  # as `make publish` and `make pull` do
+    run("dvc", "push", "--with-deps", "dvc.yaml")  # as `make publish` does
     assert any(key.startswith("store/files/md5/") for key in list_keys(s3_client(s3_store), DVC_BUCKET, "store/"))
-    shutil.rmtree(root / "outputs")
-    shutil.rmtree(root / ".dvc" / "cache")
-    run("dvc", "pull", "--with-deps", "dvc.yaml")
-    assert _digests(root) == before
-    assert "up to date" in run("dvc", "status", "dvc.yaml").lower()
+    # A teammate: a fresh clone of the commit (dvc.lock in it, no outputs, no cache), the remote's endpoint in
+    # its own config.local, then what `make pull` runs.
+    run("git", "add", "-A")
+    run("git", "-c", "user.name=tckr", "-c", "user.email=tckr@localhost", "commit", "-qm", "demo outputs")
+    clone = root.parent / f"{root.name}-teammate"
+    run("git", "clone", "-q", str(root), str(clone))
+    assert not (clone / "outputs").exists() and (clone / "dvc.lock").is_file()
+    run("dvc", "remote", "modify", "--local", "storage", "endpointurl", s3_store.url, cwd=clone)
+    run("dvc", "pull", "--with-deps", "dvc.yaml", cwd=clone)
+    assert _digests(clone) == before
+    assert "up to date" in run("dvc", "status", "dvc.yaml", cwd=clone).lower()
+    # One parameter changed there: only what is downstream of it is out of date.
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["attack"]["seed"] += 1
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stale = {line.split(":")[0] for line in run("dvc", "status", "dvc.yaml", cwd=clone).splitlines()
+             if line and not line.startswith((" ", "\t"))}
+    assert stale == {"attack", "register"}, stale
+    # An experiment with a parameter set on the command line runs in the clone without touching the workspace.
+    run("git", "checkout", "--", "params.yaml", cwd=clone)
+    log = run("dvc", "exp", "run", "--set-param", f"attack.seed={params['attack']['seed']}", cwd=clone)
+    assert "Running stage 'attack'" in log and "Running stage 'teacher'" not in log
+    assert len(run("dvc", "exp", "list", "--name-only", stdout_only=True, cwd=clone).split()) == 1
+    ran = yaml.safe_load((clone / "params.yaml").read_text())  # the experiment's workspace: its params, metrics
+    assert ran["attack"]["seed"] == params["attack"]["seed"]
+    assert "up to date" in run("dvc", "status", "dvc.yaml", cwd=clone).lower()
 
 
 def test_changed_generation_reruns_only_downstream(dvc_project):
