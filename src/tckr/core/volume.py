@@ -16,15 +16,22 @@ import os
 from pathlib import Path
 from typing import Any
 
+CACHE_ENV = "TCKR_CACHE"
+"""Where tckr keeps what it can reuse across runs (pretrained generators, FID statistics); default ~/.cache/tckr."""
 VOLUME_ENV = "TCKR_VOLUME"
 """The volume's mount path in the pod, set by the compiled pipeline when there is one."""
 CHECKPOINT_DIR_ENV = "TCKR_CHECKPOINT_DIR"
 """The running task's checkpoint folder on the volume, set by the launcher (:func:`enter_task`)."""
 
 
+def cache_dir(name: str) -> Path:
+    """tckr's cache folder ``name`` (under ``$TCKR_CACHE``, on the volume when a pod has one)."""
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "tckr")) / name
+
+
 def volume_environment(mount: str) -> dict[str, str]:
     """The variables a pod with the volume at ``mount`` gets: the Hugging Face cache, tckr's caches, the volume."""
-    return {"HF_HOME": f"{mount}/huggingface", "TCKR_CACHE": f"{mount}/cache", VOLUME_ENV: mount}
+    return {"HF_HOME": f"{mount}/huggingface", CACHE_ENV: f"{mount}/cache", VOLUME_ENV: mount}
 
 
 def task_checkpoint_dir(volume: Path, recipe: str, stage: str, identity: dict[str, Any]) -> Path:

