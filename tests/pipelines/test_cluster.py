@@ -4,6 +4,8 @@ Static: compiles the pipeline and reads the YAML; no cluster, no Docker.
 """
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -434,3 +436,12 @@ def test_generation_shards_never_receive_the_private_dataset(tmp_path, profile, 
     for stage in shard_stages:
         assert "data" not in artifacts(stage), (stage, artifacts(stage))
     assert "data" in artifacts("shadow_group")  # where the private dataset does travel
+
+
+def test_a_task_starts_without_importing_torch():
+    """Every pod and every kfp.local task imports the launcher and parses its sections before its stage runs:
+    torch, timm and MLflow load only in the stages that use them (they cost a plan task seconds, not work)."""
+    probe = ("import sys, tckr.components.launcher, tckr.recipes.tckr.stages, tckr.recipes.privimage.stages; "
+             "print(sorted(m for m in ('torch', 'timm', 'mlflow', 'diffusers', 'transformers') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"

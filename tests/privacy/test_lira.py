@@ -20,7 +20,7 @@ from tckr.privacy.lira import (
 )
 from tckr.privacy.shadows import ModelStack, Population, train_shadow_group
 from tckr.recipes.config import load_config
-from tckr.training.classifier import ClassifierConfig
+from tckr.training.config import ClassifierConfig
 
 CPU = torch.device("cpu")
 

@@ -6,7 +6,8 @@ import torch
 from tckr.core.device import resolve_device
 from tckr.data.images import BatchAugment, ImageSplit
 from tckr.data.ingest import IngestConfig, load_prepared, prepare
-from tckr.training.classifier import ClassifierConfig, load_classifier, predict_logits, train_classifier
+from tckr.training.classifier import load_classifier, predict_logits, train_classifier
+from tckr.training.config import ClassifierConfig
 from tckr.training.models import create_classifier
 
 pytestmark = pytest.mark.unit  # starts no server, trains nothing beyond a few steps

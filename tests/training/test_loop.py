@@ -151,7 +151,8 @@ def test_lora_refuses_a_pretraining_checkpoint(tmp_path):
 
 def test_classifier_refuses_a_denoiser_checkpoint(tmp_path, saved_dataset_dir):
     from tckr.data.ingest import IngestConfig, load_prepared, prepare
-    from tckr.training.classifier import ClassifierConfig, train_classifier
+    from tckr.training.classifier import train_classifier
+    from tckr.training.config import ClassifierConfig
 
     prepare(IngestConfig(source="disk", name=str(saved_dataset_dir), validation_fraction=0.1), tmp_path / "data",
             "fm", min_train_images=32)
@@ -168,7 +169,7 @@ def test_shadow_group_refuses_a_checkpoint_of_another_recipe(tmp_path):
     from types import SimpleNamespace
 
     from tckr.privacy.shadows import Population, train_shadow_group
-    from tckr.training.classifier import ClassifierConfig
+    from tckr.training.config import ClassifierConfig
 
     images, labels = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8), torch.arange(40) % 10
     population = Population(images, labels, np.r_[np.ones(20, bool), np.zeros(20, bool)], np.arange(40))
@@ -189,6 +190,7 @@ def test_a_retried_pod_resumes_from_the_shared_volume(tmp_path, monkeypatch):
 
     whole = toy_run(tmp_path / "whole.pt", "epoch")
     identity = {"data": "s3://mlpipeline/v2/artifacts/run-1/ingest/data", "teacher": '{"epochs": 4}'}
+    monkeypatch.setenv(CHECKPOINT_DIR_ENV, "")  # enter_task sets it: recorded here so that it is undone after
     monkeypatch.setenv(VOLUME_ENV, str(tmp_path / "volume"))
     folder = enter_task("tckr", "teacher", identity)
     with pytest.raises(Killed):

@@ -37,7 +37,8 @@ from tckr.privacy.shadows import (
     train_shadow_group,
     use_vmap,
 )
-from tckr.training.classifier import ClassifierConfig, load_classifier
+from tckr.training.classifier import load_classifier
+from tckr.training.config import ClassifierConfig
 
 
 def shadow_recipe(target: ClassifierConfig, cfg: AttackConfig) -> ClassifierConfig:

@@ -31,7 +31,8 @@ from tckr.data.images import BatchAugment
 from tckr.data.ingest import DatasetInfo
 from tckr.privacy.config import AttackConfig
 from tckr.privacy.lira import QUERIES, AttackError, balanced_keep_matrix
-from tckr.training.classifier import ClassifierConfig, Recipe, batch_logits
+from tckr.training.classifier import Recipe, batch_logits
+from tckr.training.config import ClassifierConfig
 from tckr.training.loop import Loop
 from tckr.training.models import create_classifier
 

@@ -8,7 +8,8 @@ import torch
 from tckr.data.ingest import IngestConfig, load_prepared, prepare
 from tckr.recipes.tckr.config import DistillConfig
 from tckr.recipes.tckr.distill import distillation_objective, gkd_loss, kl_loss, train_student
-from tckr.training.classifier import ClassifierConfig, load_classifier, train_classifier
+from tckr.training.classifier import load_classifier, train_classifier
+from tckr.training.config import ClassifierConfig
 
 pytestmark = pytest.mark.unit  # starts no server, trains nothing beyond a few steps
 

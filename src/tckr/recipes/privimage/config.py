@@ -12,7 +12,7 @@ from tckr.data.public_pool import PublicPoolConfig
 from tckr.generators.config import ClassGeneratorConfig, FidConfig, GenerateConfig
 from tckr.privacy.config import AttackConfig, DPConfig
 from tckr.recipes.base import RunBase
-from tckr.training.classifier import ClassifierConfig
+from tckr.training.config import ClassifierConfig
 
 
 class QueryConfig(Section):

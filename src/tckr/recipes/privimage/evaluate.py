@@ -15,7 +15,8 @@ import torch
 from tckr.data.ingest import DatasetInfo
 from tckr.generators.pixel import digest_files
 from tckr.recipes.privimage.config import DownstreamConfig
-from tckr.training.classifier import ClassifierConfig, TrainResult, train_classifier
+from tckr.training.classifier import TrainResult, train_classifier
+from tckr.training.config import ClassifierConfig
 
 
 def train_downstream(cfg: ClassifierConfig, downstream: DownstreamConfig, splits, info: DatasetInfo, image_size: int,

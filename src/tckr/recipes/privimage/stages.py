@@ -48,7 +48,7 @@ from tckr.recipes.privimage.config import (
     QueryConfig,
 )
 from tckr.recipes.synthetic import log_sample_grid, log_synthetic_set
-from tckr.training.classifier import ClassifierConfig
+from tckr.training.config import ClassifierConfig
 
 STAGES = StageRegistry()
 stage = STAGES.declare

@@ -11,7 +11,7 @@ from tckr.core.config import Section
 from tckr.generators.config import CaptionConfig, FidConfig, FinetuneConfig, GenerateConfig, GeneratorConfig
 from tckr.privacy.config import AttackConfig
 from tckr.recipes.base import RunBase
-from tckr.training.classifier import ClassifierConfig
+from tckr.training.config import ClassifierConfig
 
 
 class DistillConfig(Section):

@@ -20,7 +20,8 @@ from torch import nn
 
 from tckr.data.ingest import DatasetInfo
 from tckr.recipes.tckr.config import DistillConfig
-from tckr.training.classifier import ClassifierConfig, Objective, TrainResult, load_classifier, train_classifier
+from tckr.training.classifier import Objective, TrainResult, load_classifier, train_classifier
+from tckr.training.config import ClassifierConfig
 
 
 def gkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:

@@ -42,7 +42,7 @@ from tckr.recipes.common import (
 )
 from tckr.recipes.synthetic import log_sample_grid, log_synthetic_set
 from tckr.recipes.tckr.config import DistillConfig, TckrRun
-from tckr.training.classifier import ClassifierConfig
+from tckr.training.config import ClassifierConfig
 
 STAGES = StageRegistry()
 stage = STAGES.declare
