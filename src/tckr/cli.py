@@ -43,10 +43,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if cfg.recipe == "privimage":
         _print_privimage(outcome.metrics, outcome.run_dir)
     else:
-        from tckr.recipes.tckr.report import render_privacy_table, render_table, results_table
+        from tckr.recipes.report import attack_table, chance_verdict
+        from tckr.recipes.tckr.report import TARGETS, render_privacy_table, render_table, results_table
 
         print("\n" + render_table(results_table(outcome.metrics)))
-        print("\nteacher vs student, in % (TCKR Table 2 layout):\n" + render_privacy_table(outcome.metrics))
+        print("\nteacher vs student, in % with 95% intervals (TCKR Table 2 layout):\n"
+              + render_privacy_table(outcome.metrics))
+        print("\nboth attacks, in % with 95% intervals:\n" + attack_table(outcome.metrics, TARGETS))
+        print(chance_verdict(outcome.metrics, TARGETS))
         print(f"\nreport:        {outcome.run_dir / 'report.md'}  (metrics.json, config.yaml, roc.png, samples.png)")
     if outcome.tracking_uri.startswith("sqlite:///"):
         print(f"MLflow UI:     mlflow ui --backend-store-uri {outcome.tracking_uri}   (or: make mlflow-ui)")
@@ -58,11 +62,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _print_privimage(metrics: dict[str, float], run_dir: Path) -> None:
     """The run's headline figures and, when a finished TCKR run of the same dataset sits beside it, both
     recipes side by side (also written to ``comparison.md`` in the run directory)."""
-    from tckr.recipes.privimage.report import STAGE_ROWS, headline
-    from tckr.recipes.report import comparison_report, latest_run_of, render_table, stage_rows
+    from tckr.recipes.privimage.report import HEADLINE_COLUMNS, STAGE_ROWS, TARGETS, headline
+    from tckr.recipes.report import (
+        attack_table,
+        chance_verdict,
+        comparison_report,
+        latest_run_of,
+        render_table,
+        stage_rows,
+    )
 
     print("\n" + render_table(stage_rows(metrics, STAGE_ROWS)))
-    print("\nPrivImage, end to end:\n" + render_table(headline(metrics), ("figure", "value")))
+    print("\nPrivImage, end to end:\n" + render_table(headline(metrics), HEADLINE_COLUMNS))
+    print("\nboth attacks, in % with 95% intervals:\n" + attack_table(metrics, TARGETS))
+    print(chance_verdict(metrics, TARGETS))
     print(f"\nreport:        {run_dir / 'report.md'}  (metrics.json, config.yaml, selection.json, roc.png, "
           "samples.png)")
     tckr_run = latest_run_of("tckr", run_dir)

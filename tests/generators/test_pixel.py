@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -165,6 +166,12 @@ def run_generation(generator, captions, classes, num_private, cfg, out_dir):
     return finalize(out_dir, plan, cfg)
 
 
+def _shard_table(path):
+    """A shard's images and plan (not its metadata, which holds the seconds it took)."""
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_stream(source).read_all()
+
+
 class _KilledAfter:
     """Wraps a generator; the n-th sampler call raises, as a pod killed mid-shard would."""
 
@@ -189,8 +196,8 @@ def test_killed_generation_resumes_to_the_same_set(tmp_path, base_generator):
     plan = plan_generation(CAPTIONS, CLASSES, 12, cfg)
     with pytest.raises(KeyboardInterrupt):  # batches of 4: shard 0 takes 2 calls, the 3rd call is in shard 1
         generate_shards(_KilledAfter(generator, calls=2), plan, tmp_path / "cut", cfg)
-    assert (tmp_path / "cut" / "shards" / "shard-00000" / "manifest.jsonl").is_file()
-    assert (tmp_path / "cut" / "shards" / "shard-00001.partial").is_dir()
+    assert (tmp_path / "cut" / "shards" / "shard-00000.arrow").is_file()
+    assert (tmp_path / "cut" / "shards" / "shard-00001.staging").is_dir()
     with pytest.raises(GenerationError, match="2 of 3 shards are missing"):
         finalize(tmp_path / "cut", plan, cfg)
     written = generate_shards(generator, plan, tmp_path / "cut", cfg)
@@ -198,10 +205,11 @@ def test_killed_generation_resumes_to_the_same_set(tmp_path, base_generator):
     finalize(tmp_path / "cut", plan, cfg)
 
     assert (tmp_path / "cut" / "manifest.jsonl").read_text() == (tmp_path / "ref" / "manifest.jsonl").read_text()
-    for row in map(json.loads, (tmp_path / "ref" / "manifest.jsonl").read_text().splitlines()):
-        assert (tmp_path / "cut" / "shards" / row["file"]).read_bytes() == \
-            (tmp_path / "ref" / "shards" / row["file"]).read_bytes()
-    assert not list((tmp_path / "cut" / "shards").glob("*.partial"))
+    for shard in ("shard-00000.arrow", "shard-00001.arrow", "shard-00002.arrow"):  # the same images, one file each
+        cut, ref = (_shard_table(tmp_path / run / "shards" / shard) for run in ("cut", "ref"))
+        assert cut.equals(ref)
+    assert sorted(p.name for p in (tmp_path / "cut" / "shards").iterdir()) == \
+        ["shard-00000.arrow", "shard-00001.arrow", "shard-00002.arrow"]  # no staging folder left
 
 
 @pytest.mark.unit
@@ -213,9 +221,12 @@ def test_manifest_validity_and_loading(tmp_path, base_generator):
     assert [r["index"] for r in rows] == list(range(9))
     summary = json.loads((tmp_path / "syn" / "synthetic.json").read_text())
     assert summary["images"] == 9 and summary["shards"] == 3 and summary["generation_seconds"] > 0
-    assert {"file", "label", "class_name", "prompt", "seed"} <= set(rows[0])
+    assert {"shard", "row", "label", "class_name", "prompt", "seed"} <= set(rows[0])
+    assert (rows[4]["shard"], rows[4]["row"]) == ("shard-00001.arrow", 0)
     dataset = load_synthetic(tmp_path / "syn", CLASSES)
     assert len(dataset) == 9 and dataset[4]["label"] == 1 and dataset[4]["image"].size == (8, 8)
+    assert dataset.features["label"].names == CLASSES and dataset.column_names == ["image", "label"]
+    assert dataset.cache_files and all(f["filename"].endswith(".arrow") for f in dataset.cache_files)  # mapped
     # A manifest made for another plan is refused.
     other = plan_generation(CAPTIONS, CLASSES, 9, GenerateConfig(ratio=1.0, shard_size=4, seed=3))
     with pytest.raises(GenerationError, match="generated for another plan"):
@@ -234,7 +245,7 @@ def test_a_persisted_directory_from_another_plan_is_regenerated(tmp_path, base_g
     plan = plan_generation(CAPTIONS, CLASSES, 12, reseeded)
     assert generate_shards(generator, plan, out_dir, reseeded) == [0, 1]
     assert finalize(out_dir, plan, reseeded)["images"] == 6
-    assert sorted(p.name for p in (out_dir / "shards").iterdir()) == ["shard-00000", "shard-00001"]
+    assert sorted(p.name for p in (out_dir / "shards").iterdir()) == ["shard-00000.arrow", "shard-00001.arrow"]
     run_generation(generator, CAPTIONS, CLASSES, 12, reseeded, tmp_path / "fresh")
     assert (out_dir / "manifest.jsonl").read_text() == (tmp_path / "fresh" / "manifest.jsonl").read_text()
     assert generate_shards(generator, plan, out_dir, reseeded) == []  # now current: nothing redone
@@ -295,7 +306,7 @@ def test_two_ranks_make_the_same_shards_as_one(tmp_path, base_generator, monkeyp
     finalize(tmp_path / "ranks", plan, cfg)
     run_generation(PixelGenerator.load(base_generator, CPU), CAPTIONS, CLASSES, 12, cfg, tmp_path / "one")
     assert (tmp_path / "ranks" / "manifest.jsonl").read_text() == (tmp_path / "one" / "manifest.jsonl").read_text()
-    for row in map(json.loads, (tmp_path / "one" / "manifest.jsonl").read_text().splitlines()):
-        assert (tmp_path / "ranks" / "shards" / row["file"]).read_bytes() == \
-            (tmp_path / "one" / "shards" / row["file"]).read_bytes(), row["file"]
-    assert not list((tmp_path / "ranks" / "shards").glob("*.partial"))
+    for shard in (tmp_path / "one" / "shards").iterdir():
+        assert _shard_table(tmp_path / "ranks" / "shards" / shard.name).equals(_shard_table(shard)), shard.name
+    assert sorted(p.name for p in (tmp_path / "ranks" / "shards").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "one" / "shards").iterdir())

@@ -4,6 +4,7 @@ card, latent LoRA fine-tuning with exact resume, adapter-only output, and seeded
 import csv
 import json
 
+import datasets
 import mlflow
 import numpy as np
 import pytest
@@ -101,7 +102,6 @@ def adapter_dir(tmp_path_factory, base_dir, pairs):
 
 def test_stages_run_the_paper_generator_path(tmp_path, tiny_sd, tracking_uri):
     """generator -> finetune -> generate_shard on real (grey) Fashion-MNIST: a card instead of weights, RGB for SD."""
-    from PIL import Image
 
     from tckr.platform.tracking import Tracking
     from tckr.recipes.invoke import invoke, sections_of
@@ -131,10 +131,9 @@ def test_stages_run_the_paper_generator_path(tmp_path, tiny_sd, tracking_uri):
     metrics = run("finetune", data=data, captions=captions, base_model=base, adapter=lora)
     assert metrics["finetune.steps"] == 10  # ceil(300 private images / 32 per step)
     run("generate_shard", shard=0, captions=captions, base_model=base, adapter=lora, images=shards)
-    images = sorted((shards / "shards" / "shard-00000").glob("*.png"))
-    assert len(images) == cfg.generate.shard_size
-    with Image.open(images[0]) as image:
-        assert image.mode == "RGB" and image.size == (SIZE, SIZE)
+    shard = datasets.Dataset.from_file(str(shards / "shards" / "shard-00000.arrow"))
+    assert len(shard) == cfg.generate.shard_size
+    assert shard[0]["image"].mode == "RGB" and shard[0]["image"].size == (SIZE, SIZE)
 
 
 @pytest.mark.unit

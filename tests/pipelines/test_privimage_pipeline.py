@@ -3,6 +3,7 @@ one (epsilon, delta) for the whole run, logged live, carried into the registry, 
 
 import json
 import math
+import re
 
 import mlflow
 import pytest
@@ -55,6 +56,11 @@ def test_report_shows_privacy_and_utility_and_every_stage(privimage_smoke_run):
     report = (outcome.run_dir / "report.md").read_text()
     assert "end to end" in report and "epsilon spent" in report and "FID" in report and "AUC_MIA" in report
     assert "![LiRA ROC, log-log](roc.png)" in report and (outcome.run_dir / "roc.png").is_file()
+    metrics = outcome.metrics
+    assert metrics["privimage.mia.auc_ci_low"] <= metrics["privimage.mia.auc"] <= metrics["privimage.mia.auc_ci_high"]
+    assert metrics["privimage.aop_ci_low"] <= metrics["privimage.aop"] <= metrics["privimage.aop_ci_high"]
+    interval = r"\[\d+\.\d\d, \d+\.\d\d\]"
+    assert re.search(rf"\| AUC_MIA \(%\) +\| \d+\.\d\d {interval} +\| {interval}", report)  # value, interval, null band
     for stage in ("query", "pretrain", "finetune", "fid", "classifier", "attack"):
         assert f"| {stage} " in report, stage
 

@@ -4,6 +4,7 @@ and its artifacts in a real SeaweedFS S3 store."""
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -43,7 +44,9 @@ def test_run_directory(smoke_run):
     report = (run_dir / "report.md").read_text()
     assert "| teacher" in report and "test_accuracy=" in report and cfg.fingerprint() in report
     assert "![synthetic samples per class](samples.png)" in report and "![LiRA ROC, log-log](roc.png)" in report
-    assert "| model             | Accuracy | AUC_MIA | TPR@0.1%FPR | TPR@1%FPR | AOP" in report
+    assert re.search(r"\| model +\| Accuracy +\| AUC_MIA +\| TPR@0.1%FPR +\| TPR@1%FPR +\| AOP", report)
+    assert re.search(r"\| null band \(no leak\) +\| - +\| \[4\d\.\d\d, 5\d\.\d\d\]", report)
+    assert "indistinguishable from chance" in report or "above chance" in report
     # ratio 0.1 x 300 private images = 30 -> 3 per class
     assert metrics["synthetic.images"] == 30 and 0.0 <= metrics["synthetic.teacher_agreement"] <= 1.0
     # 30 images in shards of 16: two ParallelFor tasks made them, the gathering stage none.
@@ -56,7 +59,18 @@ def test_run_directory(smoke_run):
     assert metrics["attack.population"] == 2 * min(metrics["data.train_images"], metrics["data.holdout_images"])
     for role in ("teacher", "student"):
         auc = metrics[f"{role}.mia.auc"]
-        assert metrics[f"{role}.aop"] == pytest.approx(metrics[f"{role}.test_accuracy"] * (0.5 / auc) ** 2)
+        expected_aop = metrics[f"{role}.test_accuracy"] * (0.5 / max(auc, 1 - auc)) ** 2
+        assert metrics[f"{role}.aop"] == pytest.approx(expected_aop)
+        for figure in ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "balanced_accuracy"):
+            key = f"{role}.mia.{figure}"
+            assert metrics[f"{key}_ci_low"] <= metrics[key] <= metrics[f"{key}_ci_high"], key
+        assert metrics[f"{role}.aop_ci_low"] <= metrics[f"{role}.aop"] <= metrics[f"{role}.aop_ci_high"]
+    assert metrics["delta.mia.auc_ci_low"] <= metrics["student.mia.auc"] - metrics["teacher.mia.auc"] \
+        <= metrics["delta.mia.auc_ci_high"]
+    assert metrics["attack.null.auc_low"] < 0.5 < metrics["attack.null.auc_high"]
+    assert metrics["student.rmia.auc_ci_low"] <= metrics["student.rmia.auc"] <= metrics["student.rmia.auc_ci_high"]
+    assert "delta.rmia.auc_ci_low" in metrics and "| student (RMIA)" in report
+    assert metrics["attack.sigma_shared"] > 0
 
 
 def test_attack_outputs(smoke_run):
@@ -64,9 +78,13 @@ def test_attack_outputs(smoke_run):
     attack_dir = next(outcome.run_dir.glob("kfp/*/attack/results"))
     summary = json.loads((attack_dir / "attack.json").read_text())
     assert summary["variant"] == "online" and summary["members"] == summary["non_members"]
-    assert summary["targets"]["student"]["auc"] == pytest.approx(outcome.metrics["student.mia.auc"])
+    assert summary["targets"]["student.mia"]["auc"] == pytest.approx(outcome.metrics["student.mia.auc"])
     rows = (attack_dir / "scores.csv").read_text().splitlines()
-    assert rows[0] == "split,row,label,member,teacher,student" and len(rows) == 1 + summary["members"] * 2
+    assert rows[0] == "split,row,label,member,teacher,teacher-rmia,student,student-rmia"
+    assert len(rows) == 1 + summary["members"] * 2
+    assert summary["targets"]["student.rmia"]["auc"] == pytest.approx(outcome.metrics["student.rmia.auc"])
+    assert 0 < summary["rmia_references"] == outcome.metrics["attack.rmia_references"]
+    assert (attack_dir / "roc-student-rmia.csv").is_file()
     roc = (attack_dir / "roc-teacher.csv").read_text().splitlines()
     assert roc[0] == "fpr,tpr,threshold" and roc[1] == "0.0,0.0,inf" and roc[-1].startswith("1.0,1.0,")
 
@@ -243,7 +261,9 @@ def test_champion_moves_only_to_a_better_student(smoke_run):
             "teacher_metrics": {"teacher.test_accuracy": 0.9, "teacher.mia.auc": 0.6},
             "student_metrics": {"student.test_accuracy": accuracy},
             "attack_metrics": {"student.mia.auc": 0.5, "student.mia.tpr_at_1pct_fpr": 0.01,
-                               "teacher.mia.tpr_at_1pct_fpr": 0.02}}, {}, Tracking(uri, cfg.experiment_name))
+                               "teacher.mia.tpr_at_1pct_fpr": 0.02, "student.mia.auc_ci_low": 0.49,
+                               "student.mia.auc_ci_high": 0.51, "teacher.mia.auc_ci_low": 0.58,
+                               "teacher.mia.auc_ci_high": 0.62}}, {}, Tracking(uri, cfg.experiment_name))
 
     worse = register(champion_aop / 2)
     assert worse["student.champion"] == 0

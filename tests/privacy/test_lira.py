@@ -2,27 +2,30 @@
 on real models (a memorising target is caught; a target that never saw the population is not)."""
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from tckr.core.errors import ConfigError
+from tckr.privacy.attack import collect_shadows
 from tckr.privacy.config import AttackConfig
 from tckr.privacy.lira import (
     AttackError,
+    _weighted_figures,
     aop,
+    aop_interval,
     balanced_keep_matrix,
+    bootstrap_intervals,
     logit_scores,
     membership_statistic,
+    null_band,
     roc,
+    score_spreads,
 )
 from tckr.privacy.shadows import ModelStack, Population, train_shadow_group
 from tckr.recipes.config import load_config
-from tckr.training.config import ClassifierConfig
-
-CPU = torch.device("cpu")
+from tests.privacy.conftest import CPU, INFO, RECIPE, train_target
 
 
 @pytest.mark.unit
@@ -89,6 +92,116 @@ def test_aop_reproduces_paper_table_2(accuracy, auc, published):
 
 
 @pytest.mark.unit
+def test_aop_never_rewards_an_attack_below_chance():
+    assert aop(0.9, 0.4) == aop(0.9, 0.6) < aop(0.9, 0.5) == 0.9  # a flipped attack leaks as much
+    assert aop_interval(0.9, (0.48, 0.53)) == (pytest.approx(aop(0.9, 0.53)), 0.9)  # straddles chance: leak-free
+    low, high = aop_interval(0.9, (0.55, 0.6))
+    assert (low, high) == (pytest.approx(aop(0.9, 0.6)), pytest.approx(aop(0.9, 0.55)))
+
+
+# ------------------------------------------------------------------- uncertainty
+def _separated_gaussians(rng, members=200, non_members=200, gap=1.0):
+    statistic = np.r_[rng.normal(gap, 1.0, members), rng.normal(0.0, 1.0, non_members)]
+    return statistic, np.r_[np.ones(members, bool), np.zeros(non_members, bool)]
+
+
+@pytest.mark.unit
+def test_weighted_figures_at_unit_weights_are_the_roc_figures():
+    rng = np.random.default_rng(0)
+    statistic, member = _separated_gaussians(rng)
+    statistic = np.round(statistic, 1)  # ties, broken as one step by both
+    exact = roc(statistic, member)
+    figures = _weighted_figures(statistic, member, np.ones((1, len(member))))
+    assert figures["auc"][0] == pytest.approx(exact.auc)
+    assert figures["balanced_accuracy"][0] == pytest.approx(exact.balanced_accuracy)
+    assert figures["tpr_at_1pct_fpr"][0] == pytest.approx(exact.tpr_at_1_fpr)
+    assert figures["tpr_at_0.1pct_fpr"][0] == pytest.approx(exact.tpr_at_0_1_fpr)
+
+
+@pytest.mark.unit
+def test_bootstrap_interval_covers_the_true_auc_at_its_stated_rate():
+    """Two unit Gaussians one apart: AUC = Phi(1 / sqrt 2). Over 60 populations the 95% interval covers it
+    57 times on average (binomial sd 1.7): at least 51 here."""
+    truth = 0.5 * math.erfc(-0.5)
+    covered = 0
+    for seed in range(60):
+        statistic, member = _separated_gaussians(np.random.default_rng(seed))
+        low, high = bootstrap_intervals({"target": statistic}, member, resamples=300, seed=seed)["target"]["auc"]
+        covered += low <= truth <= high
+    assert 51 <= covered <= 60
+
+
+@pytest.mark.unit
+def test_bootstrap_is_paired_and_seeded():
+    statistic, member = _separated_gaussians(np.random.default_rng(1))
+    noisy = statistic + np.random.default_rng(2).normal(0, 0.3, len(statistic))
+    intervals = bootstrap_intervals({"a": statistic, "b": statistic, "c": noisy}, member,
+                                    {"a-b": ("a", "b"), "c-a": ("c", "a")}, resamples=200, seed=5)
+    assert intervals["a-b"]["auc"] == (0.0, 0.0)  # the same resamples for every target
+    assert intervals["a"] == intervals["b"]
+    # Pairing: the difference's interval is narrower than the two targets' own intervals side by side.
+    spread = intervals["c-a"]["auc"][1] - intervals["c-a"]["auc"][0]
+    assert spread < (intervals["a"]["auc"][1] - intervals["a"]["auc"][0]) + (
+        intervals["c"]["auc"][1] - intervals["c"]["auc"][0])
+    assert bootstrap_intervals({"a": statistic}, member, resamples=200, seed=5)["a"] == intervals["a"]
+
+
+@pytest.mark.unit
+def test_null_band_is_what_a_target_that_learnt_nothing_scores():
+    band = null_band(1000, 1000, draws=2000, seed=0)
+    half_width = 1.96 * math.sqrt((1000 + 1000 + 1) / (12 * 1000 * 1000))  # Mann-Whitney under H0
+    assert band["auc"][0] == pytest.approx(0.5 - half_width, abs=0.004)
+    assert band["auc"][1] == pytest.approx(0.5 + half_width, abs=0.004)
+    for figure, chance in (("tpr_at_0.1pct_fpr", 0.001), ("tpr_at_1pct_fpr", 0.01)):
+        assert band[figure][0] <= chance <= band[figure][1], figure
+    # Balanced accuracy is the best over thresholds, so even no signal scores above 0.5: the band, not 0.5, is
+    # what a figure must beat.
+    assert 0.5 < band["balanced_accuracy"][0] < band["balanced_accuracy"][1] < 0.53
+    rng = np.random.default_rng(3)  # and a real target's interval with no signal sits inside it
+    no_signal = bootstrap_intervals({"t": rng.normal(size=2000)}, np.r_[np.ones(1000, bool), np.zeros(1000, bool)],
+                                    resamples=300, seed=0)["t"]["auc"]
+    assert no_signal[0] <= 0.5 <= no_signal[1]
+
+
+# ------------------------------------------------------------------- the statistic's shape
+def _shadow_world(rng, examples=400, shadows=16, in_sd=3.0, out_sd=1.0):
+    keep = balanced_keep_matrix(shadows, examples, seed=0)
+    mean_in, mean_out = 3.0 + rng.normal(0, 0.5, examples), rng.normal(0, 0.5, examples)
+    noise = rng.normal(size=keep.shape)
+    scores = np.where(keep, mean_in + in_sd * noise, mean_out + out_sd * noise)
+    return scores[:, None, :], keep
+
+
+@pytest.mark.unit
+def test_shared_spread_statistic_is_monotone_in_the_target_score():
+    rng = np.random.default_rng(0)
+    shadow, keep = _shadow_world(rng)
+    target = rng.normal(0, 4, (1, keep.shape[1]))
+    lower = membership_statistic(shadow, keep, target, "online", "global")
+    higher = membership_statistic(shadow, keep, target + 0.5, "online", "global")
+    in_above_out = np.nanmedian(np.where(keep, shadow[:, 0], np.nan), 0) > np.nanmedian(
+        np.where(~keep, shadow[:, 0], np.nan), 0)
+    assert in_above_out.mean() > 0.95 and (higher[in_above_out] > lower[in_above_out]).all()
+    spreads = score_spreads(shadow, keep)
+    assert spreads["sigma_in"] > 2 * spreads["sigma_out"]
+    assert spreads["sigma_out"] < spreads["sigma_shared"] < spreads["sigma_in"]
+
+
+@pytest.mark.unit
+def test_an_under_confident_target_that_leaks_is_ranked_the_right_way_round():
+    """Members score -1 and non-members -3 (a target less confident than the shadows, still higher on members).
+    With IN and OUT spreads apart the statistic is quadratic and ranks the members lower; with one shared
+    spread it is linear in the score and catches them."""
+    rng = np.random.default_rng(1)
+    shadow, keep = _shadow_world(rng)
+    member = rng.random(keep.shape[1]) < 0.5
+    target = np.where(member, -1.0, -3.0)[None] + rng.normal(0, 0.3, (1, keep.shape[1]))
+    shared = roc(membership_statistic(shadow, keep, target, "online", "global"), member)
+    separate = roc(membership_statistic(shadow, keep, target, "online", "per_example"), member)
+    assert shared.auc > 0.65 and separate.auc < 0.3  # 0.75 and 0.18 at this seed
+
+
+@pytest.mark.unit
 def test_attack_config_is_declared_and_checked():
     cfg = load_config("demo")
     assert cfg.attack.variant == "online" and cfg.attack.shadows % 2 == 0
@@ -99,42 +212,16 @@ def test_attack_config_is_declared_and_checked():
 
 
 # ------------------------------------------------------------------- the attack on real models
-RECIPE = ClassifierConfig(model="tckr_cnn", epochs=12, batch_size=50, lr=3e-3, label_smoothing=0.0,
-                          crop_padding=0, hflip=False, eval_batch_size=500, seed=0)
-INFO = SimpleNamespace(mean=[0.29], std=[0.35], num_classes=10, channels=1)
-
-
 @pytest.fixture(scope="module")
-def world(fmnist_head):
-    """1,000 real 8 px images: 500 members, 500 non-members, then 500 outsiders; 8 shadows."""
-    images, labels = fmnist_head
-    pixels = torch.nn.functional.interpolate(torch.tensor(images[:1500]).float().unsqueeze(1), size=8,
-                                             mode="area").round().to(torch.uint8)
-    challenge = np.r_[np.ones(500, bool), np.zeros(500, bool), np.zeros(500, bool)]
-    population = Population(pixels, torch.from_numpy(labels[:1500]).long(), challenge, np.arange(1500))
-    validation = (pixels[1000:1100], population.labels[1000:1100])
-    keep = np.zeros((8, 1500), dtype=bool)
-    keep[:, :1000] = balanced_keep_matrix(8, 1000, seed=0)
-    return population, validation, keep
-
-
-def _train(world, tmp_path, keep, indices, vectorize=False):
-    population, validation, _ = world
-    train_shadow_group(RECIPE, indices, keep, population, validation, INFO, tmp_path, CPU, vectorize)
-    return np.stack([np.load(tmp_path / f"shadow-{i:04d}" / "logits.npy") for i in indices])
-
-
-@pytest.fixture(scope="module")
-def shadow_scores(world, tmp_path_factory):
-    population, _, keep = world
-    logits = _train(world, tmp_path_factory.mktemp("shadows"), keep, list(range(8)))
-    return logit_scores(logits[:, :, :1000], population.labels[:1000].numpy())
+def shadow_scores(world, shadow_logits):
+    population, _, _ = world
+    return logit_scores(shadow_logits[:, :, :1000], population.labels[:1000].numpy())
 
 
 def _attack_target(world, shadow_scores, tmp_path, trained_on: np.ndarray):
     """LiRA's figures for a target trained on the ``trained_on`` rows of the world."""
     population, _, keep = world
-    target = _train(world, tmp_path, trained_on[None], [0])[0]
+    target = train_target(world, tmp_path, trained_on)
     statistic = membership_statistic(shadow_scores, keep[:, :1000],
                                      logit_scores(target[:, :1000], population.labels[:1000].numpy()))
     return roc(statistic, population.is_member[:1000])
@@ -149,6 +236,27 @@ def test_memorising_target_is_caught(world, shadow_scores, tmp_path):
 def test_target_that_never_saw_the_population_is_not(world, shadow_scores, tmp_path):
     result = _attack_target(world, shadow_scores, tmp_path, np.r_[np.zeros(1000, bool), np.ones(500, bool)])
     assert result.auc == pytest.approx(0.5, abs=0.03)
+
+
+def test_shadows_made_for_another_attack_are_refused(world, tmp_path):
+    population, validation, _ = world
+    cfg = AttackConfig(shadows=2, seed=0)
+    recipe = RECIPE.model_copy(update={"epochs": 1})
+    keep = balanced_keep_matrix(2, len(population), seed=0)
+    train_shadow_group(recipe, [0, 1], keep, population, validation, INFO, tmp_path, CPU, False)
+    logits, summaries = collect_shadows([tmp_path], recipe, cfg, population)
+    assert logits.shape[:3] == (2, 2, len(population)) and summaries[1]["provenance"]["seed"] == "0"
+    with pytest.raises(AttackError, match=r"2 shadow model\(s\) were made for another attack .* another keep_row"):
+        collect_shadows([tmp_path], recipe, cfg.model_copy(update={"seed": 1}), population)
+    with pytest.raises(AttackError, match="another recipe"):
+        collect_shadows([tmp_path], recipe.model_copy(update={"lr": 1e-2}), cfg, population)
+    relabelled = Population(population.images, population.labels.roll(1), population.is_member, population.split_rows)
+    with pytest.raises(AttackError, match="another population"):
+        collect_shadows([tmp_path], recipe, cfg, relabelled)
+    # Training for the new attack redoes the stale shadows in place; then they are used.
+    other = balanced_keep_matrix(2, len(population), seed=1)
+    assert train_shadow_group(recipe, [0, 1], other, population, validation, INFO, tmp_path, CPU, False) == [0, 1]
+    collect_shadows([tmp_path], recipe, cfg.model_copy(update={"seed": 1}), population)
 
 
 def test_stack_runs_alike_with_and_without_vmap(world):

@@ -2,10 +2,12 @@
 
 The plan is a pure function of (captions, private train size, config): image ``i`` has class
 ``i mod K``, cycles through that class's captions, and starts from noise seeded by ``(seed, i)``.
-Shard ``s`` holds images ``[s * shard_size, (s + 1) * shard_size)``; it is written to a temporary
-directory and renamed into place with its ``manifest.jsonl`` last, so a shard is either complete or
-absent. A killed run therefore resumes by skipping complete shards and produces exactly the same
-set; shards are independent, so pods can produce them in parallel (KFP ParallelFor).
+Shard ``s`` holds images ``[s * shard_size, (s + 1) * shard_size)`` as one Arrow file (``datasets``' own format,
+so the trainer memory-maps it: one object per shard in a KFP artifact store or a DVC remote, not one per image;
+a tar or Parquet shard would need a decode or a copy before random access). It is packed beside its final name and
+renamed into place, so a shard is either complete or absent. A killed run therefore resumes by skipping complete
+shards and produces exactly the same set; shards are independent, so pods can produce them in parallel (KFP
+ParallelFor).
 """
 
 from __future__ import annotations
@@ -18,14 +20,18 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
 
 from tckr.core import distributed
-from tckr.core.atomic import copy_tree
+from tckr.core.atomic import atomic_path, write_text
 from tckr.core.errors import TckrError
 from tckr.core.progress import progress
 from tckr.generators.config import GenerateConfig
+
+SHARD_METADATA = b"tckr.shard"  # the shard's summary (images, seconds), in its Arrow schema's metadata
+PACK_ROWS = 256  # images per Arrow record batch: bounds the memory packing takes
 
 
 class GenerationError(TckrError, ValueError):
@@ -75,17 +81,26 @@ def shard_ranges(total: int, shard_size: int) -> list[range]:
     return [range(start, min(start + shard_size, total)) for start in range(0, total, shard_size)]
 
 
-def shard_dir(out_dir: Path, shard: int) -> Path:
-    return Path(out_dir) / "shards" / f"shard-{shard:05d}"
+def shard_path(out_dir: Path, shard: int) -> Path:
+    return Path(out_dir) / "shards" / f"shard-{shard:05d}.arrow"
 
 
-def is_complete(out_dir: Path, shard: int) -> bool:
-    return (shard_dir(out_dir, shard) / "manifest.jsonl").is_file()
+def _shard_features():
+    """A shard's columns, as ``datasets`` reads them: the PNG bytes under the ``Image`` feature, then the plan."""
+    import datasets
+
+    return datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64"),
+                              "index": datasets.Value("int64"), "class_name": datasets.Value("string"),
+                              "prompt": datasets.Value("string"), "seed": datasets.Value("uint64")})
 
 
-def _read_manifest(out_dir: Path, shard: int) -> list[dict]:
-    with open(shard_dir(out_dir, shard) / "manifest.jsonl") as handle:
-        return [json.loads(line) for line in handle]
+def _read_shard(out_dir: Path, shard: int) -> tuple[dict, list[dict]]:
+    """A complete shard's summary (images, seconds) and its plan rows, without reading the images."""
+    with pa.memory_map(str(shard_path(out_dir, shard))) as source:
+        reader = pa.ipc.open_stream(source)
+        summary = json.loads(reader.schema.metadata[SHARD_METADATA])
+        plan = reader.read_all().drop_columns(["image"]).to_pylist()
+    return summary, plan
 
 
 def _planned(entry: dict) -> tuple:
@@ -96,9 +111,24 @@ def _planned(entry: dict) -> tuple:
 def made_for(out_dir: Path, shard: int, items: list[PlannedImage]) -> bool:
     """Whether the shard is complete and holds exactly these planned images, not ones a previous plan
     (another seed, ratio or caption set) left in a persisted output directory."""
-    if not is_complete(out_dir, shard):
+    if not shard_path(out_dir, shard).is_file():
         return False
-    return [_planned(row) for row in _read_manifest(out_dir, shard)] == [_planned(asdict(item)) for item in items]
+    return [_planned(row) for row in _read_shard(out_dir, shard)[1]] == [_planned(asdict(item)) for item in items]
+
+
+def _pack(staging: Path, items: list[PlannedImage], target: Path, summary: dict) -> None:
+    """Write the shard's staged PNGs, in plan order, as one Arrow file (the format ``datasets`` memory-maps)."""
+    schema = _shard_features().arrow_schema
+    schema = schema.with_metadata(schema.metadata | {SHARD_METADATA: json.dumps(summary).encode()})
+    with atomic_path(target) as partial, pa.OSFile(str(partial), "wb") as sink, \
+            pa.ipc.new_stream(sink, schema) as writer:
+        for start in range(0, len(items), PACK_ROWS):
+            chunk = items[start:start + PACK_ROWS]
+            columns = {"image": [{"bytes": (staging / item.file_name).read_bytes(), "path": item.file_name}
+                                 for item in chunk]}
+            columns |= {name: [getattr(item, name) for item in chunk]
+                        for name in ("label", "index", "class_name", "prompt", "seed")}
+            writer.write_batch(pa.record_batch(columns, schema=schema))
 
 
 @torch.no_grad()
@@ -115,8 +145,8 @@ def generate_shards(generator: ImageGenerator, plan: list[PlannedImage], out_dir
     """Produce the given shards (default: every incomplete one); returns the shards written now.
 
     On several ranks (:mod:`tckr.core.distributed`) rank ``r`` of ``n`` samples batches ``r, r + n, ...`` of
-    every shard (the same batches one process would sample, so the same images), and rank 0 alone
-    prepares, describes and publishes each shard around the others' writes.
+    every shard (the same batches one process would sample, so the same images) into a staging folder, and
+    rank 0 alone packs and publishes each shard once every rank's images are there.
     """
     rank, ranks = distributed.rank(), distributed.world_size()
     lead = rank == 0
@@ -129,44 +159,42 @@ def generate_shards(generator: ImageGenerator, plan: list[PlannedImage], out_dir
     bar = progress(total=sum(len(b) for s in todo for b in batches[s]), desc="generate", unit="img",
                    disable=not lead)
     for shard in todo:
-        final = shard_dir(out_dir, shard)
-        partial = final.with_name(final.name + ".partial")
+        final = shard_path(out_dir, shard)
+        staging = final.with_name(final.stem + ".staging")
         if lead:
-            shutil.rmtree(partial, ignore_errors=True)  # leftovers of a killed run are redone, never trusted
-            partial.mkdir(parents=True)
-        distributed.barrier()  # the empty shard directory exists
+            shutil.rmtree(staging, ignore_errors=True)  # leftovers of a killed run are redone, never trusted
+            staging.mkdir(parents=True)
+        distributed.barrier()  # the empty staging folder exists
         started = time.perf_counter()
         for batch in batches[shard]:
             items = [plan[i] for i in batch]
             pixels = generator.sample([item.prompt for item in items], [item.seed for item in items], cfg.steps,
                                       cfg.guidance)
             for item, array in zip(items, pixels, strict=True):
-                Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(partial / item.file_name)
+                Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(staging / item.file_name)
             bar.update(len(items))
         distributed.barrier()  # every rank's images are in place
         if not lead:
             continue
         items = [plan[i] for i in ranges[shard]]
         # Device-seconds, the compute the shard took: every rank was busy for (about) its wall time.
-        seconds = (time.perf_counter() - started) * ranks
-        (partial / "shard.json").write_text(json.dumps({"images": len(items), "seconds": seconds}) + "\n")
-        with open(partial / "manifest.jsonl", "w") as handle:
-            for item in items:
-                handle.write(json.dumps(asdict(item) | {"file": f"{final.name}/{item.file_name}"}) + "\n")
-        shutil.rmtree(final, ignore_errors=True)  # a shard of another plan
-        partial.replace(final)
+        _pack(staging, items, final, {"images": len(items), "seconds": (time.perf_counter() - started) * ranks})
+        shutil.rmtree(staging)
     bar.close()
     return todo
 
 
 def gather_shards(sources: list[Path], out_dir: Path) -> list[int]:
-    """Move complete shards produced elsewhere (one directory per fan-out task) into ``out_dir``."""
+    """Copy complete shards produced elsewhere (one folder per fan-out task) into ``out_dir``."""
     gathered = []
     for source in sources:
-        for shard in sorted((Path(source) / "shards").glob("shard-?????")):
-            number = int(shard.name.removeprefix("shard-"))
-            if (shard / "manifest.jsonl").is_file() and not is_complete(out_dir, number):
-                copy_tree(shard, shard_dir(out_dir, number))
+        for shard in sorted((Path(source) / "shards").glob("shard-?????.arrow")):
+            number = int(shard.stem.removeprefix("shard-"))
+            target = shard_path(out_dir, number)
+            if not target.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(target) as partial:
+                    shutil.copyfile(shard, partial)
                 gathered.append(number)
     return sorted(gathered)
 
@@ -175,58 +203,55 @@ def finalize(out_dir: Path, plan: list[PlannedImage], cfg: GenerateConfig) -> di
     """Check the shards form the planned set exactly, then write ``manifest.jsonl`` + ``synthetic.json``."""
     out_dir = Path(out_dir)
     ranges = shard_ranges(len(plan), cfg.shard_size)
-    for leftover in (out_dir / "shards").glob("shard-?????"):  # beyond this plan: a previous, larger one
-        if int(leftover.name.removeprefix("shard-")) >= len(ranges):
-            shutil.rmtree(leftover)
-    incomplete = [s for s in range(len(ranges)) if not is_complete(out_dir, s)]
+    for leftover in (out_dir / "shards").glob("shard-?????.*"):  # beyond this plan (a larger one), or staged
+        if leftover.suffix != ".arrow" or int(leftover.stem.removeprefix("shard-")) >= len(ranges):
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    incomplete = [s for s in range(len(ranges)) if not shard_path(out_dir, s).is_file()]
     if incomplete:
         raise GenerationError(f"{len(incomplete)} of {len(ranges)} shards are missing or incomplete "
                               f"(first: {incomplete[0]}): run the generate stage again to finish them")
     rows = []
     seconds = 0.0  # compute spent on the shards, wherever (and however in parallel) they were made
     for shard in range(len(ranges)):
-        rows += _read_manifest(out_dir, shard)
-        seconds += json.loads((shard_dir(out_dir, shard) / "shard.json").read_text())["seconds"]
+        summary, planned = _read_shard(out_dir, shard)
+        rows += [row | {"shard": shard_path(out_dir, shard).name, "row": number} for number, row in enumerate(planned)]
+        seconds += summary["seconds"]
     indices = [row["index"] for row in rows]
     if indices != list(range(len(plan))):
         raise GenerationError("shard manifests do not cover the plan exactly once (gap or duplicate)")
     for row, item in zip(rows, plan, strict=True):
         if _planned(row) != _planned(asdict(item)):
             raise GenerationError(f"image {item.index} was generated for another plan: delete {out_dir} and rerun")
-    with open(out_dir / "manifest.jsonl", "w") as handle:
-        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    write_text(out_dir / "manifest.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     summary = {"images": len(rows), "shards": len(ranges), "per_class": len(rows) // len({r["label"] for r in rows}),
                "ratio": cfg.ratio, "steps": cfg.steps, "guidance": cfg.guidance, "seed": cfg.seed,
                "generation_seconds": seconds}
-    (out_dir / "synthetic.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(out_dir / "synthetic.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def load_synthetic(out_dir: Path, classes: list[str]):
-    """The synthetic set as a ``datasets.Dataset`` (``image``, ``label``), like a prepared split."""
+    """The synthetic set as a ``datasets.Dataset`` (``image``, ``label``), like a prepared split: its shards
+    memory-mapped, so a paper-scale set is read from disk as it is used, never copied."""
     import datasets
 
-    out_dir = Path(out_dir)
-    with open(out_dir / "manifest.jsonl") as handle:
-        rows = [json.loads(line) for line in handle]
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
-    return datasets.Dataset.from_dict(
-        {"image": [str(out_dir / "shards" / row["file"]) for row in rows], "label": [row["label"] for row in rows]},
-        features=features)
+    count = json.loads((Path(out_dir) / "synthetic.json").read_text())["shards"]
+    shards = [datasets.Dataset.from_file(str(shard_path(out_dir, shard))) for shard in range(count)]
+    return (datasets.concatenate_datasets(shards).select_columns(["image", "label"])
+            .cast_column("label", datasets.ClassLabel(names=classes)))
 
 
 def sample_grid(out_dir: Path, classes: list[str], per_class: int = 10, scale: int = 3) -> Path:
     """``samples.png``: one row per class, the first ``per_class`` synthetic images of each."""
     out_dir = Path(out_dir)
-    with open(out_dir / "manifest.jsonl") as handle:
-        rows = [json.loads(line) for line in handle]
-    picked = {label: [r for r in rows if r["label"] == label][:per_class] for label in range(len(classes))}
-    first = Image.open(out_dir / "shards" / rows[0]["file"])
-    width, height = first.size
-    grid = Image.new(first.mode, (width * per_class, height * len(classes)))
+    synthetic = load_synthetic(out_dir, classes)
+    labels = np.asarray(synthetic["label"])
+    picked = {label: np.flatnonzero(labels == label)[:per_class] for label in range(len(classes))}
+    width, height = synthetic[0]["image"].size
+    grid = Image.new(synthetic[0]["image"].mode, (width * per_class, height * len(classes)))
     for label, chosen in picked.items():
-        for column, row in enumerate(chosen):
-            grid.paste(Image.open(out_dir / "shards" / row["file"]), (column * width, label * height))
+        for column, index in enumerate(chosen):
+            grid.paste(synthetic[int(index)]["image"], (column * width, label * height))
     grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
     path = out_dir / "samples.png"
     grid.save(path)

@@ -10,21 +10,28 @@ from tckr.core.config import Section
 
 
 class AttackConfig(Section):
-    """Stage 7: LiRA against the teacher and the student, with shadows of the teacher's recipe.
+    """Stage 7: LiRA and RMIA against the teacher and the student, with shadows of the teacher's recipe.
 
     The population is the private train split (the targets' members) plus the holdout split
     (non-members); each shadow trains on a random half of it, every example IN for half the shadows.
-    ``variant`` and ``variance`` are declared here, before the run: only that variant is reported.
+    ``variant`` and ``variance`` are declared here, before the run: only that variant is reported. RMIA uses the
+    same shadows as its reference models and the same variant, and is always reported beside LiRA.
     """
 
     shadows: int = Field(16, ge=2, description="shadow models (even)")
     variant: Literal["online", "offline"] = "online"
     variance: Literal["global", "per_example"] = Field(
-        "global", description="global: one pooled within-example spread (LiRA's choice for few shadows)")
+        "global", description="global: one within-example spread shared by IN and OUT scores (monotone in the "
+        "target's score; LiRA's choice for few shadows); per_example: each example's own IN and OUT spreads")
     shadows_per_group: int = Field(4, ge=1, description="shadows trained together in one task (the fan-out unit)")
     vectorize: Literal["auto", "on", "off"] = Field(
         "auto", description="train a group as one vmap-ed stack (on), one model after another (off), or "
         "vmap on CUDA only (auto: on CPU a stack is slower, see bench/bench_shadows.py)")
+    rmia_references: int = Field(2000, ge=1, description="RMIA's population samples z: test images no model trains on")
+    rmia_gamma: float = Field(2.0, gt=0, description="RMIA: x beats z when LR(x) / LR(z) >= gamma")
+    rmia_offline_a: float = Field(0.3, ge=0, le=1, description="RMIA offline: Pr(x) = ((1 + a) Pr_OUT(x) + 1 - a) / 2, "
+                                  "fixed here (not tuned on any target)")
+    bootstrap: int = Field(1000, ge=100, description="bootstrap resamples (and null draws) behind every 95% interval")
     seed: int = 0
 
     @model_validator(mode="after")

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from tckr.core.progress import progress
+from tckr.core.seeds import derive_seed
 from tckr.data.images import BatchAugment
 from tckr.data.ingest import DatasetInfo
 from tckr.privacy.config import AttackConfig
@@ -41,15 +43,34 @@ TRAINER = "tckr.shadows"  # what their checkpoints say made them
 
 @dataclass
 class Population:
-    """The attack's challenge set: ``n`` private-train members then ``n`` holdout non-members."""
+    """The attack's challenge set: ``n`` private-train members then ``n`` holdout non-members; and RMIA's population
+    samples ``z`` (``references``: test images no model trained on), which every model is queried on too."""
 
     images: torch.Tensor  # uint8 [P, C, S, S]
     labels: torch.Tensor  # long [P]
     is_member: np.ndarray  # bool [P]: in the targets' training set
     split_rows: np.ndarray  # row of each example in its own split (train or holdout)
+    references: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.uint8))  # uint8 [Z, C, S, S]
+    reference_labels: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # long [Z]
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def queried(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What every model is queried on: the challenge examples, then the population samples ``z``."""
+        if not len(self.references):
+            return self.images, self.labels
+        return torch.cat([self.images, self.references]), torch.cat([self.labels, self.reference_labels])
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A digest of every image, label and membership: which population a shadow was trained for."""
+        digest = hashlib.sha256()
+        for array in (self.images.numpy(), self.labels.numpy(), self.is_member, self.split_rows,
+                      self.references.numpy(), self.reference_labels.numpy()):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()[:16]
 
 
 def check_population(trained: int, holdout: int) -> None:
@@ -67,8 +88,9 @@ def check_population(trained: int, holdout: int) -> None:
             "rounding) and prepare the dataset again")
 
 
-def build_population(splits, image_size: int, channels: int, seed: int) -> Population:
-    """All of the private train split (the members) and as many holdout images (the non-members).
+def build_population(splits, image_size: int, channels: int, seed: int, references: int = 0) -> Population:
+    """All of the private train split (the members) and as many holdout images (the non-members); and
+    ``references`` test images as RMIA's population samples (none of the models trains on the test split).
 
     Balanced so that AUC and balanced accuracy mean what they say. Each shadow trains on half of the
     population, i.e. on as many images as the targets' teacher trained on (the whole train split): with
@@ -90,8 +112,14 @@ def build_population(splits, image_size: int, channels: int, seed: int) -> Popul
     chosen = [splits["train"].select(members), splits["holdout"].select(non_members)]
     images = torch.cat([decode_split(part, image_size, channels) for part in chosen])
     labels = torch.cat([torch.as_tensor(np.asarray(part["label"])) for part in chosen])
-    return Population(images, labels.long(), np.r_[np.ones(count, bool), np.zeros(count, bool)],
-                      np.r_[members, non_members])
+    population = Population(images, labels.long(), np.r_[np.ones(count, bool), np.zeros(count, bool)],
+                            np.r_[members, non_members])
+    if references:
+        test = splits["test"].select(np.sort(rng.choice(len(splits["test"]), min(references, len(splits["test"])),
+                                                        replace=False)))
+        population.references = decode_split(test, image_size, channels)
+        population.reference_labels = torch.as_tensor(np.asarray(test["label"])).long()
+    return population
 
 
 def keep_matrix(cfg: AttackConfig, population_size: int) -> np.ndarray:
@@ -181,8 +209,27 @@ def shadow_dir(out_dir: Path, index: int) -> Path:
     return Path(out_dir) / f"shadow-{index:04d}"
 
 
-def is_done(out_dir: Path, index: int) -> bool:
-    return (shadow_dir(out_dir, index) / "shadow.json").is_file()
+def provenance(recipe: ClassifierConfig, keep: np.ndarray, index: int, population: Population) -> dict[str, str]:
+    """What shadow ``index`` is made for: its row of the keep-matrix, the population, the training recipe and
+    the seed. A shadow is reused only where all four match (another ``attack.seed`` draws another keep-matrix,
+    another recipe or dataset trains other models)."""
+    return {"keep_row": hashlib.sha256(np.packbits(keep[index]).tobytes()).hexdigest()[:16],
+            "population": population.fingerprint,
+            "recipe": hashlib.sha256(recipe.model_dump_json().encode()).hexdigest()[:16], "seed": str(recipe.seed)}
+
+
+def mismatch(out_dir: Path, index: int, made_for: dict[str, str]) -> list[str] | None:
+    """``None`` if ``out_dir`` holds no finished shadow ``index``; else what differs from ``made_for`` (empty: a
+    shadow made for exactly this)."""
+    card = shadow_dir(out_dir, index) / "shadow.json"
+    if not card.is_file():
+        return None
+    found = json.loads(card.read_text()).get("provenance", {})
+    return [key for key, value in made_for.items() if found.get(key) != value]
+
+
+def is_done(out_dir: Path, index: int, made_for: dict[str, str]) -> bool:
+    return mismatch(out_dir, index, made_for) == []
 
 
 def train_shadow_group(cfg: ClassifierConfig, indices: list[int], keep: np.ndarray, population: Population,
@@ -192,12 +239,14 @@ def train_shadow_group(cfg: ClassifierConfig, indices: list[int], keep: np.ndarr
     """Train shadows ``indices`` (rows of ``keep``) as one stack; returns those written now.
 
     Model ``m`` starts from its own seed and draws its own batch order per epoch, both derived from
-    ``(recipe seed, shadow index)``; a checkpoint per epoch makes a killed group resume where it was (and one
-    that another trainer left in ``out_dir`` is refused).
+    ``(recipe seed, "shadow", index)`` (:func:`tckr.core.seeds.derive_seed`: never a target's streams); a
+    checkpoint per epoch makes a killed group resume where it was (and one that another trainer left in ``out_dir``
+    is refused). A finished shadow made for another attack (:func:`provenance`) is trained again.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    todo = [index for index in indices if not is_done(out_dir, index)]
+    made_for = {index: provenance(cfg, keep, index, population) for index in indices}
+    todo = [index for index in indices if not is_done(out_dir, index, made_for[index])]  # stale ones are redone
     if not todo:
         return []
     started = time.perf_counter()
@@ -211,7 +260,7 @@ def train_shadow_group(cfg: ClassifierConfig, indices: list[int], keep: np.ndarr
                           "use more private training images or a smaller batch size")
     models = []
     for index in indices:
-        torch.manual_seed(cfg.seed * 100_003 + index)
+        torch.manual_seed(derive_seed(cfg.seed, "shadow", index, "init"))
         models.append(create_classifier(cfg.model, info.num_classes, info.channels, cfg.pretrained))
     stack = ModelStack(models, vectorize).to(device)
     best = copy.deepcopy(stack)
@@ -231,8 +280,10 @@ def train_shadow_group(cfg: ClassifierConfig, indices: list[int], keep: np.ndarr
     def batches(epoch: int) -> tuple[torch.Tensor, ...]:
         """Each step's rows ``[M, batch]``: model ``m``'s own permutation of its members this epoch."""
         stack.train()
-        orders = torch.stack([rows[torch.randperm(per_model, generator=torch.Generator().manual_seed(
-            cfg.seed * 100_003 + index * 1_009 + epoch))] for rows, index in zip(members, indices, strict=True)])
+        orders = torch.stack([
+            rows[torch.randperm(per_model, generator=torch.Generator().manual_seed(
+                derive_seed(cfg.seed, "shadow", index, "order", epoch)))]
+            for rows, index in zip(members, indices, strict=True)])
         return orders[:, :steps * cfg.batch_size].split(cfg.batch_size, dim=1)
 
     def step(rows: torch.Tensor) -> float:
@@ -268,19 +319,21 @@ def train_shadow_group(cfg: ClassifierConfig, indices: list[int], keep: np.ndarr
 
     loop.run_epochs(cfg.epochs, batches, step, end_epoch, on_epoch=on_epoch)
 
-    logits = query_logits(best, augment, population.images, cfg.eval_batch_size, device, desc="shadow queries")
-    labels = population.labels
+    logits = query_logits(best, augment, population.queried[0], cfg.eval_batch_size, device, desc="shadow queries")
+    queried = logits  # [M, Q, P + Z, K]: the challenge examples, then RMIA's population samples
+    logits, labels = queried[:, :, :len(population)], population.labels
     seconds = (time.perf_counter() - started) / len(indices)  # this call's share: a resumed group counts its rest
     for m, index in enumerate(indices):
         if index in todo:
             predictions = logits[m, 0].argmax(-1) == labels
-            summary = {"index": index, "members": per_model, "seconds": seconds, "best_epoch": state["best_epoch"][m],
+            summary = {"index": index, "provenance": made_for[index], "members": per_model, "seconds": seconds,
+                       "best_epoch": state["best_epoch"][m],
                        "val_accuracy": state["best_val"][m],
                        "in_accuracy": float(predictions[keep[index]].float().mean()),
                        "out_accuracy": float(predictions[~keep[index]].float().mean()),
                        "history": [{"epoch": r["epoch"], "val_accuracy": r["val_accuracy"][m]}
                                    for r in state["history"]]}
-            _write_shadow(out_dir, index, logits[m].numpy(), summary)
+            _write_shadow(out_dir, index, queried[m].numpy(), summary)
     loop.path.unlink(missing_ok=True)
     return todo
 
@@ -292,7 +345,7 @@ def _augmix():
 
 
 def _write_shadow(out_dir: Path, index: int, logits: np.ndarray, summary: dict) -> None:
-    """``logits.npy`` (``[Q, P, K]``) then ``shadow.json``, renamed into place together."""
+    """``logits.npy`` (``[Q, P + Z, K]``) then ``shadow.json``, renamed into place together."""
     final = shadow_dir(out_dir, index)
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

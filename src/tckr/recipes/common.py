@@ -152,19 +152,19 @@ def log_shadow_runs(summaries: list[dict]) -> None:
         client.set_terminated(run.info.run_id)
 
 
-def log_roc_figures(outcome: dict, targets: dict[str, Path]) -> None:
-    """The ROC of every target in the attack's run, and each target's own curve in the run that logged it, so the
-    page a user reaches from the registry shows what the model leaks."""
+def log_roc_figures(results: dict, targets: dict[str, Path]) -> None:
+    """The ROC of every target and attack in the attack's run, and each target's own curves in the run that logged
+    it, so the page a user reaches from the registry shows what the model leaks."""
     import matplotlib.pyplot as plt
     import mlflow
 
     from tckr.platform.tracking import log_figure_to_model_run
-    from tckr.privacy.attack import roc_figure
+    from tckr.privacy.attack import curve_labels, roc_figure
 
-    figures = {"roc.png": roc_figure(outcome)}
+    figures = {"roc.png": roc_figure(curve_labels(results))}
     mlflow.log_figure(figures["roc.png"], "roc.png")
     for name, model_dir in targets.items():
-        figures[name] = roc_figure({name: outcome[name]})
+        figures[name] = roc_figure(curve_labels(results, name))
         model_uri = json.loads((model_dir / "logged_model.json").read_text())["model_uri"]
         log_figure_to_model_run(model_uri, figures[name], "mia/roc.png")
     for figure in figures.values():
@@ -172,12 +172,14 @@ def log_roc_figures(outcome: dict, targets: dict[str, Path]) -> None:
 
 
 def run_attack(image_size: int, recipe, attack: AttackConfig, runtime: RuntimeConfig, data: Path,
-               targets: dict[str, Path], shadows: list[Path], results: Path, eval_batch_size: int) -> Metrics:
-    """LiRA against ``targets``: the fan-out's shadows (of ``recipe``) are used, missing ones trained here; each
-    shadow becomes a nested MLflow run under the attack's."""
+               targets: dict[str, Path], shadows: list[Path], results: Path, eval_batch_size: int,
+               differences: dict[str, tuple[str, str]] | None = None) -> Metrics:
+    """LiRA and RMIA against ``targets`` (and intervals for the ``differences`` between them): the fan-out's shadows
+    (of ``recipe``) are used, missing ones trained here; each shadow becomes a nested MLflow run under the
+    attack's."""
     import mlflow
 
-    from tckr.privacy.attack import attack as lira
+    from tckr.privacy.attack import attack as membership_inference
     from tckr.privacy.attack import collect_shadows, load_population, shadow_recipe, train_shadows
 
     on = run_device(runtime)
@@ -185,19 +187,27 @@ def run_attack(image_size: int, recipe, attack: AttackConfig, runtime: RuntimeCo
     population, validation, info = load_population(attack, image_size, data)
     trained_here = train_shadows(shadow_recipe(recipe, attack), attack, population, validation, info, shadows_here,
                                  on, done_elsewhere=shadows)
-    logits, summaries = collect_shadows([shadows_here, *shadows], attack.shadows)
-    outcome = lira(attack, population, info, logits, targets, results, on, eval_batch_size)
+    logits, summaries = collect_shadows([shadows_here, *shadows], shadow_recipe(recipe, attack), attack, population)
+    outcome = membership_inference(attack, population, info, logits, targets, results, on, eval_batch_size, differences)
     log_shadow_runs(summaries)
-    for name in ("attack.json", "scores.csv", *(f"roc-{target}.csv" for target in targets)):
+    for name in ("attack.json", "scores.csv", *(path.name for path in sorted(results.glob("roc-*.csv")))):
         mlflow.log_artifact(str(results / name))
-    log_roc_figures(outcome, targets)
-    metrics: Metrics = {}
-    for name, result in outcome.items():
-        metrics |= result.metrics(f"{name}.mia")
-    return metrics | {"attack.shadows": float(len(summaries)), "attack.shadows_trained_here": float(len(trained_here)),
-                      "attack.shadow_val_accuracy": sum(s["val_accuracy"] for s in summaries) / len(summaries),
-                      "attack.population": float(len(population)),
-                      "stage.shadows.seconds": sum(s["seconds"] for s in summaries)}
+    log_roc_figures(outcome.results, targets)
+    return outcome.metrics() | {
+        "attack.shadows": float(len(summaries)), "attack.shadows_trained_here": float(len(trained_here)),
+        "attack.shadow_val_accuracy": sum(s["val_accuracy"] for s in summaries) / len(summaries),
+        "attack.population": float(len(population)), "attack.rmia_references": float(len(population.references)),
+        "stage.shadows.seconds": sum(s["seconds"] for s in summaries)}
+
+
+def aop_metrics(role: str, metrics: Metrics) -> Metrics:
+    """``<role>.aop`` from its test accuracy and AUC, with the interval its AUC's bootstrap interval gives."""
+    from tckr.privacy.lira import aop, aop_interval
+
+    accuracy = metrics[f"{role}.test_accuracy"]
+    low, high = aop_interval(accuracy, (metrics[f"{role}.mia.auc_ci_low"], metrics[f"{role}.mia.auc_ci_high"]))
+    return {f"{role}.aop": aop(accuracy, metrics[f"{role}.mia.auc"]), f"{role}.aop_ci_low": low,
+            f"{role}.aop_ci_high": high}
 
 
 def register_classifier(config: Any, role: str, model_dir: Path, metrics: Metrics, extra_tags: dict[str, str],

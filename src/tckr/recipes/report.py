@@ -42,6 +42,69 @@ def stage_rows(metrics: dict[str, float], stages: dict[str, tuple[str, ...]]) ->
     return rows
 
 
+# ------------------------------------------------------------------------------------- privacy figures
+# LiRA's figures as reports show them (header, metric under ``<role>.mia.``) and what each is by chance.
+MIA_FIGURES = (("AUC_MIA", "auc"), ("TPR@0.1%FPR", "tpr_at_0.1pct_fpr"), ("TPR@1%FPR", "tpr_at_1pct_fpr"),
+               ("balanced accuracy", "balanced_accuracy"))
+
+
+def with_interval(metrics: dict[str, float], key: str, percent: bool = True, signed: bool = False) -> str:
+    """``52.43 [51.80, 53.05]``: a figure and its 95% bootstrap interval (``<key>_ci_low``/``_ci_high``) if logged."""
+    scale = 100 if percent else 1
+    shown = f"{{:{'+' if signed else ''}.2f}}"
+    text = shown.format(scale * metrics[key])
+    if f"{key}_ci_low" in metrics:
+        low, high = (shown.format(scale * metrics[f"{key}_ci_{end}"]) for end in ("low", "high"))
+        text += f" [{low}, {high}]"
+    return text
+
+
+def null_band_cells(metrics: dict[str, float], figures: tuple[str, ...]) -> tuple[str, ...]:
+    """The band a target that learnt nothing scores, per figure (in %); ``-`` where none applies."""
+    return tuple(f"[{100 * metrics[f'attack.null.{f}_low']:.2f}, {100 * metrics[f'attack.null.{f}_high']:.2f}]"
+                 if f"attack.null.{f}_low" in metrics else "-" for f in figures)
+
+
+ATTACKS = (("mia", "LiRA"), ("rmia", "RMIA"))  # metric infix, name: LiRA the primary, RMIA always beside it
+
+
+def attack_table(metrics: dict[str, float], roles: dict[str, str]) -> str:
+    """Both attacks' figures for the ``roles`` (metric prefix -> name shown), in % with 95% intervals, and the
+    null band; empty before the attack."""
+    rows = [(f"{name} ({attack})", *(with_interval(metrics, f"{prefix}.{infix}.{figure}") for _, figure in MIA_FIGURES))
+            for infix, attack in ATTACKS for prefix, name in roles.items() if f"{prefix}.{infix}.auc" in metrics]
+    if not rows:
+        return ""
+    if "attack.null.auc_low" in metrics:
+        rows.append(("null band (no leak)", *null_band_cells(metrics, tuple(figure for _, figure in MIA_FIGURES))))
+    return render_table(rows, ("target (attack)", *(header for header, _ in MIA_FIGURES)))
+
+
+def chance_verdict(metrics: dict[str, float], roles: dict[str, str]) -> str:
+    """One sentence per report: which of the ``roles``' (prefix -> name) attack figures are indistinguishable from
+    chance (the null band overlaps their 95% interval), and which are not."""
+    inside, outside = [], []
+    for infix, attack in ATTACKS:
+        for prefix, name in roles.items():
+            for header, figure in MIA_FIGURES:
+                key = f"{prefix}.{infix}.{figure}"
+                if f"{key}_ci_low" not in metrics or f"attack.null.{figure}_low" not in metrics:
+                    continue
+                overlaps = (metrics[f"{key}_ci_low"] <= metrics[f"attack.null.{figure}_high"]
+                            and metrics[f"attack.null.{figure}_low"] <= metrics[f"{key}_ci_high"])
+                (inside if overlaps else outside).append(f"{name} {attack} {header}")
+    if not inside and not outside:
+        return ""
+    parts = []
+    if inside:
+        parts.append(f"indistinguishable from chance (the 95% interval overlaps the null band): {', '.join(inside)}")
+    if outside:
+        parts.append(f"above chance: {', '.join(outside)}")
+    return ("Membership figures " + "; ".join(parts) + ". Intervals: paired stratified bootstrap over the "
+            "population; null band: what a target whose scores ignore membership scores. A figure inside the band "
+            "shows this attack found no leak, not that there is none.")
+
+
 # ------------------------------------------------------------------------------------- both recipes
 class RunDirectoryError(TckrError, ValueError):
     """A path given to ``tckr report`` is not a finished run directory (a usage error, like a bad config)."""
@@ -87,6 +150,9 @@ def comparison_rows(runs: list[tuple[str, dict, dict[str, float]]]) -> list[tupl
             return "-"
         return f"{100 * value:.2f}" if percent else format_value(value)
 
+    def interval(metrics: dict[str, float], key: str) -> str:
+        return with_interval(metrics, key) if key in metrics else "-"
+
     rows = []
     for name, config, metrics in runs:
         for recipe, prefix, label in COMPARED_MODELS:
@@ -95,8 +161,8 @@ def comparison_rows(runs: list[tuple[str, dict, dict[str, float]]]) -> list[tupl
             private = recipe == "privimage"
             fid = metrics.get("privimage.fid" if private else "synthetic.fid") if prefix != "teacher" else None
             rows.append((name, label, shown(metrics, f"{prefix}.test_accuracy", True),
-                         "-" if fid is None else f"{fid:.2f}", shown(metrics, f"{prefix}.mia.auc", True),
-                         shown(metrics, f"{prefix}.mia.tpr_at_1pct_fpr", True), shown(metrics, f"{prefix}.aop", True),
+                         "-" if fid is None else f"{fid:.2f}", interval(metrics, f"{prefix}.mia.auc"),
+                         interval(metrics, f"{prefix}.mia.tpr_at_1pct_fpr"), interval(metrics, f"{prefix}.aop"),
                          f"{metrics['privimage.epsilon']:.2f}" if private else "inf (no DP)",
                          f"{metrics['privimage.delta']:.2g}" if private else "-",
                          f"{metrics['run.seconds']:.0f}s" if "run.seconds" in metrics else "-"))
@@ -110,10 +176,17 @@ def comparison_report(run_dirs: list[Path]) -> str:
         config, metrics = read_run(run_dir)
         runs.append((Path(run_dir).resolve().name, config, metrics))
     lines = ["# tckr: recipes side by side", "",
-             "Accuracy, AUC_MIA, TPR and AOP in %, on the real test split and LiRA's member/non-member population. "
+             "Accuracy, AUC_MIA, TPR and AOP in %, on the real test split and LiRA's member/non-member population, "
+             "with 95% bootstrap intervals in brackets (each run's null band, what a target that learnt nothing "
+             "scores, follows the table). "
              "A TCKR run gives no differential-privacy guarantee (epsilon = inf); a PrivImage run's (epsilon, delta) "
              "covers its semantic query and DP-SGD, not its hyperparameter search or the public data.", "",
              render_table(comparison_rows(runs), COMPARISON_HEADER), ""]
+    for name, _, metrics in runs:
+        if "attack.null.auc_low" in metrics:
+            auc, tpr = null_band_cells(metrics, ("auc", "tpr_at_1pct_fpr"))
+            lines.append(f"- `{name}`: null band AUC_MIA {auc}, TPR@1%FPR {tpr}")
+    lines.append("")
     for (name, config, _), run_dir in zip(runs, run_dirs, strict=True):
         grid = Path(run_dir).resolve() / "samples.png"
         if grid.is_file():

@@ -27,6 +27,7 @@ from tckr.core import distributed
 from tckr.core.atomic import atomic_path, write_text
 from tckr.core.errors import ConfigError
 from tckr.core.progress import progress
+from tckr.core.seeds import derive_seed
 from tckr.data.images import BatchAugment, ImageSplit
 from tckr.data.ingest import DatasetInfo
 from tckr.training.config import ClassifierConfig
@@ -131,7 +132,7 @@ def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_siz
     lead = rank == 0
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(derive_seed(cfg.seed, name, "init"))
     model = create_classifier(cfg.model, info.num_classes, info.channels, cfg.pretrained).to(device)
     # The module that trains: under DDP its backward averages gradients across ranks (and its
     # construction copies rank 0's weights to all); evaluation uses ``model`` itself, on rank 0 only.
@@ -143,9 +144,10 @@ def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_siz
 
     train_set = ImageSplit(splits["train"], image_size, info.channels, augmix=cfg.augmix)
     val_set = ImageSplit(splits["validation"], image_size, info.channels)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(derive_seed(cfg.seed, name, "order"))
     # Several ranks: disjoint slices of one seeded permutation per epoch (set_epoch), so nothing to checkpoint.
-    sampler = (DistributedSampler(train_set, num_replicas=ranks, rank=rank, shuffle=True, seed=cfg.seed,
+    sampler = (DistributedSampler(train_set, num_replicas=ranks, rank=rank, shuffle=True,
+                                  seed=derive_seed(cfg.seed, name, "order"),
                                   drop_last=True) if ranks > 1 else None)
     loader = DataLoader(train_set, batch_size=cfg.batch_size // ranks, shuffle=sampler is None, sampler=sampler,
                         drop_last=True, generator=generator, num_workers=cfg.num_workers,
@@ -168,7 +170,7 @@ def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_siz
         trained.train()
         if sampler is not None:
             sampler.set_epoch(epoch)
-            torch.manual_seed(cfg.seed * 100_003 + epoch * ranks + rank)  # this rank's crops, flips and MixUp
+            torch.manual_seed(derive_seed(cfg.seed, name, "augment", epoch, rank))  # this rank's crops, flips, MixUp
         epoch_start = time.perf_counter()
         return loader
 

@@ -49,14 +49,14 @@ def test_student_learns_from_the_teacher_on_images_it_never_labels(tmp_path, sav
     cfg = IngestConfig(source="disk", name=str(saved_dataset_dir), validation_fraction=0.1, holdout_fraction=0.2)
     prepare(cfg, tmp_path / "prepared", "fm", min_train_images=32)
     splits, info = load_prepared(tmp_path / "prepared")
-    recipe = ClassifierConfig(model="tckr_cnn", epochs=4, batch_size=32, lr=3e-3, crop_padding=1, seed=3)
+    recipe = ClassifierConfig(model="tckr_cnn", epochs=12, batch_size=32, lr=3e-3, crop_padding=1, seed=3)
     teacher = train_classifier(recipe, splits, info, 16, tmp_path / "teacher", CPU)
     # "Synthetic" stand-in: the holdout images with their labels scrambled; the student may only use the teacher.
     scrambled = splits["holdout"].map(lambda row, i: {"label": (row["label"] + i) % 10}, with_indices=True)
     records = []
     result = train_student(recipe, DistillConfig(), scrambled, splits, info, 16, tmp_path / "teacher",
                            tmp_path / "student", CPU, sources_key="holdout", on_epoch=records.append)
-    assert len(records) == 4 and result.test_accuracy > 0.3  # the labels alone would teach nothing
+    assert len(records) == 12 and result.test_accuracy > 0.3  # the labels alone would teach nothing (seeds 0-4 pass)
     assert result.test_accuracy >= 0.5 * teacher.test_accuracy
     assert json.loads((tmp_path / "student" / "model.json").read_text())["architecture"] == "tckr_cnn"
     assert load_classifier(tmp_path / "student") is not None

@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from tckr.recipes.privimage.config import PrivImageRun
-from tckr.recipes.report import render_table, stage_rows
+from tckr.recipes.report import (
+    attack_table,
+    chance_verdict,
+    null_band_cells,
+    render_table,
+    stage_rows,
+    with_interval,
+)
 
 STAGE_ROWS: dict[str, tuple[str, ...]] = {
     "ingest": ("data.train_images", "data.holdout_images", "data.public_images", "data.test_images"),
@@ -26,13 +33,26 @@ STAGE_ROWS: dict[str, tuple[str, ...]] = {
 }
 
 HEADLINE = (("epsilon spent", "privimage.epsilon", "{:.3f}"), ("delta", "privimage.delta", "{:.2g}"),
-            ("FID", "privimage.fid", "{:.2f}"), ("accuracy", "privimage.test_accuracy", "{:.2%}"),
-            ("AUC_MIA", "privimage.mia.auc", "{:.4f}"), ("TPR@1%FPR", "privimage.mia.tpr_at_1pct_fpr", "{:.2%}"),
-            ("AOP", "privimage.aop", "{:.2%}"))
+            ("FID", "privimage.fid", "{:.2f}"), ("accuracy (%)", "privimage.test_accuracy", "{:.2%}"))
+# With their 95% intervals, in %, beside the null band.
+PRIVACY_HEADLINE = (("AUC_MIA (%)", "privimage.mia.auc"), ("TPR@0.1%FPR (%)", "privimage.mia.tpr_at_0.1pct_fpr"),
+                    ("TPR@1%FPR (%)", "privimage.mia.tpr_at_1pct_fpr"), ("AOP (%)", "privimage.aop"))
 
 
-def headline(metrics: dict[str, float]) -> list[tuple[str, str]]:
-    return [(name, template.format(metrics[key])) for name, key, template in HEADLINE if key in metrics]
+TARGETS = {"privimage": "classifier"}  # metric prefix -> name in the tables
+HEADLINE_COLUMNS = ("figure", "value [95% interval]", "null band (no leak)")
+
+
+def headline(metrics: dict[str, float]) -> list[tuple[str, str, str]]:
+    """``(figure, value, null band)`` rows: the privacy spent, what it bought, what the classifier leaks."""
+    rows = [(name, template.format(metrics[key]).rstrip("%"), "") for name, key, template in HEADLINE
+            if key in metrics]
+    for name, key in PRIVACY_HEADLINE:
+        if key in metrics:
+            figure = key.rsplit(".", 1)[1]
+            band = null_band_cells(metrics, (figure,))[0] if key.startswith("privimage.mia.") else ""
+            rows.append((name, with_interval(metrics, key), band))
+    return rows
 
 
 def write_report(cfg: PrivImageRun, metrics: dict[str, float], out_dir: Path, parent_run: Any) -> list[Path]:
@@ -50,7 +70,7 @@ def write_report(cfg: PrivImageRun, metrics: dict[str, float], out_dir: Path, pa
         f"profile `{cfg.profile}` · dataset `{cfg.dataset}` · image size {cfg.image_size} px · config hash "
         f"`{cfg.fingerprint()}` · MLflow run `{parent_run.info.run_id}` (experiment `{cfg.experiment_name}`)", "",
         "## Privacy spent and what it bought", "",
-        render_table(headline(metrics), ("figure", "value")), "",
+        render_table(headline(metrics), HEADLINE_COLUMNS), "",
         f"(epsilon, delta) is end to end: the semantic query (a Gaussian histogram, noise multiplier "
         f"{cfg.query.sigma:g}) and {metrics.get('privimage.dp_steps', 0):.0f} DP-SGD steps (noise multiplier "
         f"{metrics.get('privimage.noise_multiplier', float('nan')):.3f}, sample rate "
@@ -62,7 +82,11 @@ def write_report(cfg: PrivImageRun, metrics: dict[str, float], out_dir: Path, pa
         f"classifier is trained on the synthetic set only, selected on {selected_on}, and tested on the real test "
         f"split. LiRA ({cfg.attack.variant}, {cfg.attack.variance} variance, {cfg.attack.shadows} shadows of the "
         "classifier's recipe on real data) on the same member/non-member population as TCKR's targets; "
-        "AOP = accuracy x (0.5 / AUC_MIA)^2.", "",
+        "AOP = accuracy x (0.5 / max(AUC_MIA, 1 - AUC_MIA))^2. Intervals: "
+        f"{cfg.attack.bootstrap} paired bootstrap resamples of the population.", "",
+        "Both attacks, pre-declared (LiRA, and RMIA with the same shadows as reference models), in %:", "",
+        attack_table(metrics, TARGETS), "",
+        chance_verdict(metrics, TARGETS), "",
     ]
     if "privimage.selection_precision" in metrics:
         report += [f"Semantic query: {metrics.get('query.selected_classes', 0):.0f} public classes, "

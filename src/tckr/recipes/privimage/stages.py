@@ -264,11 +264,10 @@ def register(*, config: PrivImageRun, model: Path, classifier_metrics: Metrics, 
              attack_metrics: Metrics) -> Metrics:
     """AOP of the downstream classifier, then the classifier registered with its (epsilon, delta) and what it
     leaks; ``champion`` only if its AOP beats the current champion's (``candidate`` either way)."""
-    from tckr.privacy.lira import aop
-    from tckr.recipes.common import register_classifier
+    from tckr.recipes.common import aop_metrics, register_classifier
 
     merged = classifier_metrics | finetune_metrics | attack_metrics
-    metrics: Metrics = {f"{ROLE}.aop": aop(merged[f"{ROLE}.test_accuracy"], merged[f"{ROLE}.mia.auc"])}
+    metrics: Metrics = aop_metrics(ROLE, merged)
     if config.tracking.register_models:
         tags = {"epsilon": f"{merged[f'{ROLE}.epsilon']:.4f}", "delta": f"{merged[f'{ROLE}.delta']:.3g}",
                 "selected_on": config.downstream.selection}

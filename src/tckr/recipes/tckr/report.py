@@ -8,7 +8,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tckr.recipes.report import render_table, stage_rows
+from tckr.recipes.report import (
+    attack_table,
+    chance_verdict,
+    null_band_cells,
+    render_table,
+    stage_rows,
+    with_interval,
+)
 from tckr.recipes.tckr.config import TckrRun
 
 # Rows of the report: stage -> the metrics that summarise it (present ones only).
@@ -31,6 +38,7 @@ STAGE_ROWS: dict[str, tuple[str, ...]] = {
     "attack": ("attack.population", "attack.shadows_trained_here"),  # its figures: the table above
 }
 
+TARGETS = {"teacher": "teacher", "student": "student"}  # metric prefix -> name in the tables
 # The paper's Table 2 columns (header, metric suffix per role), all shown in percent.
 TABLE2_COLUMNS = (("Accuracy", "test_accuracy"), ("AUC_MIA", "mia.auc"), ("TPR@0.1%FPR", "mia.tpr_at_0.1pct_fpr"),
                   ("TPR@1%FPR", "mia.tpr_at_1pct_fpr"), ("AOP", "aop"))
@@ -42,12 +50,19 @@ def results_table(metrics: dict[str, float]) -> list[tuple[str, str, str]]:
 
 
 def privacy_table(metrics: dict[str, float]) -> list[tuple[str, ...]]:
-    """Teacher, student and their difference, in percent (the paper's Table 2); empty before the attack."""
+    """Teacher, student and their difference, in percent with 95% intervals (the paper's Table 2, and the band a
+    target that learnt nothing scores); empty before the attack."""
     roles = [role for role in ("teacher", "student") if f"{role}.aop" in metrics]
-    rows = [(role, *(f"{100 * metrics[f'{role}.{key}']:.2f}" for _, key in TABLE2_COLUMNS)) for role in roles]
+    rows = [(role, *(with_interval(metrics, f"{role}.{key}") for _, key in TABLE2_COLUMNS)) for role in roles]
     if len(roles) == 2:
-        rows.append(("student - teacher", *(f"{100 * (metrics[f'student.{key}'] - metrics[f'teacher.{key}']):+.2f}"
-                                             for _, key in TABLE2_COLUMNS)))
+        difference = {**{f"delta.{key}": metrics[f"student.{key}"] - metrics[f"teacher.{key}"]
+                         for _, key in TABLE2_COLUMNS},
+                      **{key: value for key, value in metrics.items() if key.startswith("delta.")}}
+        rows.append(("student - teacher", *(with_interval(difference, f"delta.{key}", signed=True)
+                                            for _, key in TABLE2_COLUMNS)))
+    if rows and "attack.null.auc_low" in metrics:
+        rows.append(("null band (no leak)", "-", *null_band_cells(
+            metrics, tuple(key.removeprefix("mia.") for _, key in TABLE2_COLUMNS[1:-1])), "-"))
     return rows
 
 
@@ -78,7 +93,14 @@ def write_report(cfg: TckrRun, metrics: dict[str, float], out_dir: Path, parent_
             render_privacy_table(metrics), "",
             f"LiRA ({cfg.attack.variant}, {cfg.attack.variance} variance, {cfg.attack.shadows} shadow models of the "
             "teacher's recipe) on a balanced population of private-train members and holdout non-members; "
-            "AOP = accuracy x (0.5 / AUC_MIA)^2. Accuracy on the real test split.", "",
+            "AOP = accuracy x (0.5 / max(AUC_MIA, 1 - AUC_MIA))^2, its interval carried from AUC_MIA's at the fixed "
+            f"accuracy. Accuracy on the real test split. Brackets: 95% intervals ({cfg.attack.bootstrap} paired "
+            "bootstrap resamples of the population).", "",
+            "Both attacks, pre-declared (LiRA, and RMIA with the same shadows as reference models and "
+            f"{metrics.get('attack.rmia_references', 0):.0f} test images as its population samples; neither is "
+            "reported as the better of the two), in %:", "",
+            attack_table(metrics, TARGETS), "",
+            chance_verdict(metrics, TARGETS), "",
         ]
     if (out_dir / "roc.png").is_file():
         report += ["![LiRA ROC, log-log](roc.png)", ""]

@@ -304,7 +304,7 @@ def attack(*, image_size: int, teacher: ClassifierConfig, attack: AttackConfig, 
     """LiRA against teacher and student: the fan-out's shadows are used, missing ones are trained here;
     each shadow becomes a nested MLflow run under the attack's."""
     return run_attack(image_size, teacher, attack, runtime, data, {"teacher": teacher_model, "student": student_model},
-                      shadows, results, teacher.eval_batch_size)
+                      shadows, results, teacher.eval_batch_size, differences={"delta": ("student", "teacher")})
 
 
 # TCKR's champion: the student with the best accuracy over privacy (AOP), compared within this recipe's own
@@ -321,13 +321,11 @@ def register(*, config: TckrRun, teacher_model: Path, student_model: Path, teach
              student_metrics: Metrics, attack_metrics: Metrics) -> Metrics:
     """AOP of teacher and student, then both registered with what they leak; the student becomes
     ``champion`` only if its AOP beats the current champion's (and ``candidate`` either way)."""
-    from tckr.privacy.lira import aop
-    from tckr.recipes.common import register_classifier
+    from tckr.recipes.common import aop_metrics, register_classifier
 
     merged = teacher_metrics | student_metrics | attack_metrics
     model_dirs = {"teacher": teacher_model, "student": student_model}
-    metrics: Metrics = {f"{role}.aop": aop(merged[f"{role}.test_accuracy"], merged[f"{role}.mia.auc"])
-                        for role in model_dirs}
+    metrics: Metrics = aop_metrics("teacher", merged) | aop_metrics("student", merged)
     metrics["student.accuracy_ratio"] = merged["student.test_accuracy"] / merged["teacher.test_accuracy"]
     if config.tracking.register_models:
         for role, model_dir in model_dirs.items():
