@@ -51,12 +51,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
               + render_privacy_table(outcome.metrics))
         print("\nboth attacks, in % with 95% intervals:\n" + attack_table(outcome.metrics, TARGETS))
         print(chance_verdict(outcome.metrics, TARGETS))
-        print(f"\nreport:        {outcome.run_dir / 'report.md'}  (metrics.json, config.yaml, roc.png, samples.png)")
+        _print_audit(outcome.metrics)
+        print(f"\nreport:        {outcome.run_dir / 'report.md'}  (metrics.json, config.yaml, roc.png, samples.png, "
+              "worst-pairs.png)")
     if outcome.tracking_uri.startswith("sqlite:///"):
         print(f"MLflow UI:     mlflow ui --backend-store-uri {outcome.tracking_uri}   (or: make mlflow-ui)")
     else:
         print(f"MLflow:        {outcome.tracking_uri}")
     return 0
+
+
+def _print_audit(metrics: dict[str, float]) -> None:
+    from tckr.recipes.report import audit_table, audit_verdict
+
+    table = audit_table(metrics)
+    if table:
+        print("\ndoes the synthetic set copy members? (distance to closest record):\n" + table)
+        print(audit_verdict(metrics))
 
 
 def _print_privimage(metrics: dict[str, float], run_dir: Path) -> None:
@@ -76,8 +87,9 @@ def _print_privimage(metrics: dict[str, float], run_dir: Path) -> None:
     print("\nPrivImage, end to end:\n" + render_table(headline(metrics), HEADLINE_COLUMNS))
     print("\nboth attacks, in % with 95% intervals:\n" + attack_table(metrics, TARGETS))
     print(chance_verdict(metrics, TARGETS))
+    _print_audit(metrics)
     print(f"\nreport:        {run_dir / 'report.md'}  (metrics.json, config.yaml, selection.json, roc.png, "
-          "samples.png)")
+          "samples.png, worst-pairs.png)")
     tckr_run = latest_run_of("tckr", run_dir)
     if tckr_run is not None:
         comparison = comparison_report([tckr_run, run_dir])

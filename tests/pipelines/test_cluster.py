@@ -26,8 +26,8 @@ pytestmark = pytest.mark.unit  # starts no server, trains nothing beyond a few s
 IMAGE, CUDA_IMAGE = default_images()  # this code's, tagged by content (tests/test_images.py)
 
 GPU_STAGES = {stage.name for stage in STAGES if stage.resources["gpus"]}
-TRACKED_STAGES = {"start_run", "finish_run", "ingest", "teacher", "caption", "generator", "finetune", "generate", "fid",
-                  "student", "attack", "register", "report"}  # the components that take tracking_uri
+TRACKED_STAGES = {"start_run", "finish_run", "ingest", "teacher", "caption", "generator", "finetune", "generate",
+                  "audit", "fid", "student", "attack", "register", "report"}  # the components that take tracking_uri
 PER_RUN_PARAMETERS = {"run_name"}  # tckr.platform.runner.new_run_name: new every run
 CREDENTIAL_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_USERNAME",
                         "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"}
@@ -86,7 +86,7 @@ def test_every_task_requests_its_declared_cpu_and_memory(paper):
 
 def test_gpu_stages_get_one_gpu_the_cuda_image_and_gpu_nodes(paper):
     spec, platform, _ = paper
-    assert sorted(GPU_STAGES) == ["attack", "caption", "fid", "finetune", "generate", "generate_shard",
+    assert sorted(GPU_STAGES) == ["attack", "audit", "caption", "fid", "finetune", "generate", "generate_shard",
                                   "shadow_group", "student", "teacher"]
     for stage, container in _executors(spec).items():
         placement = platform.get(f"exec-{stage.replace('_', '-')}", {})

@@ -61,8 +61,12 @@ def test_report_shows_privacy_and_utility_and_every_stage(privimage_smoke_run):
     assert metrics["privimage.aop_ci_low"] <= metrics["privimage.aop"] <= metrics["privimage.aop_ci_high"]
     interval = r"\[\d+\.\d\d, \d+\.\d\d\]"
     assert re.search(rf"\| AUC_MIA \(%\) +\| \d+\.\d\d {interval} +\| {interval}", report)  # value, interval, null band
-    for stage in ("query", "pretrain", "finetune", "fid", "classifier", "attack"):
+    for stage in ("query", "pretrain", "finetune", "audit", "fid", "classifier", "attack"):
         assert f"| {stage} " in report, stage
+    # The synthetic set's audit, in both spaces, with the worst pairs beside the report.
+    assert metrics["audit.synthetic_images"] == metrics["synthetic.images"]
+    assert 0 <= metrics["audit.dcr_pvalue"] <= 1 and 0 <= metrics["audit.features.near_copy_pvalue"] <= 1
+    assert "copy members?" in report and (outcome.run_dir / "worst-pairs.png").is_file()
 
 
 def test_mlflow_runs_epsilon_per_epoch_and_registered_classifier(privimage_smoke_run):

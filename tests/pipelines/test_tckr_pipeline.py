@@ -89,6 +89,26 @@ def test_attack_outputs(smoke_run):
     assert roc[0] == "fpr,tpr,threshold" and roc[1] == "0.0,0.0,inf" and roc[-1].startswith("1.0,1.0,")
 
 
+def test_synthetic_set_is_audited(smoke_run):
+    """Every synthetic image against as many members as holdout images, in pixels and ImageNet features."""
+    cfg, outcome, _ = smoke_run
+    metrics = outcome.metrics
+    audit_dir = next(outcome.run_dir.glob("kfp/*/audit/results"))
+    assert metrics["audit.synthetic_images"] == metrics["synthetic.images"]
+    assert metrics["audit.references"] == min(metrics["data.train_images"], metrics["data.holdout_images"])
+    for prefix in ("audit.", "audit.features."):
+        assert 0 <= metrics[prefix + "closer_to_train_share"] <= 1 and 0 < metrics[prefix + "dcr_pvalue"] <= 1
+        assert metrics[prefix + "near_copy_threshold"] > 0 and metrics[prefix + "flagged"] in (0.0, 1.0)
+        assert min(metrics[prefix + "dcr_train_median"], metrics[prefix + "dcr_holdout_median"]) > 0
+    rows = (audit_dir / "dcr.csv").read_text().splitlines()
+    assert rows[0].startswith("synthetic_row,dcr_train_pixels,dcr_holdout_pixels,train_row_pixels,holdout_row_pixels,")
+    assert len(rows) == 1 + metrics["synthetic.images"]
+    report = (outcome.run_dir / "report.md").read_text()
+    assert re.search(r"\| pixels \(RMS difference\) +\| \d\.\d{4} +\| \d\.\d{4} +\|", report)
+    assert "](worst-pairs.png)" in report and (outcome.run_dir / "worst-pairs.png").is_file()
+    assert json.loads((audit_dir / "audit.json").read_text())["config"] == cfg.audit.model_dump(mode="json")
+
+
 def test_base_generator_is_cached(smoke_run, tmp_path):
     """A second run with the same generator settings and public data reuses the pretrained weights."""
     from tckr.platform.tracking import Tracking
@@ -122,8 +142,8 @@ def test_mlflow_parent_and_stage_runs(smoke_run):
     assert {"config.yaml", "report.md", "metrics.json"} <= artifacts
 
     stages = {r.data.tags["tckr.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(stages) == {"ingest", "teacher", "caption", "generator", "finetune", "generate", "fid", "student",
-                           "attack", "register"}
+    assert set(stages) == {"ingest", "teacher", "caption", "generator", "finetune", "generate", "audit", "fid",
+                           "student", "attack", "register"}
     assert all(r.info.status == "FINISHED" for r in stages.values())
     teacher = stages["teacher"]
     assert teacher.data.params["teacher.epochs"] == str(cfg.teacher.epochs)  # its sections, by dotted name

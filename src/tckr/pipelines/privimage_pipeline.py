@@ -1,6 +1,7 @@
 """The PrivImage recipe as a KFP v2 pipeline:
 ingest -> public pool -> DP semantic query -> pretrain (public) -> DP-SGD fine-tune -> sample (ParallelFor over
-shards) -> {FID, downstream classifier} -> attack (LiRA, ParallelFor over shadow groups) -> register -> report.
+shards) -> {audit (DCR), FID, downstream classifier} -> attack (LiRA, ParallelFor over shadow groups) -> register
+-> report.
 
 Only the wiring is here: each task's sections, tracking parameters and caching come from its stage's
 declaration (``tckr.recipes.privimage.stages``), resources and placement from the ``kubernetes:`` section.
@@ -33,6 +34,7 @@ def privimage_graph(task: Tasks) -> None:
     sampled = task("sample", generator=generator,
                    shards=dsl.Collected(shard_task.outputs["images"])).after(parent)
     synthetic = sampled.outputs["synthetic"]
+    audited = task("audit", data=data, synthetic=synthetic).after(parent)
     scored = task("fid", data=data, synthetic=synthetic).after(parent)
     trained = task("classifier", data=data, synthetic=synthetic).after(parent)
     groups = task("shadow_plan")
@@ -46,9 +48,11 @@ def privimage_graph(task: Tasks) -> None:
     task("report", ingest_metrics=ingested.outputs["metrics"], pool_metrics=pool.outputs["metrics"],
          query_metrics=queried.outputs["metrics"], pretrain_metrics=base.outputs["metrics"],
          finetune_metrics=tuned.outputs["metrics"], sample_metrics=sampled.outputs["metrics"],
-         fid_metrics=scored.outputs["metrics"], classifier_metrics=trained.outputs["metrics"],
+         audit_metrics=audited.outputs["metrics"], fid_metrics=scored.outputs["metrics"],
+         classifier_metrics=trained.outputs["metrics"],
          attack_metrics=attacked.outputs["metrics"], register_metrics=registered.outputs["metrics"],
-         synthetic=synthetic, selection=selection, attack_results=attacked.outputs["results"]).after(parent)
+         synthetic=synthetic, selection=selection, audit_results=audited.outputs["results"],
+         attack_results=attacked.outputs["results"]).after(parent)
 
 
 DESCRIPTION = ("PrivImage: DP semantic query -> public-subset pretraining -> DP-SGD diffusion fine-tuning -> "

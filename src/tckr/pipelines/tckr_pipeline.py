@@ -1,6 +1,7 @@
 """The TCKR recipe as a KFP v2 pipeline:
 ingest -> {teacher, caption} -> generator -> LoRA fine-tune -> generate (ParallelFor over shards)
--> {fid, student (GKD)} -> attack (LiRA, ParallelFor over shadow groups) -> register (AOP, champion) -> report.
+-> {audit (DCR), fid, student (GKD)} -> attack (LiRA, ParallelFor over shadow groups) -> register (AOP, champion)
+-> report.
 
 Only the wiring is here: each task's sections, tracking parameters and caching come from its stage's
 declaration (``tckr.recipes.tckr.stages``), resources and placement from the ``kubernetes:`` section.
@@ -32,6 +33,7 @@ def tckr_graph(task: Tasks) -> None:
         shard_task = task("generate_shard", shard=shard, **model_inputs)
     synthetic = task("generate", data=data, teacher_model=trained.outputs["model"],
                      shards=dsl.Collected(shard_task.outputs["images"]), **model_inputs).after(parent)
+    audited = task("audit", data=data, synthetic=synthetic.outputs["synthetic"]).after(parent)
     scored = task("fid", data=data, synthetic=synthetic.outputs["synthetic"]).after(parent)
     distilled = task("student", data=data, synthetic=synthetic.outputs["synthetic"],
                      teacher_model=trained.outputs["model"]).after(parent)
@@ -47,10 +49,10 @@ def tckr_graph(task: Tasks) -> None:
     task("report", ingest_metrics=ingested.outputs["metrics"], teacher_metrics=trained.outputs["metrics"],
          caption_metrics=captioned.outputs["metrics"], generator_metrics=base.outputs["metrics"],
          finetune_metrics=tuned.outputs["metrics"], generate_metrics=synthetic.outputs["metrics"],
-         fid_metrics=scored.outputs["metrics"], student_metrics=distilled.outputs["metrics"],
-         attack_metrics=attacked.outputs["metrics"],
+         audit_metrics=audited.outputs["metrics"], fid_metrics=scored.outputs["metrics"],
+         student_metrics=distilled.outputs["metrics"], attack_metrics=attacked.outputs["metrics"],
          register_metrics=registered.outputs["metrics"], synthetic=synthetic.outputs["synthetic"],
-         attack_results=attacked.outputs["results"]).after(parent)
+         audit_results=audited.outputs["results"], attack_results=attacked.outputs["results"]).after(parent)
 
 
 DESCRIPTION = "TCKR: private images -> synthetic data -> distilled student, with utility and privacy measured"

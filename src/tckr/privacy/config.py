@@ -63,3 +63,22 @@ class DPConfig(Section):
     max_noise_multiplier: float = Field(
         50.0, gt=0, description="refuse to start when the budget needs more noise than this (nothing would be learnt)")
     seed: int = 0
+
+
+class AuditConfig(Section):
+    """The audit of the synthetic set (:mod:`tckr.privacy.audit`): is each synthetic image nearer a member than
+    a holdout image, in pixels and in a public network's features? Declared before the run, like the attack."""
+
+    features: Literal["imagenet", "none"] = Field(
+        "imagenet", description="imagenet: also audit in the ImageNet MobileNetV2's pooled features (the same "
+        "offline network the captioner and the semantic query use); none: pixels only")
+    feature_size: int = Field(64, ge=32, description="px the images are resized to for the feature network")
+    references: int = Field(0, ge=0, description="train and holdout images compared against (as many of each); "
+                            "0: as many as the smaller split has")
+    near_copy_quantile: float = Field(
+        0.01, gt=0, lt=0.5, description="a near copy lies closer than this quantile of real holdout-to-train "
+        "distances")
+    alpha: float = Field(0.01, gt=0, lt=1, description="flag the set when either test's p-value is below alpha / 2")
+    worst_pairs: int = Field(12, ge=1, le=64, description="synthetic images nearest a member shown in the report")
+    batch_size: int = Field(1024, gt=0)
+    seed: int = 0

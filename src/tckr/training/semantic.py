@@ -43,7 +43,8 @@ def grey_on_dark(view: torch.Tensor) -> torch.Tensor:
 
 class ImageNetClassifier:
     """torchvision's ImageNet MobileNetV2, batch norm folded into the convolutions and channels-last (2-3x
-    faster on a CPU), ``input_size`` px inputs."""
+    faster on a CPU), ``input_size`` px inputs. Its trunk (up to the pooled 1,280-d features) is kept apart from
+    the linear head, so the same network also embeds images for the synthetic-data audit."""
 
     def __init__(self, device: torch.device, input_size: int = 112) -> None:
         import torchvision
@@ -61,17 +62,35 @@ class ImageNetClassifier:
         model = torchvision.models.mobilenet_v2()
         model.load_state_dict(torch.load(os.path.join(get_weights_dir(), "mobilenet_v2-b0353104.pth"),
                                          map_location="cpu", weights_only=True))
-        self.model = fuse(model.eval()).to(device, memory_format=torch.channels_last)
+        trunk = torch.nn.Sequential(model.features, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.trunk = fuse(trunk.eval()).to(device, memory_format=torch.channels_last)
+        self.head = model.classifier.eval().to(device)  # dropout (inactive in eval) + the linear layer
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
     @torch.inference_mode()
+    def features_of(self, pixels: torch.Tensor, invert: torch.Tensor) -> torch.Tensor:
+        """Pooled features ``[B, 1280]`` of RGB views ``[B, 3, H, W]`` in [0, 1], ``invert`` ones inverted."""
+        shown = torch.where(invert[:, None, None, None], 1.0 - pixels, pixels)
+        return self.trunk(((shown - self.mean) / self.std).contiguous(memory_format=torch.channels_last))
+
+    @torch.inference_mode()
     def logits_of(self, pixels: torch.Tensor, invert: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, 1000]`` of views ``[B, 3, input_size, input_size]`` in [0, 1], ``invert`` ones inverted."""
-        shown = torch.where(invert[:, None, None, None], 1.0 - pixels, pixels)
-        return self.model(((shown - self.mean) / self.std).contiguous(memory_format=torch.channels_last))
+        return self.head(self.features_of(pixels, invert))
 
     def logits(self, images: Sequence[PILImage.Image]) -> torch.Tensor:
         """Logits ``[B, 1000]`` of any images, grey ones on a dark background shown inverted."""
         invert = grey_on_dark(square_views(images, JUDGED_AT, self.device))
         return self.logits_of(square_views(images, self.input_size, self.device), invert)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Features ``[B, 1280]`` of a uint8 batch ``[B, C, S, S]`` (grey or RGB, any S), each view resized to
+        ``input_size`` (bicubic, antialiased) and judged grey-on-dark like :meth:`logits`'s."""
+        pixels = images.to(self.device).float().div(255.0).expand(-1, 3, -1, -1)
+
+        def view(size: int) -> torch.Tensor:
+            return torch.nn.functional.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True,
+                                                   align_corners=False).clamp(0.0, 1.0)
+
+        return self.features_of(view(self.input_size), grey_on_dark(view(JUDGED_AT)))

@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 from tckr.core.config import Section
 from tckr.data.public_pool import PublicPoolConfig
 from tckr.generators.config import ClassGeneratorConfig, FidConfig, GenerateConfig
-from tckr.privacy.config import AttackConfig, DPConfig
+from tckr.privacy.config import AttackConfig, AuditConfig, DPConfig
 from tckr.recipes.base import RunBase
 from tckr.training.config import ClassifierConfig
 
@@ -68,6 +68,7 @@ class PrivImageRun(RunBase):
     classifier: ClassifierConfig
     downstream: DownstreamConfig = DownstreamConfig()
     attack: AttackConfig = AttackConfig()
+    audit: AuditConfig = AuditConfig()
 
     @model_validator(mode="after")
     def _physical_batch_fits(self) -> PrivImageRun:

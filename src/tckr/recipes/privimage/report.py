@@ -9,7 +9,9 @@ from typing import Any
 
 from tckr.recipes.privimage.config import PrivImageRun
 from tckr.recipes.report import (
+    WORST_PAIRS,
     attack_table,
+    audit_section,
     chance_verdict,
     null_band_cells,
     render_table,
@@ -26,6 +28,7 @@ STAGE_ROWS: dict[str, tuple[str, ...]] = {
     "finetune": ("privimage.dp_steps", "privimage.noise_multiplier", "privimage.epsilon", "finetune.final_loss"),
     "sample_shards": ("synthetic.images_per_second",),
     "sample": ("synthetic.images",),
+    "audit": ("audit.closer_to_train_share", "audit.near_copy_fraction", "audit.flagged"),
     "fid": ("privimage.fid", "fid.samples"),
     "classifier": ("privimage.test_accuracy", "privimage.val_accuracy", "privimage.best_epoch"),
     "shadows": ("attack.shadows", "attack.shadow_val_accuracy"),
@@ -96,12 +99,13 @@ def write_report(cfg: PrivImageRun, metrics: dict[str, float], out_dir: Path, pa
                    ""]
     if (out_dir / "roc.png").is_file():
         report += ["![LiRA ROC, log-log](roc.png)", ""]
+    report += audit_section(metrics, cfg.audit)
     report += ["## Stages", "", render_table(stage_rows(metrics, STAGE_ROWS)), ""]
     if (out_dir / "samples.png").is_file():
         report += ["## Synthetic samples", "", "One row per class (first ten images of each).", "",
                    "![synthetic samples per class](samples.png)", ""]
     report_path = out_dir / "report.md"
     report_path.write_text("\n".join(report))
-    extras = [path for path in (out_dir / "roc.png", out_dir / "samples.png", out_dir / "selection.json")
-              if path.is_file()]
+    extras = [path for path in (out_dir / "roc.png", out_dir / "samples.png", out_dir / WORST_PAIRS,
+                                out_dir / "selection.json") if path.is_file()]
     return [metrics_path, report_path, config_path, *extras]

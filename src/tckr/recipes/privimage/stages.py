@@ -1,7 +1,7 @@
 """PrivImage's stages, each declared once (:class:`tckr.core.stage.Stage`) beside its function.
 
 ingest -> public_pool -> query (DP) -> pretrain (public, cached) -> finetune (DP-SGD) -> sample (fan-out over
-shards) -> {fid, classifier} -> attack (LiRA, fan-out over shadow groups) -> register -> report. The two private
+shards) -> {audit, fid, classifier} -> attack (LiRA, fan-out over shadow groups) -> register -> report. The two private
 steps (the query's histogram and DP-SGD) are composed in one accountant: ``finetune`` solves its noise so the
 whole run spends ``privacy.target_epsilon``. The synthetic set and the downstream classifier (selected on synthetic
 data) only post-process the DP generator, so the guarantee covers them; the measurements do not: FID and the
@@ -47,7 +47,7 @@ from tckr.recipes.privimage.config import (
     PrivImageRun,
     QueryConfig,
 )
-from tckr.recipes.synthetic import log_sample_grid, log_synthetic_set
+from tckr.recipes.synthetic import AUDIT_STAGE, audit, log_sample_grid, log_synthetic_set
 from tckr.training.config import ClassifierConfig
 
 STAGES = StageRegistry()
@@ -191,6 +191,9 @@ def sample(*, sample: GenerateConfig, runtime: RuntimeConfig, generator: Path, s
             "stage.sample_shards.seconds": summary["generation_seconds"]}
 
 
+stage(**AUDIT_STAGE)(audit)
+
+
 @stage(sections=("image_size", "fid", "runtime"), inputs={"data": DATASET, "synthetic": DATASET},
        outputs={"scores": ARTIFACT}, resources=resources("4", "8", "16Gi", "24Gi", gpus=1))
 def fid(*, image_size: int, fid: FidConfig, runtime: RuntimeConfig, data: Path, synthetic: Path,
@@ -279,15 +282,16 @@ def register(*, config: PrivImageRun, model: Path, classifier_metrics: Metrics, 
 @stage(sections=(ALL_SECTIONS,),
        inputs={"ingest_metrics": METRICS, "pool_metrics": METRICS, "query_metrics": METRICS,
                "pretrain_metrics": METRICS, "finetune_metrics": METRICS, "sample_metrics": METRICS,
-               "fid_metrics": METRICS, "classifier_metrics": METRICS, "attack_metrics": METRICS,
-               "register_metrics": METRICS, "synthetic": DATASET, "selection": ARTIFACT, "attack_results": ARTIFACT},
+               "audit_metrics": METRICS, "fid_metrics": METRICS, "classifier_metrics": METRICS,
+               "attack_metrics": METRICS, "register_metrics": METRICS, "synthetic": DATASET, "selection": ARTIFACT,
+               "audit_results": ARTIFACT, "attack_results": ARTIFACT},
        outputs={"summary": MARKDOWN, "report_files": ARTIFACT, "report_page": HTML, "roc": ROC}, own_run=False,
        cache=False, resources=resources("500m", "2", "2Gi", "4Gi"))
 def report(*, config: PrivImageRun, ingest_metrics: Metrics, pool_metrics: Metrics, query_metrics: Metrics,
-           pretrain_metrics: Metrics, finetune_metrics: Metrics, sample_metrics: Metrics, fid_metrics: Metrics,
-           classifier_metrics: Metrics, attack_metrics: Metrics, register_metrics: Metrics, synthetic: Path,
-           selection: Path, attack_results: Path, summary: Path, report_files: Path, report_page: Path, roc: Path,
-           tracking: Tracking) -> Metrics:
+           pretrain_metrics: Metrics, finetune_metrics: Metrics, sample_metrics: Metrics, audit_metrics: Metrics,
+           fid_metrics: Metrics, classifier_metrics: Metrics, attack_metrics: Metrics, register_metrics: Metrics,
+           synthetic: Path, selection: Path, audit_results: Path, attack_results: Path, summary: Path,
+           report_files: Path, report_page: Path, roc: Path, tracking: Tracking) -> Metrics:
     """Merge the stages' metrics into the run report (``report_files``: report.md, metrics.json, config.yaml,
     selection.json and the figures), close the pipeline's parent run, and publish the report as declared outputs,
     the only files a cluster keeps: ``summary`` (Markdown), ``report_page`` (self-contained HTML) and ``roc`` (the
@@ -297,15 +301,17 @@ def report(*, config: PrivImageRun, ingest_metrics: Metrics, pool_metrics: Metri
 
     from tckr.recipes.common import close_pipeline_run, publish_report
     from tckr.recipes.privimage.report import write_report
+    from tckr.recipes.report import WORST_PAIRS
 
     out_dir = report_files
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(synthetic / "samples.png", out_dir / "samples.png")
     shutil.copyfile(attack_results / "roc.png", out_dir / "roc.png")
     shutil.copyfile(selection / "selection.json", out_dir / "selection.json")
+    shutil.copyfile(audit_results / WORST_PAIRS, out_dir / WORST_PAIRS)
     metrics = close_pipeline_run(tracking, (ingest_metrics, pool_metrics, query_metrics, pretrain_metrics,
-                                            finetune_metrics, sample_metrics, fid_metrics, classifier_metrics,
-                                            attack_metrics, register_metrics), out_dir,
+                                            finetune_metrics, sample_metrics, audit_metrics, fid_metrics,
+                                            classifier_metrics, attack_metrics, register_metrics), out_dir,
                                  functools.partial(write_report, config))
     publish_report(out_dir, summary, report_page, roc, attack_results / "roc-privimage.csv")
     return metrics

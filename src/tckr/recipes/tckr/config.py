@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 
 from tckr.core.config import Section
 from tckr.generators.config import CaptionConfig, FidConfig, FinetuneConfig, GenerateConfig, GeneratorConfig
-from tckr.privacy.config import AttackConfig
+from tckr.privacy.config import AttackConfig, AuditConfig
 from tckr.recipes.base import RunBase
 from tckr.training.config import ClassifierConfig
 
@@ -36,6 +36,7 @@ class TckrRun(RunBase):
         description="null or absent: the teacher's architecture and recipe without MixUp (as the reference)")
     distill: DistillConfig = DistillConfig()
     attack: AttackConfig = AttackConfig()
+    audit: AuditConfig = AuditConfig()
 
     @model_validator(mode="before")
     @classmethod

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from tckr.recipes.report import (
+    WORST_PAIRS,
     attack_table,
+    audit_section,
     chance_verdict,
     null_band_cells,
     render_table,
@@ -31,6 +33,7 @@ STAGE_ROWS: dict[str, tuple[str, ...]] = {
     # The shards' compute (ParallelFor tasks, summed), then the gathering and scoring step.
     "generate_shards": ("synthetic.shards", "synthetic.images_per_second"),
     "generate": ("synthetic.images", "synthetic.teacher_agreement"),
+    "audit": ("audit.closer_to_train_share", "audit.near_copy_fraction", "audit.flagged"),
     "fid": ("synthetic.fid", "fid.samples"),
     "student": ("student.test_accuracy", "student.val_accuracy", "student.best_epoch", "student.synthetic_images"),
     # The shadow groups' compute (ParallelFor tasks, summed), then the attack itself.
@@ -104,6 +107,7 @@ def write_report(cfg: TckrRun, metrics: dict[str, float], out_dir: Path, parent_
         ]
     if (out_dir / "roc.png").is_file():
         report += ["![LiRA ROC, log-log](roc.png)", ""]
+    report += audit_section(metrics, cfg.audit)
     report += ["## Stages", "", render_table(results_table(metrics)), ""]
     if (out_dir / "samples.png").is_file():
         report += ["## Synthetic samples", "",
@@ -112,5 +116,6 @@ def write_report(cfg: TckrRun, metrics: dict[str, float], out_dir: Path, parent_
                    "![synthetic samples per class](samples.png)", ""]
     report_path = out_dir / "report.md"
     report_path.write_text("\n".join(report))
-    figures = [path for path in (out_dir / "roc.png", out_dir / "samples.png") if path.is_file()]
+    figures = [path for path in (out_dir / "roc.png", out_dir / "samples.png", out_dir / WORST_PAIRS)
+               if path.is_file()]
     return [metrics_path, report_path, config_path, *figures]

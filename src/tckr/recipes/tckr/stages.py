@@ -40,7 +40,7 @@ from tckr.recipes.common import (
     run_attack,
     run_device,
 )
-from tckr.recipes.synthetic import log_sample_grid, log_synthetic_set
+from tckr.recipes.synthetic import AUDIT_STAGE, audit, log_sample_grid, log_synthetic_set
 from tckr.recipes.tckr.config import DistillConfig, TckrRun
 from tckr.training.config import ClassifierConfig
 
@@ -238,6 +238,9 @@ def generate(*, image_size: int, generate: GenerateConfig, runtime: RuntimeConfi
             "stage.generate_shards.seconds": summary["generation_seconds"]}
 
 
+stage(**AUDIT_STAGE)(audit)
+
+
 @stage(sections=("image_size", "fid", "runtime"), inputs={"data": DATASET, "synthetic": DATASET},
        outputs={"scores": ARTIFACT}, resources=resources("4", "8", "16Gi", "24Gi", gpus=1))
 def fid(*, image_size: int, fid: FidConfig, runtime: RuntimeConfig, data: Path, synthetic: Path,
@@ -337,15 +340,16 @@ def register(*, config: TckrRun, teacher_model: Path, student_model: Path, teach
 @stage(sections=(ALL_SECTIONS,),
        inputs={"ingest_metrics": METRICS, "teacher_metrics": METRICS, "caption_metrics": METRICS,
                "generator_metrics": METRICS, "finetune_metrics": METRICS, "generate_metrics": METRICS,
-               "fid_metrics": METRICS, "student_metrics": METRICS, "attack_metrics": METRICS,
-               "register_metrics": METRICS, "synthetic": DATASET, "attack_results": ARTIFACT},
+               "audit_metrics": METRICS, "fid_metrics": METRICS, "student_metrics": METRICS,
+               "attack_metrics": METRICS, "register_metrics": METRICS, "synthetic": DATASET,
+               "audit_results": ARTIFACT, "attack_results": ARTIFACT},
        outputs={"summary": MARKDOWN, "report_files": ARTIFACT, "report_page": HTML, "roc": ROC}, own_run=False,
        cache=False, resources=resources("500m", "2", "2Gi", "4Gi"))
 def report(*, config: TckrRun, ingest_metrics: Metrics, teacher_metrics: Metrics, caption_metrics: Metrics,
-           generator_metrics: Metrics, finetune_metrics: Metrics, generate_metrics: Metrics, fid_metrics: Metrics,
-           student_metrics: Metrics, attack_metrics: Metrics, register_metrics: Metrics, synthetic: Path,
-           attack_results: Path, summary: Path, report_files: Path, report_page: Path, roc: Path,
-           tracking: Tracking) -> Metrics:
+           generator_metrics: Metrics, finetune_metrics: Metrics, generate_metrics: Metrics, audit_metrics: Metrics,
+           fid_metrics: Metrics, student_metrics: Metrics, attack_metrics: Metrics, register_metrics: Metrics,
+           synthetic: Path, audit_results: Path, attack_results: Path, summary: Path, report_files: Path,
+           report_page: Path, roc: Path, tracking: Tracking) -> Metrics:
     """Merge the stages' metrics into the run report (``report_files``: report.md, metrics.json, config.yaml and
     the figures), close the pipeline's parent run, and publish the report as declared outputs, the only files a
     cluster keeps: ``summary`` (Markdown), ``report_page`` (self-contained HTML) and ``roc`` (the released model's
@@ -354,15 +358,17 @@ def report(*, config: TckrRun, ingest_metrics: Metrics, teacher_metrics: Metrics
     import shutil
 
     from tckr.recipes.common import close_pipeline_run, publish_report
+    from tckr.recipes.report import WORST_PAIRS
     from tckr.recipes.tckr.report import write_report
 
     out_dir = report_files
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(synthetic / "samples.png", out_dir / "samples.png")
     shutil.copyfile(attack_results / "roc.png", out_dir / "roc.png")
+    shutil.copyfile(audit_results / WORST_PAIRS, out_dir / WORST_PAIRS)
     metrics = close_pipeline_run(tracking, (ingest_metrics, teacher_metrics, caption_metrics, generator_metrics,
-                                            finetune_metrics, generate_metrics, fid_metrics, student_metrics,
-                                            attack_metrics,
-                                            register_metrics), out_dir, functools.partial(write_report, config))
+                                            finetune_metrics, generate_metrics, audit_metrics, fid_metrics,
+                                            student_metrics, attack_metrics, register_metrics), out_dir,
+                                 functools.partial(write_report, config))
     publish_report(out_dir, summary, report_page, roc, attack_results / "roc-student.csv")
     return metrics
