@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tckr.core.errors import ConfigError
-from tckr.privacy.attack import collect_shadows
+from tckr.data.images import BatchAugment, shift_images
+from tckr.privacy.attack import collect_shadows, shadow_recipe
 from tckr.privacy.config import AttackConfig
 from tckr.privacy.lira import (
     AttackError,
@@ -22,8 +23,9 @@ from tckr.privacy.lira import (
     null_band,
     roc,
     score_spreads,
+    training_queries,
 )
-from tckr.privacy.shadows import ModelStack, Population, train_shadow_group
+from tckr.privacy.shadows import ModelStack, Population, query_logits, train_shadow_group
 from tckr.recipes.config import load_config
 from tests.privacy.conftest import CPU, INFO, RECIPE, train_target
 
@@ -253,6 +255,8 @@ def test_shadows_made_for_another_attack_are_refused(world, tmp_path):
     relabelled = Population(population.images, population.labels.roll(1), population.is_member, population.split_rows)
     with pytest.raises(AttackError, match="another population"):
         collect_shadows([tmp_path], recipe, cfg, relabelled)
+    with pytest.raises(AttackError, match="another query_set"):  # logits answer the queries they were made for
+        collect_shadows([tmp_path], recipe, cfg.model_copy(update={"query_shift": 1}), population)
     # Training for the new attack redoes the stale shadows in place; then they are used.
     other = balanced_keep_matrix(2, len(population), seed=1)
     assert train_shadow_group(recipe, [0, 1], other, population, validation, INFO, tmp_path, CPU, False) == [0, 1]
@@ -318,6 +322,35 @@ def test_two_ranks_split_a_shadow_group_and_each_shadow_is_the_one_trained_alone
                            tmp_path / "alone", CPU, vectorize=False)
         name = f"shadow-{index:04d}/logits.npy"
         assert np.array_equal(np.load(tmp_path / "ranks" / name), np.load(tmp_path / "alone" / name))
+
+
+@pytest.mark.unit
+def test_queries_are_the_training_augmentations():
+    assert training_queries(0) == ((0, 0, False), (0, 0, True))  # identity and mirror
+    queries = training_queries(2)
+    assert len(queries) == len(set(queries)) == 18 and (0, 0, False) in queries and (-2, 2, True) in queries
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).view(2, 3, 5, 5)
+    shifted = shift_images(x, 1, -2)  # content moves by (-1, +2): what the padded crop at (pad + 1, pad - 2) shows
+    assert torch.equal(shifted[..., :4, 2:], x[..., 1:, :3])
+    assert not shifted[..., 4, :].any() and not shifted[..., :, :2].any()  # the gap is the (normalised) mean
+    # Each query is the model on the shifted, then mirrored, images.
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(75, 4))
+    augment = BatchAugment([0.5] * 3, [0.25] * 3)
+    images = torch.randint(0, 256, (6, 3, 5, 5), dtype=torch.uint8)
+    logits = query_logits(model, augment, images, 4, CPU, queries)
+    assert logits.shape == (18, 6, 4)
+    for index, (dy, dx, mirrored) in enumerate(queries):
+        view = shift_images(augment(images), dy, dx)
+        expected = model(view.flip(-1) if mirrored else view)
+        torch.testing.assert_close(logits[index], expected.detach())
+
+
+@pytest.mark.unit
+def test_a_query_shift_beyond_the_training_crop_is_refused():
+    cfg = load_config("demo", ["attack.query_shift=2"])
+    with pytest.raises(ConfigError, match="query_shift 2 exceeds the targets' crop_padding 1"):
+        shadow_recipe(cfg.teacher, cfg.attack)
+    assert shadow_recipe(cfg.teacher, cfg.attack.model_copy(update={"query_shift": 1})).crop_padding == 1
 
 
 @pytest.mark.unit

@@ -87,6 +87,17 @@ class BatchAugment(nn.Module):
         return x.contiguous()
 
 
+def shift_images(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Normalised images ``[..., H, W]`` shifted by ``dy`` rows and ``dx`` columns, the gap zero (the dataset
+    mean, as :class:`BatchAugment`'s padded crop fills it): the crop at ``(pad + dy, pad + dx)`` of the padded image."""
+    if dy == dx == 0:
+        return x
+    pad = max(abs(dy), abs(dx))
+    height, width = x.shape[-2:]
+    padded = nn.functional.pad(x, (pad, pad, pad, pad))
+    return padded[..., pad + dy:pad + dy + height, pad + dx:pad + dx + width].contiguous()
+
+
 def decode_split(split, image_size: int, channels: int) -> torch.Tensor:
     """A whole split as uint8 ``[N, C, S, S]`` at the pipeline resolution."""
     items = ImageSplit(split, image_size, channels)

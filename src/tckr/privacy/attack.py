@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from tckr.core import distributed
+from tckr.core.errors import ConfigError
 from tckr.data.images import BatchAugment
 from tckr.privacy.config import AttackConfig
 from tckr.privacy.lira import (
@@ -38,6 +39,7 @@ from tckr.privacy.lira import (
     null_band,
     roc,
     score_spreads,
+    training_queries,
 )
 from tckr.privacy.rmia import label_probability, rmia_statistic
 from tckr.privacy.shadows import (
@@ -58,7 +60,11 @@ from tckr.training.config import ClassifierConfig
 
 
 def shadow_recipe(target: ClassifierConfig, cfg: AttackConfig) -> ClassifierConfig:
-    """The target's recipe, seeded by the attack: what every shadow trains with."""
+    """The target's recipe, seeded by the attack: what every shadow trains with. Refuses queries shifted further
+    than the recipe's crop padding ever shifted a training image."""
+    if cfg.query_shift > target.crop_padding:
+        raise ConfigError(f"attack.query_shift {cfg.query_shift} exceeds the targets' crop_padding "
+                          f"{target.crop_padding}: the queries would be shifts no model trained on")
     return target.model_copy(update={"seed": cfg.seed})
 
 
@@ -85,7 +91,8 @@ def train_shadows(recipe: ClassifierConfig, cfg: AttackConfig, population: Popul
     group as its own smaller stack; every shadow keeps its own seeds, and its outputs are its own files."""
     rank, ranks = distributed.rank(), distributed.world_size()
     keep = keep_matrix(cfg, len(population))
-    made_for = [provenance(recipe, keep, index, population) for index in range(cfg.shadows)]
+    queries = training_queries(cfg.query_shift)
+    made_for = [provenance(recipe, keep, index, population, queries) for index in range(cfg.shadows)]
     all_groups = shadow_groups(cfg)
     wanted = range(len(all_groups)) if groups is None else groups
     sources = [Path(out_dir), *map(Path, done_elsewhere)]
@@ -95,7 +102,7 @@ def train_shadows(recipe: ClassifierConfig, cfg: AttackConfig, population: Popul
         if all(any(is_done(source, index, made_for[index]) for source in sources) for index in share):
             continue
         trained += train_shadow_group(recipe, share, keep, population, validation, info, Path(out_dir), device,
-                                      use_vmap(cfg, device))
+                                      use_vmap(cfg, device), queries)
     return trained
 
 
@@ -106,7 +113,7 @@ def collect_shadows(directories: list[Path], recipe: ClassifierConfig, cfg: Atta
     keep = keep_matrix(cfg, len(population))
     found, stale = {}, {}
     for index in range(cfg.shadows):
-        made_for = provenance(recipe, keep, index, population)
+        made_for = provenance(recipe, keep, index, population, training_queries(cfg.query_shift))
         for directory in directories:
             differs = mismatch(directory, index, made_for)
             if differs == []:
@@ -176,7 +183,8 @@ def attack(cfg: AttackConfig, population: Population, info, shadow_logits: np.nd
     results, statistics = {}, {}
     for name, model_dir in targets.items():
         model = load_classifier(Path(model_dir), device)
-        logits = query_logits(model, augment, images, batch_size, device, desc=f"{name} queries")
+        logits = query_logits(model, augment, images, batch_size, device, training_queries(cfg.query_shift),
+                              desc=f"{name} queries")
         statistics[f"{name}.mia"] = membership_statistic(
             shadow_scores, keep, logit_scores(logits[:, challenge], population.labels.numpy()), cfg.variant,
             cfg.variance)

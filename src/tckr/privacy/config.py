@@ -27,6 +27,9 @@ class AttackConfig(Section):
     vectorize: Literal["auto", "on", "off"] = Field(
         "auto", description="train a group as one vmap-ed stack (on), one model after another (off), or "
         "vmap on CUDA only (auto: on CPU a stack is slower, see bench/bench_shadows.py)")
+    query_shift: int = Field(
+        0, ge=0, description="queries = the training augmentations: 0, identity and mirror; s > 0, every shift "
+        "(dy, dx) in {-s, 0, s}^2, plain and mirrored (18 queries; s <= the targets' crop_padding)")
     rmia_references: int = Field(2000, ge=1, description="RMIA's population samples z: test images no model trains on")
     rmia_gamma: float = Field(2.0, gt=0, description="RMIA: x beats z when LR(x) / LR(z) >= gamma")
     rmia_offline_a: float = Field(0.3, ge=0, le=1, description="RMIA offline: Pr(x) = ((1 + a) Pr_OUT(x) + 1 - a) / 2, "

@@ -36,7 +36,16 @@ import torch
 
 from tckr.core.errors import TckrError
 
-QUERIES = ("identity", "flip")
+Query = tuple[int, int, bool]
+"""``(dy, dx, mirrored)``: the image shifted by ``dy`` rows and ``dx`` columns (the gap filled with the dataset
+mean, as training's padded crop fills it), then mirrored or not."""
+
+
+def training_queries(shift: int) -> tuple[Query, ...]:
+    """LiRA's queries, the augmentations the targets trained with: identity and mirror when ``shift`` is 0; else
+    every ``(dy, dx)`` in ``{-shift, 0, shift}^2``, each plain and mirrored (18 queries, as LiRA's paper)."""
+    offsets = (0,) if shift == 0 else (-shift, 0, shift)
+    return tuple((dy, dx, mirrored) for dy in offsets for dx in offsets for mirrored in (False, True))
 
 
 class AttackError(TckrError, ValueError):

@@ -7,7 +7,7 @@ RMIA compares the target's probability of an example's label with the reference 
 ``LR(x) / LR(z) >= gamma``. ``Pr(x)`` is the mean over the reference models: all of them (online: half trained on
 ``x``), or the OUT ones corrected by the offline parameter ``a`` as in the paper,
 ``Pr(x) = ((1 + a) Pr_OUT(x) + (1 - a)) / 2``, fixed in the config. Probabilities are averaged over the queries
-(identity, flip) before the ratios. Pure functions of arrays, like :mod:`tckr.privacy.lira`.
+(:func:`tckr.privacy.lira.training_queries`) before the ratios. Pure functions of arrays, like :mod:`tckr.privacy.lira`.
 """
 
 from __future__ import annotations

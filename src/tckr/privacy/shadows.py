@@ -32,7 +32,7 @@ from tckr.core.seeds import derive_seed
 from tckr.data.images import BatchAugment
 from tckr.data.ingest import DatasetInfo
 from tckr.privacy.config import AttackConfig
-from tckr.privacy.lira import QUERIES, AttackError, balanced_keep_matrix
+from tckr.privacy.lira import AttackError, Query, balanced_keep_matrix, training_queries
 from tckr.training.classifier import Recipe, batch_logits
 from tckr.training.config import ClassifierConfig
 from tckr.training.loop import Loop
@@ -187,21 +187,24 @@ class ModelStack(nn.Module):
 
 
 def stack_logits(stack: ModelStack | nn.Module, augment: BatchAugment, images: torch.Tensor, batch_size: int,
-                 device: torch.device, flip: bool = False, desc: str = "eval") -> torch.Tensor:
-    """Logits for uint8 ``images`` (one shared input for every model), float32 on the CPU:
-    ``[M, N, K]`` for a stack, ``[N, K]`` for a single model. ``flip`` is LiRA's mirrored query."""
+                 device: torch.device, query: Query = (0, 0, False), desc: str = "eval") -> torch.Tensor:
+    """Logits for uint8 ``images`` (one shared input for every model) seen through ``query`` (a shift and a
+    mirror, :data:`tckr.privacy.lira.Query`), float32 on the CPU: ``[M, N, K]`` for a stack, ``[N, K]`` for a
+    single model."""
     stack.eval()
     forward = functools.partial(stack, shared=True) if isinstance(stack, ModelStack) else stack
     batches = (images[start:start + batch_size]
                for start in progress(range(0, len(images), batch_size), desc=desc, unit="batch"))
-    return batch_logits(forward, augment, batches, device, flip=flip)
+    dy, dx, mirrored = query
+    return batch_logits(forward, augment, batches, device, flip=mirrored, shift=(dy, dx))
 
 
 def query_logits(model: ModelStack | nn.Module, augment: BatchAugment, images: torch.Tensor, batch_size: int,
-                 device: torch.device, desc: str = "query") -> torch.Tensor:
-    """LiRA's queries (identity, flip): ``[..., Q, N, K]``."""
-    return torch.stack([stack_logits(model, augment, images, batch_size, device, flip=query == "flip",
-                                     desc=f"{desc} ({query})") for query in QUERIES], dim=-3)
+                 device: torch.device, queries: tuple[Query, ...], desc: str = "query") -> torch.Tensor:
+    """The logits of every query (:func:`tckr.privacy.lira.training_queries`): ``[..., Q, N, K]``."""
+    return torch.stack([stack_logits(model, augment, images, batch_size, device, query,
+                                     desc=f"{desc} ({i + 1}/{len(queries)})") for i, query in enumerate(queries)],
+                       dim=-3)
 
 
 # -------------------------------------------------------------------------------------- training
@@ -209,13 +212,16 @@ def shadow_dir(out_dir: Path, index: int) -> Path:
     return Path(out_dir) / f"shadow-{index:04d}"
 
 
-def provenance(recipe: ClassifierConfig, keep: np.ndarray, index: int, population: Population) -> dict[str, str]:
-    """What shadow ``index`` is made for: its row of the keep-matrix, the population, the training recipe and
-    the seed. A shadow is reused only where all four match (another ``attack.seed`` draws another keep-matrix,
-    another recipe or dataset trains other models)."""
+def provenance(recipe: ClassifierConfig, keep: np.ndarray, index: int, population: Population,
+               queries: tuple[Query, ...]) -> dict[str, str]:
+    """What shadow ``index`` is made for: its row of the keep-matrix, the population, the training recipe, the
+    seed and the queries its logits answer. A shadow is reused only where all five match (another
+    ``attack.seed`` draws another keep-matrix, another recipe or dataset trains other models, other queries need
+    other logits)."""
     return {"keep_row": hashlib.sha256(np.packbits(keep[index]).tobytes()).hexdigest()[:16],
             "population": population.fingerprint,
-            "recipe": hashlib.sha256(recipe.model_dump_json().encode()).hexdigest()[:16], "seed": str(recipe.seed)}
+            "recipe": hashlib.sha256(recipe.model_dump_json().encode()).hexdigest()[:16], "seed": str(recipe.seed),
+            "query_set": hashlib.sha256(repr(queries).encode()).hexdigest()[:16]}
 
 
 def mismatch(out_dir: Path, index: int, made_for: dict[str, str]) -> list[str] | None:
@@ -234,7 +240,7 @@ def is_done(out_dir: Path, index: int, made_for: dict[str, str]) -> bool:
 
 def train_shadow_group(cfg: ClassifierConfig, indices: list[int], keep: np.ndarray, population: Population,
                        validation: tuple[torch.Tensor, torch.Tensor], info: DatasetInfo, out_dir: Path,
-                       device: torch.device, vectorize: bool,
+                       device: torch.device, vectorize: bool, queries: tuple[Query, ...] = training_queries(0),
                        on_epoch: Callable[[dict], None] | None = None) -> list[int]:
     """Train shadows ``indices`` (rows of ``keep``) as one stack; returns those written now.
 
@@ -245,7 +251,7 @@ def train_shadow_group(cfg: ClassifierConfig, indices: list[int], keep: np.ndarr
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    made_for = {index: provenance(cfg, keep, index, population) for index in indices}
+    made_for = {index: provenance(cfg, keep, index, population, queries) for index in indices}
     todo = [index for index in indices if not is_done(out_dir, index, made_for[index])]  # stale ones are redone
     if not todo:
         return []
@@ -319,7 +325,8 @@ def train_shadow_group(cfg: ClassifierConfig, indices: list[int], keep: np.ndarr
 
     loop.run_epochs(cfg.epochs, batches, step, end_epoch, on_epoch=on_epoch)
 
-    logits = query_logits(best, augment, population.queried[0], cfg.eval_batch_size, device, desc="shadow queries")
+    logits = query_logits(best, augment, population.queried[0], cfg.eval_batch_size, device, queries,
+                          desc="shadow queries")
     queried = logits  # [M, Q, P + Z, K]: the challenge examples, then RMIA's population samples
     logits, labels = queried[:, :, :len(population)], population.labels
     seconds = (time.perf_counter() - started) / len(indices)  # this call's share: a resumed group counts its rest

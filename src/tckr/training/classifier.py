@@ -28,7 +28,7 @@ from tckr.core.atomic import atomic_path, write_text
 from tckr.core.errors import ConfigError
 from tckr.core.progress import progress
 from tckr.core.seeds import derive_seed
-from tckr.data.images import BatchAugment, ImageSplit
+from tckr.data.images import BatchAugment, ImageSplit, shift_images
 from tckr.data.ingest import DatasetInfo
 from tckr.training.config import ClassifierConfig
 from tckr.training.loop import Loop
@@ -50,12 +50,14 @@ class TrainResult:
 
 @torch.no_grad()
 def batch_logits(forward: Callable[[torch.Tensor], torch.Tensor], augment: BatchAugment,
-                 batches: Iterable[torch.Tensor], device: torch.device, flip: bool = False) -> torch.Tensor:
-    """``forward`` over normalised uint8 batches (mirrored if ``flip``), concatenated along the sample
-    axis, float32 on the CPU: the one evaluation loop for single models and shadow stacks alike."""
+                 batches: Iterable[torch.Tensor], device: torch.device, flip: bool = False,
+                 shift: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """``forward`` over normalised uint8 batches (shifted by ``shift`` and mirrored if ``flip``: a membership
+    query), concatenated along the sample axis, float32 on the CPU: the one evaluation loop for single models and
+    shadow stacks alike."""
     outputs = []
     for images in batches:
-        x = augment(images.to(device, non_blocking=True))
+        x = shift_images(augment(images.to(device, non_blocking=True)), *shift)
         with torch.autocast(device.type, enabled=device.type == "cuda"):
             outputs.append(forward(x.flip(-1) if flip else x).float().cpu())
     return torch.cat(outputs, dim=-2)

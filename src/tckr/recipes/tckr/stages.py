@@ -301,7 +301,7 @@ def shadow_group(*, image_size: int, teacher: ClassifierConfig, attack: AttackCo
 @stage(sections=("image_size", "teacher", "attack", "runtime"),
        inputs={"data": DATASET, "teacher_model": MODEL, "student_model": MODEL, "shadows": collected(MODEL)},
        outputs={"results": ARTIFACT},
-       resources=resources("8", "16", "32Gi", "48Gi", gpus=1))  # both targets over the population, two queries
+       resources=resources("8", "16", "32Gi", "48Gi", gpus=1))  # both targets over the population, every query
 def attack(*, image_size: int, teacher: ClassifierConfig, attack: AttackConfig, runtime: RuntimeConfig, data: Path,
            teacher_model: Path, student_model: Path, shadows: list[Path], results: Path) -> Metrics:
     """LiRA against teacher and student: the fan-out's shadows are used, missing ones are trained here;
