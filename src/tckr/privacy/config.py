@@ -82,6 +82,7 @@ class AuditConfig(Section):
         0.01, gt=0, lt=0.5, description="a near copy lies closer than this quantile of real holdout-to-train "
         "distances")
     alpha: float = Field(0.01, gt=0, lt=1, description="flag the set when either test's p-value is below alpha / 2")
+    permutations: int = Field(2000, ge=100, description="train/holdout relabellings behind each p-value")
     worst_pairs: int = Field(12, ge=1, le=64, description="synthetic images nearest a member shown in the report")
     batch_size: int = Field(1024, gt=0)
     seed: int = 0

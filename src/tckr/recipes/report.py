@@ -109,7 +109,7 @@ def chance_verdict(metrics: dict[str, float], roles: dict[str, str]) -> str:
 # ------------------------------------------------------------------------------------- synthetic-set audit
 AUDIT_SPACES = (("audit.", "pixels (RMS difference)"), ("audit.features.", "ImageNet features (unit L2)"))
 AUDIT_HEADER = ("space", "median DCR to train", "median DCR to holdout", "closer to train (%)", "p-value",
-                "near copies of train (%)", "near copies of holdout (%)", "p-value", "flagged")
+                "hub inflation", "near copies of train (%)", "near copies of holdout (%)", "p-value", "flagged")
 WORST_PAIRS = "worst-pairs.png"
 
 
@@ -117,6 +117,7 @@ def audit_table(metrics: dict[str, float]) -> str:
     """One row per audited space; empty before the audit."""
     rows = [(space, *(f"{metrics[prefix + key]:.4f}" for key in ("dcr_train_median", "dcr_holdout_median")),
              f"{100 * metrics[prefix + 'closer_to_train_share']:.2f}", f"{metrics[prefix + 'dcr_pvalue']:.3g}",
+             f"{metrics[prefix + 'hub_inflation']:.1f}",
              *(f"{100 * metrics[prefix + key]:.2f}" for key in ("near_copy_fraction", "near_copy_fraction_holdout")),
              f"{metrics[prefix + 'near_copy_pvalue']:.3g}", "yes" if metrics[prefix + "flagged"] else "no")
             for prefix, space in AUDIT_SPACES if prefix + "dcr_pvalue" in metrics]
@@ -142,10 +143,13 @@ def audit_section(metrics: dict[str, float], audit: AuditConfig) -> list[str]:
     return ["## Does the synthetic set copy members? (distance to closest record)", "", table, "",
             f"Each of the {metrics['audit.synthetic_images']:.0f} synthetic images against "
             f"{metrics['audit.references']:.0f} private-train images (the members) and as many holdout images. "
-            "Closer to train: the share nearer a member than any holdout image (50% when the generator does not "
-            "copy), one-sided exact binomial test. A near copy lies closer than all but "
-            f"{100 * audit.near_copy_quantile:g}% of real holdout images lie to the train set; members against "
-            f"holdout, one-sided exact McNemar test. Flagged: either p-value below alpha / 2 = {audit.alpha / 2:g}. "
+            "Closer to train: the share whose nearest record (train and holdout together) is a member, 50% when the "
+            "generator treats members like other images. A near copy lies closer than all but "
+            f"{100 * audit.near_copy_quantile:g}% of real holdout images lie to the train set. p-values: one-sided, "
+            f"from {audit.permutations} relabellings of the train and holdout images, each synthetic image keeping its "
+            "nearest record, so images that crowd onto the same record count together (hub inflation: the share's "
+            "variance over what independent matches would give). Flagged: either p-value below alpha / 2 = "
+            f"{audit.alpha / 2:g}. "
             + audit_verdict(metrics), "",
             f"![synthetic images nearest a member, the member, the nearest holdout image]({WORST_PAIRS})", ""]
 
