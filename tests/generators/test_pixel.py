@@ -1,6 +1,7 @@
 """The generator stack on a tiny pixel UNet: pretraining, LoRA round trip, sharded generation."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from tckr.core.errors import ConfigError
+from tckr.data.images import ImageSplit
 from tckr.data.ingest import FASHION_MNIST_CLASSES
 from tckr.generators.config import FinetuneConfig, GenerateConfig, GeneratorConfig
 from tckr.generators.generate import (
@@ -226,7 +228,11 @@ def test_manifest_validity_and_loading(tmp_path, base_generator):
     dataset = load_synthetic(tmp_path / "syn", CLASSES)
     assert len(dataset) == 9 and dataset[4]["label"] == 1 and dataset[4]["image"].size == (8, 8)
     assert dataset.features["label"].names == CLASSES and dataset.column_names == ["image", "label"]
-    assert dataset.cache_files and all(f["filename"].endswith(".arrow") for f in dataset.cache_files)  # mapped
+    assert [Path(f["filename"]).parent for f in dataset.cache_files] == [tmp_path / "syn" / "shards"] * 3  # mapped
+    # Reading it never writes beside it (a DVC output, a KFP input artifact): no cache file of a cast or a split.
+    ImageSplit(dataset.train_test_split(test_size=0.3, seed=0)["train"], 8, 1)[0]
+    assert sorted(p.name for p in (tmp_path / "syn" / "shards").iterdir()) == \
+        ["shard-00000.arrow", "shard-00001.arrow", "shard-00002.arrow"]
     # A manifest made for another plan is refused.
     other = plan_generation(CAPTIONS, CLASSES, 9, GenerateConfig(ratio=1.0, shard_size=4, seed=3))
     with pytest.raises(GenerationError, match="generated for another plan"):

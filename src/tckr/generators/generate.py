@@ -232,13 +232,19 @@ def finalize(out_dir: Path, plan: list[PlannedImage], cfg: GenerateConfig) -> di
 
 def load_synthetic(out_dir: Path, classes: list[str]):
     """The synthetic set as a ``datasets.Dataset`` (``image``, ``label``), like a prepared split: its shards
-    memory-mapped, so a paper-scale set is read from disk as it is used, never copied."""
+    memory-mapped, so a paper-scale set is read from disk as it is used, never copied. The set is an input (a KFP
+    artifact, a DVC output) that nothing may write into: the labels get their class names as a schema change only
+    (``cast_column`` would copy every shard into a cache file beside it), and ``datasets``' caching is turned off,
+    so later transforms (a train/test split's indices) write to a temporary folder instead."""
     import datasets
 
+    datasets.disable_caching()
     count = json.loads((Path(out_dir) / "synthetic.json").read_text())["shards"]
     shards = [datasets.Dataset.from_file(str(shard_path(out_dir, shard))) for shard in range(count)]
-    return (datasets.concatenate_datasets(shards).select_columns(["image", "label"])
-            .cast_column("label", datasets.ClassLabel(names=classes)))
+    merged = datasets.concatenate_datasets(shards).select_columns(["image", "label"])
+    features = merged.features.copy()
+    features["label"] = datasets.ClassLabel(names=classes)  # stored as integers already
+    return datasets.Dataset(merged.data, info=datasets.DatasetInfo(features=features))
 
 
 def sample_grid(out_dir: Path, classes: list[str], per_class: int = 10, scale: int = 3) -> Path:
