@@ -74,8 +74,6 @@ class SpaceAudit:
     dcr_holdout: np.ndarray
     nearest_train: np.ndarray
     nearest_holdout: np.ndarray
-    threshold: float
-    """A near copy lies closer than this: the calibration quantile of holdout-to-train DCRs."""
     figures: dict[str, float]
 
     def worst(self, count: int) -> np.ndarray:
@@ -110,7 +108,7 @@ def audit_space(space: str, synthetic: torch.Tensor, train: torch.Tensor, holdou
         "near_copy_pvalue": relabelling_pvalue(nearest, near_copy, len(train), cfg.permutations, seed),
     }
     figures["flagged"] = float(min(figures["dcr_pvalue"], figures["near_copy_pvalue"]) < cfg.alpha / 2)
-    return SpaceAudit(space, dcr_train, dcr_holdout, nearest_train, nearest_holdout, threshold, figures)
+    return SpaceAudit(space, dcr_train, dcr_holdout, nearest_train, nearest_holdout, figures)
 
 
 def equal_sized(train: int, holdout: int, limit: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -177,6 +175,6 @@ def worst_pairs_figure(audit: SpaceAudit, synthetic: torch.Tensor, train: torch.
                 axis.set_title(f"{audit.dcr_train[synthetic_index]:.3f}\n{audit.dcr_holdout[synthetic_index]:.3f}",
                                fontsize=6)
     figure.suptitle(f"Synthetic images nearest a member ({audit.space}; titles: DCR to member, to holdout; "
-                    f"near copy < {audit.threshold:.3f})", fontsize=8)
+                    f"near copy < {audit.figures['near_copy_threshold']:.3f})", fontsize=8)
     figure.tight_layout()
     return figure
