@@ -179,6 +179,7 @@ class _KilledAfter:
 
     def __init__(self, generator, calls):
         self.generator = generator
+        self.device = generator.device
         self.calls = calls
 
     def sample(self, *args):
@@ -279,6 +280,7 @@ class _Counting:
 
     def __init__(self, generator):
         self.generator = generator
+        self.device = generator.device
         self.images = 0
 
     def sample(self, prompts, *args):

@@ -67,14 +67,17 @@ def denoising_loss_rows(images: torch.Tensor):
 
 
 def summed_clipped_grads(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, multiplicity: int,
-                         max_grad_norm: float, stock: bool = False) -> list[torch.Tensor]:
-    """What an optimiser with no noise sums for these rows: ours, or stock Opacus fed every row as an example."""
+                         max_grad_norm: float, stock: bool = False, bf16: bool = False) -> list[torch.Tensor]:
+    """What an optimiser with no noise sums for these rows: ours, or stock Opacus fed every row as an example;
+    ``bf16``: the forward under bf16 autocast (per-sample gradients partly bf16)."""
     wrapped = GradSampleModule(copy.deepcopy(model))
     options = dict(noise_multiplier=0.0, max_grad_norm=max_grad_norm, expected_batch_size=len(inputs) // multiplicity)
     base = torch.optim.SGD(wrapped.parameters(), lr=0.0)
     optimizer = DPOptimizer(base, **options) if stock else MultiplicityDPOptimizer(base, multiplicity=multiplicity,
                                                                                     **options)
-    (wrapped(inputs) - targets).pow(2).mean(dim=(1, 2, 3)).mean().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        predictions = wrapped(inputs)
+    (predictions.float() - targets).pow(2).mean(dim=(1, 2, 3)).mean().backward()
     optimizer.step()
     return [p.summed_grad for p in optimizer.params]
 
@@ -110,6 +113,27 @@ def test_multiplicity_averages_before_clipping_like_a_torch_func_reference():
         stock = summed_clipped_grads(model, inputs[rows], noise[rows], multiplicity=multiplicity,
                                      max_grad_norm=max_grad_norm, stock=True)
         assert torch.cat([g.flatten() for g in stock]).norm() > 2 * max_grad_norm  # K rows, K clipped gradients
+
+
+@pytest.mark.parametrize("multiplicity", [1, 3])
+def test_mixed_precision_clips_in_float32(multiplicity):
+    """Under bf16 autocast some per-sample gradients are bf16; each example's clipped contribution is still
+    within C, to fp32 rounding (a norm taken in bf16 would be off by up to 0.4%), and what is summed is fp32."""
+    torch.manual_seed(3)
+    model = TinyDenoiser()
+    examples, max_grad_norm = 16, 1e-3
+    noise = torch.randn(examples * multiplicity, 1, SIZE, SIZE)
+    inputs = make_images(examples, seed=3).repeat_interleave(multiplicity, dim=0) + noise
+    wrapped = GradSampleModule(copy.deepcopy(model))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        wrapped(inputs).float().sum().backward()
+    assert {p.grad_sample.dtype for p in wrapped.parameters()} >= {torch.bfloat16}  # the case under test
+    for example in range(examples):
+        rows = slice(example * multiplicity, (example + 1) * multiplicity)
+        alone = summed_clipped_grads(model, inputs[rows], noise[rows], multiplicity=multiplicity,
+                                     max_grad_norm=max_grad_norm, bf16=True)
+        assert {g.dtype for g in alone} == {torch.float32}
+        assert torch.cat([g.flatten() for g in alone]).norm() <= max_grad_norm * (1 + 1e-6)
 
 
 def test_multiplicity_one_is_stock_opacus():

@@ -36,6 +36,11 @@ class TrackingConfig(Section):
                                   "logged models are kept with their runs either way)")
 
 
+# What every ``mixed_precision`` (and the classifiers' ``amp``) setting means: :mod:`tckr.core.precision`.
+MIXED_PRECISION = ("autocast where the device has a fast path: fp16 (loss-scaled) on CUDA, bf16 on CPUs with native "
+                   "bf16 (AVX512-BF16, AMX), else fp32; weights and optimiser state stay fp32")
+
+
 class RuntimeConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int = Field(0, ge=0, description="0: torch's default")

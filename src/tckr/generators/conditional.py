@@ -39,6 +39,7 @@ from tckr.generators.pixel import (
     read_card,
     require_divisible,
     train_denoiser,
+    training_precision,
 )
 
 KIND = "class-pixel"
@@ -90,17 +91,18 @@ class ClassLabels:
 
 
 def class_denoising_loss(unet: nn.Module, images: torch.Tensor, labels: torch.Tensor, noise_scheduler,
-                         label_dropout: float, rng: torch.Generator, device: torch.device) -> torch.Tensor:
+                         label_dropout: float, rng: torch.Generator, device: torch.device,
+                         dtype: torch.dtype | None = None) -> torch.Tensor:
     """Per-image denoising losses ``[B]`` (mean over pixels only), so Opacus can clip per-sample gradients.
 
     ``images`` (uint8 ``[B, C, S, S]``) and ``labels`` live on the CPU and move to ``device`` here; label
     dropout, noise and timesteps come from ``rng`` (a CPU generator), so a DP-SGD step is reproducible.
-    ``unet`` may be wrapped in Opacus' GradSampleModule.
+    ``unet`` may be wrapped in Opacus' GradSampleModule; ``dtype``: its autocast dtype (``None``: fp32).
     """
     num_classes = unet.class_embedding.num_embeddings - 1  # GradSampleModule forwards submodule lookups
     data = DenoiserData(images, ClassLabels(labels, num_classes))
     prediction, target = denoiser_prediction(unet, data, torch.arange(len(images)), noise_scheduler, label_dropout,
-                                             False, rng, device)
+                                             False, rng, device, dtype)
     return (prediction.float() - target.float()).square().flatten(1).mean(1)
 
 
@@ -115,16 +117,19 @@ class ClassConditionalGenerator:
     image_size: int
     channels: int
 
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
     def sample(self, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> np.ndarray:
         """uint8 ``[B, H, W, C]``, one image per (class name, seed), guided against the null label."""
         unknown = sorted(set(prompts) - set(self.classes))
         if unknown:
             raise GeneratorError(f"this generator knows the classes {self.classes}, not {unknown}")
         labels = [len(self.classes)] * len(prompts) + [self.classes.index(name) for name in prompts]
-        device = self.unet.device
-        condition = {"class_labels": torch.tensor(labels, device=device)}
+        condition = {"class_labels": torch.tensor(labels, device=self.device)}
         return guided_sample(self.unet, condition, self.scheduler_config, seeds,
-                             (self.channels, self.image_size, self.image_size), steps, guidance, device)
+                             (self.channels, self.image_size, self.image_size), steps, guidance, self.device)
 
     def save(self, directory: Path, metadata: dict) -> None:
         directory = Path(directory)
@@ -179,9 +184,10 @@ def pretrain_class_generator(cfg: ClassGeneratorConfig, images: torch.Tensor, la
         steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=1, lr=cfg.lr, weight_decay=0.0, max_grad_norm=1.0,
         caption_dropout=cfg.label_dropout, random_flip=False, seed=cfg.seed, device=device, checkpoint=checkpoint,
         ema=ema, ema_decay=cfg.ema_decay, desc="pretrain class generator", on_step=on_step, recipe=RECIPE,
-        resume_key=resume_key)
+        resume_key=resume_key, mixed_precision=cfg.mixed_precision)
     summary = {"steps": cfg.steps, "final_loss": float(np.mean(losses[-50:])),
                "seconds": time.perf_counter() - started, "train_images": len(images),
+               "precision": training_precision(cfg, device),
                "parameters": sum(p.numel() for p in unet.parameters())}
     ClassConditionalGenerator(ema, dict(scheduler.config), classes, image_size, channels).save(
         out_dir, {"pretraining": summary})

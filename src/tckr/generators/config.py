@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tckr.core.config import Section
+from tckr.core.config import MIXED_PRECISION, Section
 from tckr.core.errors import TckrError
 
 
@@ -63,6 +63,7 @@ class GeneratorConfig(Section):
     lr: float = Field(1e-3, gt=0)
     caption_dropout: float = Field(0.1, ge=0, lt=1, description="empty prompt rate: enables guidance")
     ema_decay: float = Field(0.999, ge=0, lt=1)
+    mixed_precision: bool = Field(True, description=MIXED_PRECISION)
     seed: int = 0
 
     @model_validator(mode="after")
@@ -86,7 +87,7 @@ class FinetuneConfig(Section):
     weight_decay: float = Field(1e-2, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     random_flip: bool = True
-    mixed_precision: bool = Field(True, description="fp16 autocast with fp32 LoRA weights on CUDA")
+    mixed_precision: bool = Field(True, description=MIXED_PRECISION)
     seed: int = 420
 
 
@@ -98,6 +99,7 @@ class GenerateConfig(Section):
     guidance: float = Field(2.0, ge=1.0)
     batch_size: int = Field(32, gt=0, description="prompts per sampler call")
     shard_size: int = Field(1024, gt=0, description="images per shard (the unit of resume and fan-out)")
+    mixed_precision: bool = Field(True, description=f"the UNet's sampling passes: {MIXED_PRECISION}")
     seed: int = 0
 
 
@@ -116,6 +118,7 @@ class ClassGeneratorConfig(Section):
     lr: float = Field(1e-3, gt=0)
     label_dropout: float = Field(0.1, ge=0, lt=1, description="null-label rate: enables classifier-free guidance")
     ema_decay: float = Field(0.999, ge=0, lt=1)
+    mixed_precision: bool = Field(True, description=MIXED_PRECISION)
     seed: int = 0
 
     @model_validator(mode="after")

@@ -27,6 +27,7 @@ from PIL import Image
 from tckr.core import distributed
 from tckr.core.atomic import atomic_path, write_text
 from tckr.core.errors import TckrError
+from tckr.core.precision import autocast, autocast_dtype, precision_name
 from tckr.core.progress import progress
 from tckr.generators.config import GenerateConfig
 
@@ -135,6 +136,9 @@ def _pack(staging: Path, items: list[PlannedImage], target: Path, summary: dict)
 class ImageGenerator(Protocol):
     """What generation needs of a loaded generator, whatever its kind (pixel UNet or Stable Diffusion)."""
 
+    @property
+    def device(self) -> torch.device: ...
+
     def sample(self, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> np.ndarray:
         """uint8 ``[B, H, W, C]``; image ``i`` depends only on ``(prompts[i], seeds[i])``, not on its batch."""
         ...
@@ -158,6 +162,7 @@ def generate_shards(generator: ImageGenerator, plan: list[PlannedImage], out_dir
                    for start in range(0, len(ranges[s]), cfg.batch_size)][rank::ranks] for s in todo}
     bar = progress(total=sum(len(b) for s in todo for b in batches[s]), desc="generate", unit="img",
                    disable=not lead)
+    dtype = autocast_dtype(generator.device, cfg.mixed_precision)
     for shard in todo:
         final = shard_path(out_dir, shard)
         staging = final.with_name(final.stem + ".staging")
@@ -168,8 +173,9 @@ def generate_shards(generator: ImageGenerator, plan: list[PlannedImage], out_dir
         started = time.perf_counter()
         for batch in batches[shard]:
             items = [plan[i] for i in batch]
-            pixels = generator.sample([item.prompt for item in items], [item.seed for item in items], cfg.steps,
-                                      cfg.guidance)
+            with autocast(generator.device, dtype):
+                pixels = generator.sample([item.prompt for item in items], [item.seed for item in items], cfg.steps,
+                                          cfg.guidance)
             for item, array in zip(items, pixels, strict=True):
                 Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(staging / item.file_name)
             bar.update(len(items))
@@ -178,7 +184,8 @@ def generate_shards(generator: ImageGenerator, plan: list[PlannedImage], out_dir
             continue
         items = [plan[i] for i in ranges[shard]]
         # Device-seconds, the compute the shard took: every rank was busy for (about) its wall time.
-        _pack(staging, items, final, {"images": len(items), "seconds": (time.perf_counter() - started) * ranks})
+        _pack(staging, items, final, {"images": len(items), "seconds": (time.perf_counter() - started) * ranks,
+                                      "precision": precision_name(dtype)})
         shutil.rmtree(staging)
     bar.close()
     return todo

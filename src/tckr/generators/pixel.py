@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from tckr.core.errors import ConfigError
+from tckr.core.precision import autocast, autocast_dtype, loss_scaler, precision_name
 from tckr.core.progress import progress
 from tckr.core.volume import cache_dir, checkpoint_location
 from tckr.generators.config import ClassGeneratorConfig, GeneratorConfig, GeneratorError
@@ -179,14 +180,14 @@ def train_denoiser(unet: nn.Module, parameters: list[nn.Parameter], data: Denois
     and ``resume_key`` (what else the caller knows determines the run). Returns the loss per optimiser step.
     """
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
-    autocast = mixed_precision and device.type == "cuda"
-    scaler = torch.amp.GradScaler(enabled=autocast)
+    dtype = autocast_dtype(device, mixed_precision)
+    scaler = loss_scaler(device, dtype)
     per_epoch = max(1, len(data) // batch_size)
     trainable = {name for name, p in unet.named_parameters() if p.requires_grad}
     settings = json.dumps({
         "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr, "weight_decay": weight_decay,
         "max_grad_norm": max_grad_norm, "caption_dropout": caption_dropout, "random_flip": random_flip,
-        "seed": seed, "autocast": autocast, "ema_decay": ema_decay if ema is not None else None,
+        "seed": seed, "precision": precision_name(dtype), "ema_decay": ema_decay if ema is not None else None,
         "samples": list(data.samples.shape), "parameters": sum(p.numel() for p in parameters),
         "resume_key": resume_key})
     objects = {"unet": _Trainable(unet, trainable), "optimizer": optimizer, "scaler": scaler}
@@ -206,7 +207,7 @@ def train_denoiser(unet: nn.Module, parameters: list[nn.Parameter], data: Denois
             rows = order(epoch)[offset * batch_size:(offset + 1) * batch_size]
             noise_rng = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + batch_number)
             prediction, target = denoiser_prediction(unet, data, rows, noise_scheduler, caption_dropout,
-                                                     random_flip, noise_rng, device, autocast)
+                                                     random_flip, noise_rng, device, dtype)
             loss = nn.functional.mse_loss(prediction.float(), target.float())
             scaler.scale(loss / grad_accum).backward()
             step_loss += loss.item() / grad_accum
@@ -243,9 +244,10 @@ class _Trainable:
 
 def denoiser_prediction(unet, data: DenoiserData, rows: torch.Tensor, noise_scheduler, condition_dropout: float,
                         random_flip: bool, rng: torch.Generator, device: torch.device,
-                        autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The UNet's prediction for noised ``rows`` and its target; the caller reduces them to its loss (one
-    mean for plain training, one per sample for DP-SGD). Flips, dropout, noise and timesteps come from ``rng``."""
+                        dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The UNet's prediction for noised ``rows`` (under autocast to ``dtype``; ``None``: fp32) and its target;
+    the caller reduces them to its loss (one mean for plain training, one per sample for DP-SGD). Flips, dropout,
+    noise and timesteps come from ``rng``."""
     flip = torch.rand(len(rows), 1, 1, 1, generator=rng) < 0.5 if random_flip else None
     samples = data.batch(rows, flip)
     dropped = torch.zeros(len(rows), dtype=torch.bool)
@@ -257,7 +259,7 @@ def denoiser_prediction(unet, data: DenoiserData, rows: torch.Tensor, noise_sche
     noisy = noise_scheduler.add_noise(samples, noise, timesteps)
     target = denoising_target(noise_scheduler, samples, noise, timesteps)
     condition = data.conditioning(rows, dropped, device)
-    with torch.autocast(device.type, dtype=torch.float16, enabled=autocast):
+    with autocast(device, dtype):
         prediction = unet(noisy, timesteps, **condition).sample
     return prediction, target
 
@@ -298,7 +300,7 @@ def guided_sample(unet: nn.Module, condition: dict[str, torch.Tensor], scheduler
     latents = latents.to(device) * scheduler.init_noise_sigma
     for timestep in scheduler.timesteps:
         model_input = scheduler.scale_model_input(torch.cat([latents, latents]), timestep)
-        unconditional, conditional = unet(model_input, timestep, **condition).sample.chunk(2)
+        unconditional, conditional = unet(model_input, timestep, **condition).sample.float().chunk(2)
         guided = unconditional + guidance * (conditional - unconditional)
         latents = scheduler.step(guided, timestep, latents).prev_sample
     pixels = ((latents.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
@@ -340,6 +342,10 @@ class PixelGenerator:
     channels: int
     prompt_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # encoded once per prompt
 
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
     def sample(self, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> np.ndarray:
         """uint8 ``[B, H, W, C]``, one image per (prompt, seed): the interface generation draws through."""
         return sample_pixel_images(self, prompts, seeds, steps, guidance, self.text_encoder.device,
@@ -366,15 +372,22 @@ class PixelGenerator:
         return cls(unet, encoder, scheduler_config, card["image_size"], card["channels"])
 
 
+def training_precision(cfg: GeneratorConfig | ClassGeneratorConfig, device: torch.device) -> str:
+    """What pretraining computes in on ``device`` (part of what determines its weights: a cache key's)."""
+    return precision_name(autocast_dtype(device, cfg.mixed_precision))
+
+
 def generator_cache_dir() -> Path:
     return cache_dir("generators")
 
 
-def cache_key(cfg: GeneratorConfig, image_size: int, data_fingerprint: str, captions_digest: str) -> str:
+def cache_key(cfg: GeneratorConfig, image_size: int, data_fingerprint: str, captions_digest: str,
+              precision: str) -> str:
     """Everything that determines a pretrained generator, hashed (unset options left out, so adding one
-    keeps existing caches valid)."""
+    keeps existing caches valid), ``precision`` (:func:`training_precision`) included."""
     payload = json.dumps({"generator": cfg.model_dump(mode="json", exclude_none=True), "image_size": image_size,
-                          "data": data_fingerprint, "captions": captions_digest}, sort_keys=True)
+                          "data": data_fingerprint, "captions": captions_digest, "precision": precision},
+                         sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -404,11 +417,12 @@ def pretrain_pixel_generator(cfg: GeneratorConfig, images: torch.Tensor, texts: 
         lr=cfg.lr, weight_decay=0.0, max_grad_norm=1.0, caption_dropout=cfg.caption_dropout, random_flip=False,
         seed=cfg.seed, device=device, checkpoint=out_dir / "pretrain-checkpoint.pt", ema=ema,
         ema_decay=cfg.ema_decay, desc="pretrain generator", on_step=on_step, recipe="tckr.pretrain",
-        resume_key=cfg.model_dump_json())
+        resume_key=cfg.model_dump_json(), mixed_precision=cfg.mixed_precision)
     seconds = time.perf_counter() - started
     generator = PixelGenerator(ema, encoder, dict(scheduler.config), image_size, channels)
     summary = {"steps": cfg.steps, "final_loss": float(np.mean(losses[-50:])), "seconds": seconds,
                "train_images": len(images), "unique_prompts": len(prompts.states) - 1,
+               "precision": training_precision(cfg, device),
                "parameters": sum(p.numel() for p in unet.parameters())}
     generator.save(out_dir, {"pretraining": summary})
     checkpoint_location(out_dir / "pretrain-checkpoint.pt").unlink(missing_ok=True)

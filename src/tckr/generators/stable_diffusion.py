@@ -132,6 +132,10 @@ class StableDiffusionGenerator:
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
         return cls(pipe, card["image_size"])
 
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.device
+
     def sample(self, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> np.ndarray:
         """uint8 ``[B, S, S, 3]``; each image's starting latent comes from its own CPU generator: it does
         not depend on the image's batch, and is the same on any device."""

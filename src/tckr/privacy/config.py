@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tckr.core.config import Section
+from tckr.core.config import MIXED_PRECISION, Section
 
 
 class AttackConfig(Section):
@@ -65,6 +65,7 @@ class DPConfig(Section):
     lora_rank: int = Field(0, ge=0, description="0: DP-SGD on every UNet weight; r > 0: on rank-r LoRA adapters only")
     max_noise_multiplier: float = Field(
         50.0, gt=0, description="refuse to start when the budget needs more noise than this (nothing would be learnt)")
+    mixed_precision: bool = Field(True, description=f"{MIXED_PRECISION}; per-example gradients are clipped in fp32")
     seed: int = 0
 
 

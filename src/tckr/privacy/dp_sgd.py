@@ -79,8 +79,10 @@ class MultiplicityDPOptimizer(DPOptimizer):
         return super()._get_flat_grad_sample(p)
 
     def example_grads(self, p: torch.Tensor) -> torch.Tensor:
-        """Per-example gradients of ``p``: the mean over each example's ``multiplicity`` rows."""
-        rows = self._get_flat_grad_sample(p)
+        """Per-example gradients of ``p`` in its own dtype (fp32 where autocast made bf16 ones: a norm taken in
+        bf16 is off by up to 0.4%, and the clipped sum could exceed C by as much): the mean over each example's
+        ``multiplicity`` rows."""
+        rows = self._get_flat_grad_sample(p).to(p.dtype)
         if self.multiplicity == 1:
             return rows
         if len(rows) % self.multiplicity:
@@ -100,7 +102,7 @@ class MultiplicityDPOptimizer(DPOptimizer):
         per_example_norms = torch.stack([n.to(norms[0].device) for n in norms], dim=1).norm(2, dim=1)
         clip_factor = (self.max_grad_norm / (per_example_norms + 1e-6)).clamp(max=1.0)
         for p, grads in zip(self.params, example_grads, strict=True):
-            clipped = torch.einsum("i,i...", clip_factor.to(grads.device, p.dtype), grads.to(p.dtype))
+            clipped = torch.einsum("i,i...", clip_factor.to(grads.device, p.dtype), grads)
             p.summed_grad = clipped if p.summed_grad is None else p.summed_grad + clipped
             _mark_as_processed(p.grad_sample)
 

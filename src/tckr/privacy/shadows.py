@@ -217,7 +217,7 @@ def provenance(recipe: ClassifierConfig, keep: np.ndarray, index: int, populatio
     """What shadow ``index`` is made for: its row of the keep-matrix, the population, the training recipe, the
     seed and the queries its logits answer. A shadow is reused only where all five match (another
     ``attack.seed`` draws another keep-matrix, another recipe or dataset trains other models, other queries need
-    other logits)."""
+    other logits). The precision it trained in (which depends on the machine) is recorded beside, not matched."""
     return {"keep_row": hashlib.sha256(np.packbits(keep[index]).tobytes()).hexdigest()[:16],
             "population": population.fingerprint,
             "recipe": hashlib.sha256(recipe.model_dump_json().encode()).hexdigest()[:16], "seed": str(recipe.seed),
@@ -274,7 +274,7 @@ def train_shadow_group(cfg: ClassifierConfig, indices: list[int], keep: np.ndarr
     recipe = Recipe.build(cfg, stack.parameters(), info.num_classes, device)
     augmix = _augmix() if cfg.augmix else None
 
-    settings = f"{cfg.model_dump_json()}|{indices}|{keep[indices].sum(1).tolist()}|{len(population)}"
+    settings = f"{cfg.model_dump_json()}|{indices}|{keep[indices].sum(1).tolist()}|{len(population)}|{recipe.precision}"
     loop = Loop(out_dir / f"group-{indices[0]:04d}-{indices[-1]:04d}.pt", TRAINER, settings,
                 {"stack": stack, "best": best, "optimizer": recipe.optimizer, "scheduler": recipe.scheduler,
                  "scaler": recipe.scaler},
@@ -302,7 +302,7 @@ def train_shadow_group(cfg: ClassifierConfig, indices: list[int], keep: np.ndarr
             mixed = [recipe.mixup(images[m], targets[m]) for m in range(len(indices))]
             images = torch.stack([x for x, _ in mixed])
             targets = torch.stack([t for _, t in mixed])
-        with torch.autocast(device.type, enabled=recipe.scaler.is_enabled()):
+        with recipe.autocast(device):
             logits = stack(images)
             loss = sum(recipe.objective(logits[m], images[m], targets[m]) for m in range(len(indices)))
         recipe.optimizer.zero_grad(set_to_none=True)
@@ -334,6 +334,7 @@ def train_shadow_group(cfg: ClassifierConfig, indices: list[int], keep: np.ndarr
         if index in todo:
             predictions = logits[m, 0].argmax(-1) == labels
             summary = {"index": index, "provenance": made_for[index], "members": per_model, "seconds": seconds,
+                       "precision": recipe.precision,
                        "best_epoch": state["best_epoch"][m],
                        "val_accuracy": state["best_val"][m],
                        "in_accuracy": float(predictions[keep[index]].float().mean()),

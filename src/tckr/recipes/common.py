@@ -124,6 +124,7 @@ def classifier_metrics(role: str, result, model_dir: Path, splits, info, image_s
     from tckr.training.models import NormalizedClassifier
 
     mlflow.log_artifact(str(model_dir / "model.json"))
+    mlflow.set_tag(f"{role}.precision", result.precision)
     model = NormalizedClassifier(load_classifier(model_dir), info.mean, info.std).eval()
     test = ImageSplit(splits["test"], image_size, info.channels)
     example = torch.stack([test[0][0], test[1][0]]).float().div(255).numpy()  # batch >= 2 for pt2

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from tckr.core import distributed
 from tckr.core.atomic import atomic_path, write_text
 from tckr.core.errors import ConfigError
+from tckr.core.precision import autocast, autocast_dtype, loss_scaler, precision_name
 from tckr.core.progress import progress
 from tckr.core.seeds import derive_seed
 from tckr.data.images import BatchAugment, ImageSplit, shift_images
@@ -45,6 +46,7 @@ class TrainResult:
     epochs_run: int
     seconds: float
     images_per_second: float
+    precision: str  # what training computed in (:func:`tckr.core.precision.precision_name`)
     history: list[dict] = field(default_factory=list)
 
 
@@ -89,6 +91,14 @@ class Recipe:
     scaler: torch.amp.GradScaler
     mixup: Callable | None
     objective: Objective
+    dtype: torch.dtype | None  # autocast's (:mod:`tckr.core.precision`); None: fp32
+
+    def autocast(self, device: torch.device) -> torch.autocast:
+        return autocast(device, self.dtype)
+
+    @property
+    def precision(self) -> str:
+        return precision_name(self.dtype)
 
     @classmethod
     def build(cls, cfg: ClassifierConfig, parameters, num_classes: int, device: torch.device,
@@ -102,8 +112,9 @@ class Recipe:
         if objective is None:
             objective = _label_objective(
                 SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing))
+        dtype = autocast_dtype(device, cfg.amp)
         return cls(optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs),
-                   torch.amp.GradScaler(enabled=cfg.amp and device.type == "cuda"), mixup, objective)
+                   loss_scaler(device, dtype), mixup, objective, dtype)
 
 
 def _label_objective(criterion: nn.Module) -> Objective:
@@ -157,7 +168,7 @@ def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_siz
     if len(loader) == 0:
         raise ConfigError(f"{len(train_set)} training images make no full batch of {cfg.batch_size}")
 
-    settings = cfg.model_dump_json() + f"|{image_size}|{info.fingerprint}|{resume_key}"
+    settings = cfg.model_dump_json() + f"|{image_size}|{info.fingerprint}|{recipe.precision}|{resume_key}"
     loop = Loop(out_dir / "checkpoint.pt", TRAINER, settings,
                 {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler,
                  "generator": generator},
@@ -182,7 +193,7 @@ def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_siz
         labels = labels.to(device, non_blocking=True)
         if mixup:
             images, labels = mixup(images, labels)
-        with torch.autocast(device.type, enabled=scaler.is_enabled()):
+        with recipe.autocast(device):
             loss = recipe.objective(trained(images), images, labels)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -219,7 +230,7 @@ def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_siz
     return TrainResult(val_accuracy=state["best_val"], test_accuracy=accuracy(test_logits, test_set.labels),
                        best_epoch=state["best_epoch"], epochs_run=loop.done, seconds=seconds,
                        images_per_second=trained_images / seconds if seconds > 0 else math.nan,
-                       history=state["history"])
+                       precision=recipe.precision, history=state["history"])
 
 
 def _history_csv(history: list[dict]) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from tckr.core.config import Section
+from tckr.core.config import MIXED_PRECISION, Section
 
 
 class ClassifierConfig(Section):
@@ -22,7 +22,7 @@ class ClassifierConfig(Section):
     augmix: bool = False
     crop_padding: int = Field(0, ge=0, description="random crop after zero padding by this many pixels")
     hflip: bool = True
-    amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
+    amp: bool = Field(True, description=MIXED_PRECISION)
     num_workers: int = Field(0, ge=0)
     eval_batch_size: int = Field(512, gt=0)
     seed: int = 0

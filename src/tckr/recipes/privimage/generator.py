@@ -20,6 +20,7 @@ from torch import nn
 
 from tckr.core.atomic import copy_tree, write_text
 from tckr.core.errors import ConfigError
+from tckr.core.precision import autocast_dtype, precision_name
 from tckr.core.volume import checkpoint_location
 from tckr.generators.conditional import (
     ClassConditionalGenerator,
@@ -27,7 +28,7 @@ from tckr.generators.conditional import (
     contiguous_conv_inputs,
     pretrain_class_generator,
 )
-from tckr.generators.pixel import build_noise_scheduler, digest_files, generator_cache_dir
+from tckr.generators.pixel import build_noise_scheduler, digest_files, generator_cache_dir, training_precision
 from tckr.privacy.accounting import PrivacyPlan, plan_privacy, query_history
 from tckr.privacy.dp_sgd import DPTrainingResult, train_dp
 from tckr.recipes.privimage.config import FinetuneConfig, PretrainConfig
@@ -66,7 +67,8 @@ def pretrained_generator(cfg: PretrainConfig, image_size: int, data_dir: Path, p
         images, labels, data_key = pretraining_data(cfg, image_size, info.channels, info.classes, pool_dir,
                                                     selection_dir)
     key = hashlib.sha256(json.dumps({"pretrain": cfg.model_dump(mode="json"), "image_size": image_size,
-                                     "channels": info.channels, "classes": info.classes, "data": data_key},
+                                     "channels": info.channels, "classes": info.classes, "data": data_key,
+                                     "precision": training_precision(cfg, device)},
                                     sort_keys=True).encode()).hexdigest()[:16]
     cached = generator_cache_dir() / "privimage" / key
     hit = (cached / "generator.json").is_file()
@@ -118,10 +120,12 @@ def finetune_privately(cfg: FinetuneConfig, image_size: int, data_dir: Path, sel
         add_dp_lora(unet, cfg)
     ema = copy.deepcopy(unet).requires_grad_(False)
     scheduler = DDPMScheduler.from_config(base.scheduler_config)
+    dtype = autocast_dtype(device, cfg.mixed_precision)
 
     def loss_rows(model: nn.Module, rows: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
         rows = rows.cpu()
-        return class_denoising_loss(model, images[rows], labels[rows], scheduler, cfg.label_dropout, rng, device)
+        return class_denoising_loss(model, images[rows], labels[rows], scheduler, cfg.label_dropout, rng, device,
+                                    dtype)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -140,10 +144,12 @@ def finetune_privately(cfg: FinetuneConfig, image_size: int, data_dir: Path, sel
                       on_epoch=record_epoch, recipe="privimage.dp_finetune",
                       resume_key=json.dumps({"base": digest_files([Path(base_dir) / WEIGHTS]),
                                              "data": info.split_fingerprints.get("train", info.fingerprint),
-                                             "label_dropout": cfg.label_dropout, "lora": cfg.lora_targets}))
+                                             "label_dropout": cfg.label_dropout, "lora": cfg.lora_targets,
+                                             "precision": precision_name(dtype)}))
     weights = merged_lora(ema) if cfg.lora_rank else ema
     ClassConditionalGenerator(weights.eval(), base.scheduler_config, info.classes, image_size, base.channels).save(
-        out_dir, {"finetuning": {"dp_steps": result.steps, "lora_rank": cfg.lora_rank, "private_images": num_private}})
+        out_dir, {"finetuning": {"dp_steps": result.steps, "lora_rank": cfg.lora_rank, "private_images": num_private,
+                                 "precision": precision_name(dtype)}})
     write_text(out_dir / "privacy.json", json.dumps(plan.as_dict() | {
         "epsilon_spent": result.epsilon, "history": [list(entry) for entry in result.history], "epochs": epochs,
         "covers": "the semantic query (one Gaussian step over the private train split) and every DP-SGD step",

@@ -118,7 +118,14 @@ def _pixel_base_generator(cfg: GeneratorConfig, image_size: int, runtime: Runtim
     from tckr.core.errors import ConfigError
     from tckr.data.images import decode_split
     from tckr.data.ingest import load_prepared
-    from tckr.generators.pixel import cache_key, digest_files, generator_cache_dir, pretrain_pixel_generator, read_texts
+    from tckr.generators.pixel import (
+        cache_key,
+        digest_files,
+        generator_cache_dir,
+        pretrain_pixel_generator,
+        read_texts,
+        training_precision,
+    )
 
     splits, info = load_prepared(data)
     if "public" not in splits:
@@ -126,14 +133,16 @@ def _pixel_base_generator(cfg: GeneratorConfig, image_size: int, runtime: Runtim
                           "has none: set ingest.public_fraction > 0")
     public_captions = captions / "public" / "captions.jsonl"
     # Keyed on the public split only: a new private set reuses the same pretrained generator.
-    key = cache_key(cfg, image_size, info.split_fingerprints["public"], digest_files([public_captions]))
+    device = run_device(runtime)
+    key = cache_key(cfg, image_size, info.split_fingerprints["public"], digest_files([public_captions]),
+                    training_precision(cfg, device))
     cached = generator_cache_dir() / key
     hit = (cached / "generator.json").is_file()
     if hit:
         copy_tree(cached, out_dir)
     else:
         images = decode_split(splits["public"], image_size, info.channels)
-        pretrain_pixel_generator(cfg, images, read_texts(public_captions), out_dir, run_device(runtime),
+        pretrain_pixel_generator(cfg, images, read_texts(public_captions), out_dir, device,
                                  on_step=lambda step, loss: log_every(step, 25, {"pretrain_loss": loss}))
         copy_tree(out_dir, cached)
     mlflow.set_tag("tckr.generator_cache_key", key)
