@@ -36,11 +36,15 @@ WEIGHTS = ("outputs/data/dataset.json", "outputs/teacher/model.safetensors", "ou
 @pytest.mark.unit
 @pytest.mark.parametrize("recipe", DVC_RECIPES)
 def test_dvc_stages_are_the_declared_stages_with_the_demo_profile(recipe):
-    """params.yaml is the demo profile resolved; each DVC stage is a declared stage of its recipe, reads exactly
+    """params.yaml is the demo profile resolved, every setting written out (the sections' derived seeds too: a
+    DVC stage depends on its sections' values); each DVC stage is a declared stage of its recipe, reads exactly
     the sections its declaration reads and passes every declared input and output."""
     directory, profile = DVC_RECIPES[recipe]
     params = load_config(str(REPO / directory / "params.yaml"))
-    assert params.model_dump(exclude={"profile"}) == load_config(profile).model_dump(exclude={"profile"})
+    resolved = load_config(profile).model_dump(mode="json", exclude={"profile"})
+    assert params.model_dump(mode="json", exclude={"profile"}) == resolved
+    written = yaml.safe_load((REPO / directory / "params.yaml").read_text())
+    assert {key: value for key, value in written.items() if key != "profile"} == resolved
     registry = importlib.import_module(f"tckr.recipes.{recipe}.stages").STAGES
     stages = yaml.safe_load((REPO / directory / "dvc.yaml").read_text())["stages"]
     assert set(stages) <= set(registry.names())

@@ -12,3 +12,9 @@ def derive_seed(seed: int, *stream: str | int) -> int:
     for distinct names, and the same on every machine and every version of numpy or torch (SHA-256 of the names)."""
     name = "/".join(str(part) for part in (seed, *stream))
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") >> 1
+
+
+def section_seed(root: int, section: str) -> int:
+    """A config section's seed under the run's root seed: 31 bits, so that it fits every RNG's seed argument and
+    the arithmetic some streams do on it (``seed * 100_003 + epoch``) stays within 64 bits."""
+    return derive_seed(root, "section", section) >> 32

@@ -7,9 +7,10 @@ import json
 from typing import Any
 
 import yaml
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tckr.core.config import KubernetesConfig, RuntimeConfig, Section, TrackingConfig
+from tckr.core.seeds import section_seed
 from tckr.data.ingest import IngestConfig
 
 
@@ -19,12 +20,26 @@ class RunBase(Section):
 
     recipe: str
     profile: str
+    seed: int = Field(0, ge=0, description="the run's root seed: each section's seed that is not set explicitly is "
+                      "derived from it and the section's name (tckr.core.seeds.section_seed)")
     dataset: str = Field(description="short name used for experiments and registered models")
     image_size: int = Field(gt=7, description="the one resolution every stage shares")
     ingest: IngestConfig
     tracking: TrackingConfig = TrackingConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     kubernetes: KubernetesConfig = KubernetesConfig()
+
+    @model_validator(mode="after")
+    def _section_seeds_from_the_root(self) -> RunBase:
+        """One root seed per run: every section whose seed the profile leaves unset gets its own, derived from the
+        root and its name, so no two roles share a stream by accident and ``--set seed=N`` reseeds the whole run.
+        Resolved here, so a task (and a saved config) sees the derived seed as an explicit one."""
+        for name in type(self).model_fields:
+            section = getattr(self, name)
+            if (isinstance(section, Section) and "seed" in type(section).model_fields
+                    and "seed" not in section.model_fields_set):
+                section.seed = section_seed(self.seed, name)
+        return self
 
     @property
     def experiment_name(self) -> str:
