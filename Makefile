@@ -61,9 +61,8 @@ lint: setup  ## ruff, hadolint, the import contracts (pyproject.toml [tool.impor
 	$(BIN)/hadolint docker/Dockerfile
 	$(BIN)/lint-imports
 
-bench: setup  ## performance benchmarks (each prints a ratio against a baseline run alongside)
-	$(BIN)/python bench/bench_generation.py
-	$(BIN)/python bench/bench_shadows.py
+bench: setup  ## the benchmark suite: each stage against its baseline, peak memory, MFU (bench/results.json)
+	$(BIN)/python bench/suite.py
 
 compile: setup  ## compile pipelines to the YAML committed beside them
 	$(BIN)/tckr compile

@@ -15,15 +15,9 @@ import time
 
 import numpy as np
 import torch
+from common import fashion_mnist, pick_device
 
-from tckr.data.ingest import _read_idx, fashion_mnist_dir
 from tckr.generators.fid import FeatureStatistics, InceptionFeatures, frechet_distance
-
-
-def real_images(count: int, size: int) -> torch.Tensor:
-    """The first ``count`` real train images at ``size`` px, uint8 ``[N, 1, size, size]``."""
-    images = torch.tensor(_read_idx(fashion_mnist_dir() / "train-images-idx3-ubyte.gz")[:count]).float().unsqueeze(1)
-    return torch.nn.functional.interpolate(images, size=size, mode="area").round().to(torch.uint8)
 
 
 def halves_fid(features: np.ndarray) -> float:
@@ -40,8 +34,8 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    images = real_images(args.images, args.size)
+    device = pick_device()
+    images, _ = fashion_mnist(args.images, args.size)
     variants = {str(dtype).removeprefix("torch."): InceptionFeatures(device, args.batch_size, dtype)
                 for dtype in (torch.float32, torch.bfloat16)}
     for inception in variants.values():

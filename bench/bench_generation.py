@@ -1,8 +1,9 @@
 """Generation throughput: tckr's batched sampler vs a naive per-prompt loop, same model, same steps.
 
 The naive loop is what calling a text-to-image pipeline once per prompt does: encode the prompt,
-run the solver on one image (conditional and unconditional halves in one UNet call). tckr encodes
-each distinct prompt once and runs the solver on `--batch-size` images per UNet call.
+run the solver on one image (conditional and unconditional halves in one UNet call), in fp32. tckr
+encodes each distinct prompt once and runs the solver on `--batch-size` images per UNet call, under
+the generation stage's mixed precision (bf16 autocast on CPUs that compute it natively, fp16 on CUDA).
 
     python bench/bench_generation.py [--images 256] [--steps 20] [--batch-size 128]
 """
@@ -13,16 +14,9 @@ import argparse
 import time
 
 import torch
+from common import caption_prompts, demo_generator, pick_device, sample_batched, sample_per_prompt, synchronize
 
-from tckr.data.ingest import FASHION_MNIST_CLASSES
-from tckr.generators.pixel import (
-    PixelGenerator,
-    TextEncoder,
-    build_noise_scheduler,
-    build_unet,
-    sample_pixel_images,
-    text_encoder_path,
-)
+from tckr.core.precision import autocast_dtype, precision_name
 from tckr.recipes.config import load_config
 
 
@@ -35,31 +29,22 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = load_config(args.profile)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    encoder = TextEncoder(text_encoder_path(), cfg.generator.max_text_tokens, device)
-    unet = build_unet(cfg.generator, 1, cfg.image_size, encoder.dim).to(device).eval()
-    generator = PixelGenerator(unet, encoder, dict(build_noise_scheduler(cfg.generator).config), cfg.image_size, 1)
-    words = ["dark", "bright", "small", "large"]
-    prompts = [f"{FASHION_MNIST_CLASSES[i % 10]}: a {words[(i // 10) % 4]} item" for i in range(args.images)]
-    seeds = list(range(args.images))
+    device = pick_device()
+    generator = demo_generator(cfg.generator, cfg.image_size, device)
+    prompts, seeds = caption_prompts(args.images), list(range(args.images))
     guidance = cfg.generate.guidance
+    dtype = autocast_dtype(device, cfg.generate.mixed_precision)
 
-    def naive() -> None:
-        for prompt, seed in zip(prompts, seeds, strict=True):
-            sample_pixel_images(generator, [prompt], [seed], args.steps, guidance, device, prompt_cache={})
-
-    def batched() -> None:
-        cache: dict[str, torch.Tensor] = {}
-        for start in range(0, len(prompts), args.batch_size):
-            sample_pixel_images(generator, prompts[start:start + args.batch_size], seeds[start:start + args.batch_size],
-                                args.steps, guidance, device, cache)
-
-    sample_pixel_images(generator, prompts[:2], seeds[:2], 2, guidance, device, {})  # warm-up
+    sample_batched(generator, prompts[:2], seeds[:2], 2, guidance, device, 2, dtype)  # warm-up
     rates = {}
-    for name, run in (("naive per-prompt loop", naive), (f"tckr batched (batch {args.batch_size})", batched)):
+    for name, run in (
+            ("naive per-prompt loop", lambda: sample_per_prompt(generator, prompts, seeds, args.steps, guidance,
+                                                                device)),
+            (f"tckr batched (batch {args.batch_size}, {precision_name(dtype)})",
+             lambda: sample_batched(generator, prompts, seeds, args.steps, guidance, device, args.batch_size, dtype))):
         started = time.perf_counter()
         run()
+        synchronize(device)
         rates[name] = args.images / (time.perf_counter() - started)
         print(f"{name:>32}: {rates[name]:8.1f} images/s")
     naive_rate, batched_rate = rates.values()

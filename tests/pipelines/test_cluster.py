@@ -27,7 +27,8 @@ IMAGE, CUDA_IMAGE = default_images()  # this code's, tagged by content (tests/te
 
 GPU_STAGES = {stage.name for stage in STAGES if stage.resources["gpus"]}
 TRACKED_STAGES = {"start_run", "finish_run", "ingest", "teacher", "caption", "generator", "finetune", "generate",
-                  "audit", "fid", "student", "attack", "register", "report"}  # the components that take tracking_uri
+                  "audit", "fid", "student", "negative_control", "positive_control", "attack", "register",
+                  "report"}  # the components that take tracking_uri
 PER_RUN_PARAMETERS = {"run_name"}  # tckr.platform.runner.new_run_name: new every run
 CREDENTIAL_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_USERNAME",
                         "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"}
@@ -87,7 +88,7 @@ def test_every_task_requests_its_declared_cpu_and_memory(paper):
 def test_gpu_stages_get_one_gpu_the_cuda_image_and_gpu_nodes(paper):
     spec, platform, _ = paper
     assert sorted(GPU_STAGES) == ["attack", "audit", "caption", "fid", "finetune", "generate", "generate_shard",
-                                  "shadow_group", "student", "teacher"]
+                                  "negative_control", "positive_control", "shadow_group", "student", "teacher"]
     for stage, container in _executors(spec).items():
         placement = platform.get(f"exec-{stage.replace('_', '-')}", {})
         if stage in GPU_STAGES:
@@ -126,7 +127,7 @@ def test_data_loading_stages_get_a_memory_backed_dev_shm(paper):
     spec, platform, _ = paper
     for stage in _executors(spec):
         mounts = platform.get(f"exec-{stage.replace('_', '-')}", {}).get("emptyDirMounts", [])
-        if stage in {"teacher", "student", "shadow_group"}:
+        if stage in {"teacher", "student", "shadow_group", "negative_control", "positive_control"}:
             assert mounts == [{"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory", "sizeLimit": "8Gi"}]
         else:
             assert mounts == []
@@ -221,7 +222,7 @@ def test_an_attack_setting_leaves_every_earlier_task_cached(tmp_path):
     after = _resolved_inputs(_compile(tmp_path / "b", ["attack.shadows=32", "attack.seed=7",
                                                        "attack.variance=per_example"])[0])
     for stage in ("ingest", "teacher", "caption", "generator", "finetune", "generation_plan", "generate_shard",
-                  "generate", "student"):
+                  "generate", "student", "negative_control", "positive_control"):
         assert before[stage] == after[stage], stage
     for stage in ("shadow_plan", "shadow_group", "attack"):
         assert before[stage] != after[stage], stage

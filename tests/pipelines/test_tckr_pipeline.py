@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from tckr.cli import main
+from tckr.core.seeds import section_seed
 from tckr.pipelines.compile import compile_committed, local_pipeline
 from tckr.platform.runner import run_local
 from tckr.platform.tracking import configure
@@ -71,6 +72,20 @@ def test_run_directory(smoke_run):
     assert metrics["student.rmia.auc_ci_low"] <= metrics["student.rmia.auc"] <= metrics["student.rmia.auc_ci_high"]
     assert "delta.rmia.auc_ci_low" in metrics and "| student (RMIA)" in report
     assert metrics["attack.sigma_shared"] > 0
+
+
+def test_the_attack_is_calibrated_by_its_controls(smoke_run):
+    """Both controls are trained and attacked like the targets, with intervals, and explained in the report; the
+    negative control (public data only) trained on no member, the positive one on the members themselves."""
+    _, outcome, _ = smoke_run
+    metrics, report = outcome.metrics, (outcome.run_dir / "report.md").read_text()
+    for role, name in (("negative_control", "negative control"), ("positive_control", "positive control")):
+        assert 0.0 < metrics[f"{role}.test_accuracy"] <= 1.0 and metrics[f"stage.{role}.seconds"] > 0
+        for attack in ("mia", "rmia"):
+            key = f"{role}.{attack}.auc"
+            assert metrics[f"{key}_ci_low"] <= metrics[key] <= metrics[f"{key}_ci_high"], key
+        assert f"| {name} (LiRA)" in report and f"| {name} (RMIA)" in report and f"| {role}" in report
+    assert "Controls: the negative control" in report
 
 
 def test_attack_outputs(smoke_run):
@@ -143,7 +158,7 @@ def test_mlflow_parent_and_stage_runs(smoke_run):
 
     stages = {r.data.tags["tckr.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(stages) == {"ingest", "teacher", "caption", "generator", "finetune", "generate", "audit", "fid",
-                           "student", "attack", "register"}
+                           "student", "negative_control", "positive_control", "attack", "register"}
     assert all(r.info.status == "FINISHED" for r in stages.values())
     teacher = stages["teacher"]
     assert teacher.data.params["teacher.epochs"] == str(cfg.teacher.epochs)  # its sections, by dotted name
@@ -177,6 +192,13 @@ def test_mlflow_shows_each_models_data_figures_and_description(smoke_run):
     assert inputs("teacher") == {f"fashion-mnist/{name}": (split[name][0], context, str(split[name][1]))
                                  for name, context in (("train", "training"), ("validation", "validation"),
                                                        ("test", "test"))}
+    # The controls: the negative one trained on public images only (no split the attack's population comes from),
+    # the positive one on the members.
+    members = split["train"][1]
+    assert inputs("negative_control") == {
+        f"fashion-mnist/public[:{members}]": (split["public"][0], "training", str(members)),
+        **{f"fashion-mnist/{name}": (split[name][0], name, str(split[name][1])) for name in ("validation", "test")}}
+    assert inputs("positive_control")["fashion-mnist/train"] == (split["train"][0], "training", str(members))
     synthetic = next(outcome.run_dir.glob("kfp/*/generate/synthetic"))
     manifest_digest = hashlib.sha256((synthetic / "manifest.jsonl").read_bytes()).hexdigest()[:16]
     assert inputs("student")["fashion-mnist/synthetic-tckr"] == (manifest_digest, "training",
@@ -333,7 +355,8 @@ def test_compiled_pipeline_matches_committed_snapshot(tmp_path):
         tasks = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
         assert tasks["ingest"]["componentRef"] and "report" in tasks
         assert {"ingest", "attack", "run_name", "tracking_uri", "experiment"} <= set(parameters)
-        assert json.loads(parameters["attack"]["defaultValue"])["seed"] == 420  # the paper profile's settings
+        assert parameters["seed"]["defaultValue"] == 420  # the paper profile's settings
+        assert json.loads(parameters["attack"]["defaultValue"])["seed"] == section_seed(420, "attack")
         fan_out = sorted(str(t["parameterIterator"]) for t in tasks.values() if "parameterIterator" in t)
         plan = {"tckr_pipeline.yaml": "generation-plan", "privimage_pipeline.yaml": "sample-plan"}[fresh.name]
         assert len(fan_out) == 2 and plan in fan_out[0] and "shadow-plan" in fan_out[1]

@@ -1,7 +1,7 @@
 """The TCKR recipe as a KFP v2 pipeline:
 ingest -> {teacher, caption} -> generator -> LoRA fine-tune -> generate (ParallelFor over shards)
--> {audit (DCR), fid, student (GKD)} -> attack (LiRA, ParallelFor over shadow groups) -> register (AOP, champion)
--> report.
+-> {audit (DCR), fid, student (GKD)}; {negative control (public data), positive control (GKD on the members)}
+-> attack (LiRA and RMIA, ParallelFor over shadow groups) -> register (AOP, champion) -> report.
 
 Only the wiring is here: each task's sections, tracking parameters and caching come from its stage's
 declaration (``tckr.recipes.tckr.stages``), resources and placement from the ``kubernetes:`` section.
@@ -37,11 +37,14 @@ def tckr_graph(task: Tasks) -> None:
     scored = task("fid", data=data, synthetic=synthetic.outputs["synthetic"]).after(parent)
     distilled = task("student", data=data, synthetic=synthetic.outputs["synthetic"],
                      teacher_model=trained.outputs["model"]).after(parent)
+    negative = task("negative_control", data=data).after(parent)
+    positive = task("positive_control", data=data, teacher_model=trained.outputs["model"]).after(parent)
     groups = task("shadow_plan")
     with dsl.ParallelFor(groups.output, name="shadow-groups", parallelism=task.parallelism) as group:
         shadow_task = task("shadow_group", group=group, data=data)
     attacked = task("attack", data=data, teacher_model=trained.outputs["model"],
-                    student_model=distilled.outputs["model"],
+                    student_model=distilled.outputs["model"], negative_control_model=negative.outputs["model"],
+                    positive_control_model=positive.outputs["model"],
                     shadows=dsl.Collected(shadow_task.outputs["shadows"])).after(parent)
     registered = task("register", teacher_model=trained.outputs["model"], student_model=distilled.outputs["model"],
                       teacher_metrics=trained.outputs["metrics"], student_metrics=distilled.outputs["metrics"],
@@ -50,7 +53,8 @@ def tckr_graph(task: Tasks) -> None:
          caption_metrics=captioned.outputs["metrics"], generator_metrics=base.outputs["metrics"],
          finetune_metrics=tuned.outputs["metrics"], generate_metrics=synthetic.outputs["metrics"],
          audit_metrics=audited.outputs["metrics"], fid_metrics=scored.outputs["metrics"],
-         student_metrics=distilled.outputs["metrics"], attack_metrics=attacked.outputs["metrics"],
+         student_metrics=distilled.outputs["metrics"], negative_control_metrics=negative.outputs["metrics"],
+         positive_control_metrics=positive.outputs["metrics"], attack_metrics=attacked.outputs["metrics"],
          register_metrics=registered.outputs["metrics"], synthetic=synthetic.outputs["synthetic"],
          audit_results=audited.outputs["results"], attack_results=attacked.outputs["results"]).after(parent)
 

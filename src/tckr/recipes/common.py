@@ -112,9 +112,19 @@ def log_private_splits(info, data: Path, contexts: dict[str, str]) -> None:
                     info.splits[split].count)
 
 
+def training_metrics(role: str, result) -> Metrics:
+    """A trained classifier's figures (:class:`~tckr.training.classifier.TrainResult`) under ``<role>.``, and the
+    precision it trained in as an MLflow tag."""
+    import mlflow
+
+    mlflow.set_tag(f"{role}.precision", result.precision)
+    return {f"{role}.test_accuracy": result.test_accuracy, f"{role}.val_accuracy": result.val_accuracy,
+            f"{role}.best_epoch": float(result.best_epoch), f"{role}.images_per_second": result.images_per_second}
+
+
 def classifier_metrics(role: str, result, model_dir: Path, splits, info, image_size: int) -> Metrics:
-    """A trained classifier's metrics, and its logged model (served form: float images in [0, 1] -> logits) whose
-    URI goes to ``model_dir/logged_model.json`` for the register stage."""
+    """:func:`training_metrics`, and the classifier's logged model (served form: float images in [0, 1] -> logits)
+    whose URI goes to ``model_dir/logged_model.json`` for the register stage."""
     import mlflow
     import torch
 
@@ -124,13 +134,11 @@ def classifier_metrics(role: str, result, model_dir: Path, splits, info, image_s
     from tckr.training.models import NormalizedClassifier
 
     mlflow.log_artifact(str(model_dir / "model.json"))
-    mlflow.set_tag(f"{role}.precision", result.precision)
     model = NormalizedClassifier(load_classifier(model_dir), info.mean, info.std).eval()
     test = ImageSplit(splits["test"], image_size, info.channels)
     example = torch.stack([test[0][0], test[1][0]]).float().div(255).numpy()  # batch >= 2 for pt2
     (model_dir / "logged_model.json").write_text(json.dumps({"model_uri": log_classifier(model, example)}))
-    return {f"{role}.test_accuracy": result.test_accuracy, f"{role}.val_accuracy": result.val_accuracy,
-            f"{role}.best_epoch": float(result.best_epoch), f"{role}.images_per_second": result.images_per_second}
+    return training_metrics(role, result)
 
 
 def log_shadow_runs(summaries: list[dict]) -> None:

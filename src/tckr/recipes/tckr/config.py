@@ -24,6 +24,17 @@ class DistillConfig(Section):
 
 
 
+class ControlsConfig(Section):
+    """Extra attack targets that calibrate the attack, trained beside the teacher and the student."""
+
+    negative: bool = Field(
+        True, description="the teacher's recipe on as many public images as the teacher has members: it saw no "
+        "member and no holdout image, so every attack must score it at chance (needs ingest.public_fraction > 0)")
+    positive: bool = Field(
+        True, description="the student's recipe distilled from the teacher on the real members instead of "
+        "synthetic images: how much of the teacher's leak distillation alone hides")
+
+
 class TckrRun(RunBase):
     recipe: Literal["tckr"] = "tckr"
     teacher: ClassifierConfig
@@ -35,6 +46,7 @@ class TckrRun(RunBase):
     student: ClassifierConfig = Field(
         description="null or absent: the teacher's architecture and recipe without MixUp (as the reference)")
     distill: DistillConfig = DistillConfig()
+    controls: ControlsConfig = ControlsConfig()
     attack: AttackConfig = AttackConfig()
     audit: AuditConfig = AuditConfig()
 
@@ -45,6 +57,13 @@ class TckrRun(RunBase):
         if isinstance(data, dict) and data.get("student") is None and isinstance(data.get("teacher"), dict):
             data = {**data, "student": {**data["teacher"], "mixup_alpha": 0.0}}
         return data
+
+    @model_validator(mode="after")
+    def _negative_control_has_public_data(self) -> TckrRun:
+        if self.controls.negative and self.ingest.public_fraction == 0:
+            raise ValueError("controls.negative trains on the public split and ingest.public_fraction is 0: set "
+                             "ingest.public_fraction > 0, or controls.negative: false")
+        return self
 
     @model_validator(mode="after")
     def _batches_split_evenly_over_gpus(self) -> TckrRun:

@@ -53,13 +53,15 @@ def distillation_objective(teacher: nn.Module, cfg: DistillConfig, label_smoothi
 
 def train_student(cfg: ClassifierConfig, distill: DistillConfig, synthetic, real_splits, info: DatasetInfo,
                   image_size: int, teacher_dir: Path, out_dir: Path, device: torch.device,
-                  sources_key: str, on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
-    """Distil the teacher in ``teacher_dir`` into a new classifier trained on ``synthetic`` only.
+                  sources_key: str, on_epoch: Callable[[dict], None] | None = None,
+                  name: str = "student") -> TrainResult:
+    """Distil the teacher in ``teacher_dir`` into a new classifier trained on ``synthetic`` only (the positive
+    control, ``name`` ``positive_control``, passes the real members instead).
 
     ``sources_key`` identifies the synthetic set and the teacher: a checkpoint made from others is not resumed.
     """
     teacher = load_classifier(Path(teacher_dir), device)
     splits = {"train": synthetic, "validation": real_splits["validation"], "test": real_splits["test"]}
-    return train_classifier(cfg, splits, info, image_size, Path(out_dir), device, on_epoch=on_epoch, name="student",
+    return train_classifier(cfg, splits, info, image_size, Path(out_dir), device, on_epoch=on_epoch, name=name,
                             objective=distillation_objective(teacher, distill, cfg.label_smoothing),
                             resume_key=f"{distill.model_dump_json()}|{sources_key}")

@@ -36,12 +36,21 @@ STAGE_ROWS: dict[str, tuple[str, ...]] = {
     "audit": ("audit.closer_to_train_share", "audit.near_copy_fraction", "audit.flagged"),
     "fid": ("synthetic.fid", "fid.samples"),
     "student": ("student.test_accuracy", "student.val_accuracy", "student.best_epoch", "student.synthetic_images"),
+    "negative_control": ("negative_control.test_accuracy",),
+    "positive_control": ("positive_control.test_accuracy",),
     # The shadow groups' compute (ParallelFor tasks, summed), then the attack itself.
     "shadows": ("attack.shadows", "attack.shadow_val_accuracy"),
     "attack": ("attack.population", "attack.shadows_trained_here"),  # its figures: the table above
 }
 
-TARGETS = {"teacher": "teacher", "student": "student"}  # metric prefix -> name in the tables
+# Metric prefix -> name in the tables: the two targets, then the controls (the ones the run trained).
+TARGETS = {"teacher": "teacher", "student": "student", "negative_control": "negative control",
+           "positive_control": "positive control"}
+CONTROLS_NOTE = ("Controls: the negative control is the teacher's recipe trained on as many public images (no member, "
+                 "no holdout image): every attack must score it inside the null band, or the attack is broken. The "
+                 "positive control is the student's recipe distilled from the teacher on the real members instead "
+                 "of synthetic images: beside the teacher it shows how much distillation alone hides, beside the "
+                 "student what the synthetic data adds.")
 # The paper's Table 2 columns (header, metric suffix per role), all shown in percent.
 TABLE2_COLUMNS = (("Accuracy", "test_accuracy"), ("AUC_MIA", "mia.auc"), ("TPR@0.1%FPR", "mia.tpr_at_0.1pct_fpr"),
                   ("TPR@1%FPR", "mia.tpr_at_1pct_fpr"), ("AOP", "aop"))
@@ -105,6 +114,8 @@ def write_report(cfg: TckrRun, metrics: dict[str, float], out_dir: Path, parent_
             attack_table(metrics, TARGETS), "",
             chance_verdict(metrics, TARGETS), "",
         ]
+        if any(f"{control}.mia.auc" in metrics for control in ("negative_control", "positive_control")):
+            report += [CONTROLS_NOTE, ""]
     if (out_dir / "roc.png").is_file():
         report += ["![LiRA ROC, log-log](roc.png)", ""]
     report += audit_section(metrics, cfg.audit)

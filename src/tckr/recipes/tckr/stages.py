@@ -39,9 +39,10 @@ from tckr.recipes.common import (
     log_private_splits,
     run_attack,
     run_device,
+    training_metrics,
 )
 from tckr.recipes.synthetic import AUDIT_STAGE, audit, log_sample_grid, log_synthetic_set
-from tckr.recipes.tckr.config import DistillConfig, TckrRun
+from tckr.recipes.tckr.config import ControlsConfig, DistillConfig, TckrRun
 from tckr.training.config import ClassifierConfig
 
 STAGES = StageRegistry()
@@ -290,6 +291,63 @@ def student(*, image_size: int, student: ClassifierConfig, distill: DistillConfi
         "student.synthetic_images": float(len(images))}
 
 
+# The attack's controls: two more targets whose answer is known in advance. Each stage is a no-op (no model, no
+# metrics) when its control is switched off; the attack then leaves it out.
+@stage(sections=("image_size", "teacher", "controls", "runtime"), inputs={"data": DATASET},
+       outputs={"model": MODEL}, multi_gpu=True, resources=resources("8", "16", "32Gi", "48Gi", gpus=1, shm="8Gi"))
+def negative_control(*, image_size: int, teacher: ClassifierConfig, controls: ControlsConfig, runtime: RuntimeConfig,
+                     data: Path, model: Path) -> Metrics:
+    """The teacher's recipe on as many public images as the teacher has members (the first ones of the public
+    split, which ingest shuffled). It saw no member and no holdout image: an attack that scores it outside the
+    null band is broken, whatever it says of the real targets."""
+    from tckr.core.errors import ConfigError
+    from tckr.data.ingest import load_prepared
+    from tckr.platform.tracking import log_dataset
+    from tckr.training.classifier import train_classifier
+
+    if not controls.negative:
+        model.mkdir(parents=True, exist_ok=True)  # an empty output: no control to attack
+        return {}
+    splits, info = load_prepared(data)
+    members = len(splits["train"])
+    if len(splits.get("public", ())) < members:
+        raise ConfigError(f"controls.negative needs as many public images as the {members} members, and the "
+                          f"public split has {len(splits.get('public', ()))}: raise ingest.public_fraction")
+    trained_on = {"train": splits["public"].select(range(members)), "validation": splits["validation"],
+                  "test": splits["test"]}
+    result = train_classifier(teacher, trained_on, info, image_size, model, run_device(runtime),
+                              name="negative_control", on_epoch=log_epoch)
+    if result is None:  # not the lead rank
+        return {}
+    log_dataset(f"{info.name}/public[:{members}]", info.split_fingerprints["public"], str(data), "training", members)
+    log_private_splits(info, data, {"validation": "validation", "test": "test"})
+    return training_metrics("negative_control", result)
+
+
+@stage(sections=("image_size", "student", "distill", "controls", "runtime"),
+       inputs={"data": DATASET, "teacher_model": MODEL}, outputs={"model": MODEL},
+       multi_gpu=True, resources=resources("8", "16", "32Gi", "48Gi", gpus=1, shm="8Gi"))
+def positive_control(*, image_size: int, student: ClassifierConfig, distill: DistillConfig, controls: ControlsConfig,
+                     runtime: RuntimeConfig, data: Path, teacher_model: Path, model: Path) -> Metrics:
+    """The student's recipe distilled from the teacher on the real members instead of synthetic images. Its leak,
+    beside the teacher's, is what distillation alone hides; beside the student's, what the synthetic data adds."""
+    from tckr.data.ingest import load_prepared
+    from tckr.generators.pixel import digest_files
+    from tckr.recipes.tckr.distill import train_student
+
+    if not controls.positive:
+        model.mkdir(parents=True, exist_ok=True)  # an empty output: no control to attack
+        return {}
+    splits, info = load_prepared(data)
+    sources = digest_files([teacher_model / "model.safetensors"]) + info.split_fingerprints["train"]
+    result = train_student(student, distill, splits["train"], splits, info, image_size, teacher_model, model,
+                           run_device(runtime), sources_key=sources, on_epoch=log_epoch, name="positive_control")
+    if result is None:  # not the lead rank
+        return {}
+    log_private_splits(info, data, {"train": "training", "validation": "validation", "test": "test"})
+    return training_metrics("positive_control", result)
+
+
 declare_shared(STAGES, "shadow_plan")
 
 
@@ -308,15 +366,20 @@ def shadow_group(*, image_size: int, teacher: ClassifierConfig, attack: AttackCo
 
 
 @stage(sections=("image_size", "teacher", "attack", "runtime"),
-       inputs={"data": DATASET, "teacher_model": MODEL, "student_model": MODEL, "shadows": collected(MODEL)},
+       inputs={"data": DATASET, "teacher_model": MODEL, "student_model": MODEL, "negative_control_model": MODEL,
+               "positive_control_model": MODEL, "shadows": collected(MODEL)},
        outputs={"results": ARTIFACT},
-       resources=resources("8", "16", "32Gi", "48Gi", gpus=1))  # both targets over the population, every query
+       resources=resources("8", "16", "32Gi", "48Gi", gpus=1))  # every target over the population, every query
 def attack(*, image_size: int, teacher: ClassifierConfig, attack: AttackConfig, runtime: RuntimeConfig, data: Path,
-           teacher_model: Path, student_model: Path, shadows: list[Path], results: Path) -> Metrics:
-    """LiRA against teacher and student: the fan-out's shadows are used, missing ones are trained here;
-    each shadow becomes a nested MLflow run under the attack's."""
-    return run_attack(image_size, teacher, attack, runtime, data, {"teacher": teacher_model, "student": student_model},
-                      shadows, results, teacher.eval_batch_size, differences={"delta": ("student", "teacher")})
+           teacher_model: Path, student_model: Path, negative_control_model: Path, positive_control_model: Path,
+           shadows: list[Path], results: Path) -> Metrics:
+    """LiRA and RMIA against teacher and student, and the controls that were trained: the fan-out's shadows are
+    used, missing ones are trained here; each shadow becomes a nested MLflow run under the attack's."""
+    controls = {"negative_control": negative_control_model, "positive_control": positive_control_model}
+    targets = {"teacher": teacher_model, "student": student_model} | {
+        name: path for name, path in controls.items() if (path / "model.safetensors").is_file()}
+    return run_attack(image_size, teacher, attack, runtime, data, targets, shadows, results, teacher.eval_batch_size,
+                      differences={"delta": ("student", "teacher")})
 
 
 # TCKR's champion: the student with the best accuracy over privacy (AOP), compared within this recipe's own
@@ -350,15 +413,17 @@ def register(*, config: TckrRun, teacher_model: Path, student_model: Path, teach
        inputs={"ingest_metrics": METRICS, "teacher_metrics": METRICS, "caption_metrics": METRICS,
                "generator_metrics": METRICS, "finetune_metrics": METRICS, "generate_metrics": METRICS,
                "audit_metrics": METRICS, "fid_metrics": METRICS, "student_metrics": METRICS,
+               "negative_control_metrics": METRICS, "positive_control_metrics": METRICS,
                "attack_metrics": METRICS, "register_metrics": METRICS, "synthetic": DATASET,
                "audit_results": ARTIFACT, "attack_results": ARTIFACT},
        outputs={"summary": MARKDOWN, "report_files": ARTIFACT, "report_page": HTML, "roc": ROC}, own_run=False,
        cache=False, resources=resources("500m", "2", "2Gi", "4Gi"))
 def report(*, config: TckrRun, ingest_metrics: Metrics, teacher_metrics: Metrics, caption_metrics: Metrics,
            generator_metrics: Metrics, finetune_metrics: Metrics, generate_metrics: Metrics, audit_metrics: Metrics,
-           fid_metrics: Metrics, student_metrics: Metrics, attack_metrics: Metrics, register_metrics: Metrics,
-           synthetic: Path, audit_results: Path, attack_results: Path, summary: Path, report_files: Path,
-           report_page: Path, roc: Path, tracking: Tracking) -> Metrics:
+           fid_metrics: Metrics, student_metrics: Metrics, negative_control_metrics: Metrics,
+           positive_control_metrics: Metrics, attack_metrics: Metrics, register_metrics: Metrics, synthetic: Path,
+           audit_results: Path, attack_results: Path, summary: Path, report_files: Path, report_page: Path, roc: Path,
+           tracking: Tracking) -> Metrics:
     """Merge the stages' metrics into the run report (``report_files``: report.md, metrics.json, config.yaml and
     the figures), close the pipeline's parent run, and publish the report as declared outputs, the only files a
     cluster keeps: ``summary`` (Markdown), ``report_page`` (self-contained HTML) and ``roc`` (the released model's
@@ -377,7 +442,8 @@ def report(*, config: TckrRun, ingest_metrics: Metrics, teacher_metrics: Metrics
     shutil.copyfile(audit_results / WORST_PAIRS, out_dir / WORST_PAIRS)
     metrics = close_pipeline_run(tracking, (ingest_metrics, teacher_metrics, caption_metrics, generator_metrics,
                                             finetune_metrics, generate_metrics, audit_metrics, fid_metrics,
-                                            student_metrics, attack_metrics, register_metrics), out_dir,
+                                            student_metrics, negative_control_metrics, positive_control_metrics,
+                                            attack_metrics, register_metrics), out_dir,
                                  functools.partial(write_report, config))
     publish_report(out_dir, summary, report_page, roc, attack_results / "roc-student.csv")
     return metrics
