@@ -132,7 +132,6 @@ def _pack(staging: Path, items: list[PlannedImage], target: Path, summary: dict)
             writer.write_batch(pa.record_batch(columns, schema=schema))
 
 
-@torch.no_grad()
 class ImageGenerator(Protocol):
     """What generation needs of a loaded generator, whatever its kind (pixel UNet or Stable Diffusion)."""
 
@@ -173,7 +172,7 @@ def generate_shards(generator: ImageGenerator, plan: list[PlannedImage], out_dir
         started = time.perf_counter()
         for batch in batches[shard]:
             items = [plan[i] for i in batch]
-            with autocast(generator.device, dtype):
+            with torch.no_grad(), autocast(generator.device, dtype):
                 pixels = generator.sample([item.prompt for item in items], [item.seed for item in items], cfg.steps,
                                           cfg.guidance)
             for item, array in zip(items, pixels, strict=True):

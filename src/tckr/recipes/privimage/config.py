@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tckr.core.config import Section
+from tckr.core.config import MIXED_PRECISION, Section
 from tckr.data.public_pool import PublicPoolConfig
 from tckr.generators.config import ClassGeneratorConfig, FidConfig, GenerateConfig
 from tckr.privacy.config import AttackConfig, AuditConfig, DPConfig
@@ -26,6 +26,8 @@ class QueryConfig(Section):
     k: int = Field(5, ge=1, description="votes per image (L2 sensitivity sqrt(k)) and classes per sensitive class")
     sigma: float = Field(484.0, gt=0, description="noise multiplier of the histogram (std sigma * sqrt(k))")
     batch_size: int = Field(256, gt=0)
+    mixed_precision: bool = Field(True, description=f"the classifier's inference (labelling the pool, the votes): "
+                                  f"{MIXED_PRECISION}")
     seed: int = 0
 
 

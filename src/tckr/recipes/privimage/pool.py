@@ -16,6 +16,7 @@ import torch
 
 from tckr.core.atomic import write_text
 from tckr.core.errors import ConfigError
+from tckr.core.precision import autocast_dtype
 from tckr.data.public_pool import PublicPoolConfig, load_pool
 from tckr.recipes.privimage.config import QueryConfig
 from tckr.recipes.privimage.query import top_classes
@@ -23,7 +24,7 @@ from tckr.training.semantic import ImageNetClassifier
 
 
 def semantic_classifier(cfg: QueryConfig, device: torch.device) -> ImageNetClassifier:
-    return ImageNetClassifier(device, cfg.input_size)
+    return ImageNetClassifier(device, cfg.input_size, autocast_dtype(device, cfg.mixed_precision))
 
 
 def build_pool(pool_cfg: PublicPoolConfig, query: QueryConfig, data_dir: Path, out_dir: Path,
