@@ -162,8 +162,9 @@ def log_shadow_runs(summaries: list[dict]) -> None:
 
 
 def log_roc_figures(results: dict, targets: dict[str, Path]) -> None:
-    """The ROC of every target and attack in the attack's run, and each target's own curves in the run that logged
-    it, so the page a user reaches from the registry shows what the model leaks."""
+    """The ROC of every target and attack in the attack's run, and each logged model's own curves in the run that
+    logged it, so the page a user reaches from the registry shows what the model leaks (the controls are never
+    released, so they log no model)."""
     import matplotlib.pyplot as plt
     import mlflow
 
@@ -173,6 +174,8 @@ def log_roc_figures(results: dict, targets: dict[str, Path]) -> None:
     figures = {"roc.png": roc_figure(curve_labels(results))}
     mlflow.log_figure(figures["roc.png"], "roc.png")
     for name, model_dir in targets.items():
+        if not (model_dir / "logged_model.json").is_file():
+            continue
         figures[name] = roc_figure(curve_labels(results, name))
         model_uri = json.loads((model_dir / "logged_model.json").read_text())["model_uri"]
         log_figure_to_model_run(model_uri, figures[name], "mia/roc.png")
