@@ -95,7 +95,8 @@ def test_attack_outputs(smoke_run):
     assert summary["variant"] == "online" and summary["members"] == summary["non_members"]
     assert summary["targets"]["student.mia"]["auc"] == pytest.approx(outcome.metrics["student.mia.auc"])
     rows = (attack_dir / "scores.csv").read_text().splitlines()
-    assert rows[0] == "split,row,label,member,teacher,teacher-rmia,student,student-rmia"
+    assert rows[0] == ("split,row,label,member,teacher,teacher-rmia,student,student-rmia,negative_control,"
+                       "negative_control-rmia,positive_control,positive_control-rmia")
     assert len(rows) == 1 + summary["members"] * 2
     assert summary["targets"]["student.rmia"]["auc"] == pytest.approx(outcome.metrics["student.rmia.auc"])
     assert 0 < summary["rmia_references"] == outcome.metrics["attack.rmia_references"]
