@@ -11,8 +11,9 @@ from tckr.privacy.shadows import Population, train_shadow_group
 from tckr.training.config import ClassifierConfig
 
 CPU = torch.device("cpu")
+# fp32 on every machine (amp off): the attack's figures on this world must not depend on whether a CPU has bf16.
 RECIPE = ClassifierConfig(model="tckr_cnn", epochs=12, batch_size=50, lr=3e-3, label_smoothing=0.0,
-                          crop_padding=0, hflip=False, eval_batch_size=500, seed=0)
+                          crop_padding=0, hflip=False, amp=False, eval_batch_size=500, seed=0)
 INFO = SimpleNamespace(mean=[0.29], std=[0.35], num_classes=10, channels=1)
 
 
