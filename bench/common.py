@@ -80,7 +80,7 @@ def sample_batched(generator: PixelGenerator, prompts: list[str], seeds: list[in
     UNet under autocast to ``dtype`` (``None``: fp32)."""
     cache: dict[str, torch.Tensor] = {}
     for start in range(0, len(prompts), batch_size):
-        with autocast(device, dtype):
+        with torch.no_grad(), autocast(device, dtype):
             sample_pixel_images(generator, prompts[start:start + batch_size], seeds[start:start + batch_size], steps,
                                 guidance, device, cache)
 
