@@ -9,7 +9,7 @@ path (torch's FlopCounterMode on one batch; forward and backward for training) a
 matmul probe measures at the start of the same run. Results go to ``--out`` (JSON) and a table to stdout;
 progress lines to stderr. On a GPU (``--device auto`` takes one), write to ``bench/gpu/results.json``.
 
-    python bench/suite.py [--quick] [--only generation,fid] [--out bench/results.json] [--seconds 4]
+    python bench/suite.py [--quick] [--only generation,fid] [--out bench/results.json] [--seconds 8]
 """
 
 from __future__ import annotations
@@ -576,7 +576,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help=f"comma-separated stages of: {', '.join(STAGES)}")
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     parser.add_argument("--seconds", type=float, default=None,
-                        help="measured seconds per variant and stage (default 4; --quick: 0.2)")
+                        help="measured seconds per variant and stage (default 8; --quick: 0.2)")
     parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu or cuda")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
@@ -589,7 +589,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus, every DP step
     device = pick_device(args.device)
-    settings = Settings(device, args.quick, args.seconds or (0.2 if args.quick else 4.0), 1 if args.quick else 2)
+    settings = Settings(device, args.quick, args.seconds or (0.2 if args.quick else 8.0), 1 if args.quick else 2)
 
     started = time.perf_counter()
     print(f"matmul probe on {device.type} ...", file=sys.stderr, flush=True)
