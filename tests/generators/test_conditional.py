@@ -163,6 +163,22 @@ def test_save_load_round_trip_samples_identically(tmp_path, pretrained):
     assert before.dtype == np.uint8 and before.shape == (3, 8, 8, 1)
 
 
+def test_unguided_sampling_skips_the_unconditional_pass(pretrained):
+    """At guidance 1 the guided prediction is the conditional one: the UNet sees B rows, not 2B, and the
+    images are those of the two-pass arithmetic (guidance a hair above 1 takes that path)."""
+    generator = ClassConditionalGenerator.load(pretrained[0], CPU)
+    names, seeds = ["Pullover", "Trouser", "T-shirt/top"], [1, 2, 3]
+    rows = []
+    hook = generator.unet.register_forward_hook(lambda _module, inputs, _output: rows.append(len(inputs[0])))
+    try:
+        unguided = generator.sample(names, seeds, steps=4, guidance=1.0)
+    finally:
+        hook.remove()
+    two_pass = generator.sample(names, seeds, steps=4, guidance=1.0 + 1e-7)
+    assert rows == [3] * 4
+    assert np.abs(unguided.astype(int) - two_pass.astype(int)).max() <= 1  # batched float arithmetic may round
+
+
 def test_an_image_depends_only_on_its_class_and_seed(pretrained):
     generator = ClassConditionalGenerator.load(pretrained[0], CPU)
     batch = generator.sample(["Pullover", "Trouser", "Trouser"], [1, 2, 3], steps=4, guidance=3.0)
