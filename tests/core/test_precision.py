@@ -33,3 +33,19 @@ def test_autocast_runs_matmuls_in_the_dtype_or_leaves_them_alone():
         assert (a @ a).dtype == torch.bfloat16
     with autocast(CPU, None):
         assert (a @ a).dtype == torch.float32
+
+
+def test_cpu_bf16_attention_takes_the_math_kernel_and_only_inside():
+    """The fused CPU attention kernel trains slower in bf16 than fp32; autocast to bf16 on a CPU with grad enabled
+    switches to the math one for its duration (same result to bf16 rounding); fp32 and sampling keep the fused one."""
+    q, k, v = torch.randn(3, 2, 4, 16, 8).unbind(0)
+    fused = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    with autocast(CPU, torch.bfloat16):
+        assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+        math = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    with autocast(CPU, None):
+        assert torch.backends.cuda.flash_sdp_enabled()
+    with torch.no_grad(), autocast(CPU, torch.bfloat16):  # sampling
+        assert torch.backends.cuda.flash_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled()
+    torch.testing.assert_close(math.float(), fused, atol=2e-2, rtol=2e-2)
