@@ -303,11 +303,10 @@ def guided_sample(unet: nn.Module, condition: dict[str, torch.Tensor], scheduler
     if unguided:
         condition = {name: rows[len(rows) // 2:] for name, rows in condition.items()}
     for timestep in scheduler.timesteps:
-        if unguided:
-            guided = unet(scheduler.scale_model_input(latents, timestep), timestep, **condition).sample.float()
-        else:
-            model_input = scheduler.scale_model_input(torch.cat([latents, latents]), timestep)
-            unconditional, conditional = unet(model_input, timestep, **condition).sample.float().chunk(2)
+        model_input = scheduler.scale_model_input(latents if unguided else torch.cat([latents, latents]), timestep)
+        guided = unet(model_input, timestep, **condition).sample.float()
+        if not unguided:
+            unconditional, conditional = guided.chunk(2)
             guided = unconditional + guidance * (conditional - unconditional)
         latents = scheduler.step(guided, timestep, latents).prev_sample
     pixels = ((latents.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
