@@ -32,6 +32,7 @@ TRACKED_STAGES = {"start_run", "finish_run", "ingest", "teacher", "caption", "ge
 PER_RUN_PARAMETERS = {"run_name"}  # tckr.platform.runner.new_run_name: new every run
 CREDENTIAL_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_USERNAME",
                         "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"}
+PLACEMENT_VARIABLES = {PROCESSES_ENV, "TMPDIR", "HF_HOME", "TCKR_CACHE"}  # processes per pod, the scratch volume
 
 
 def _read(path: Path) -> tuple[dict, dict, str]:
@@ -137,7 +138,7 @@ def test_tracked_tasks_get_credentials_from_secrets_only(paper):
     spec, platform, text = paper
     for stage, container in _executors(spec).items():
         secrets = platform.get(f"exec-{stage.replace('_', '-')}", {}).get("secretAsEnv", [])
-        env = {e["name"]: e["value"] for e in container.get("env", []) if e["name"] != PROCESSES_ENV}
+        env = {e["name"]: e["value"] for e in container.get("env", []) if e["name"] not in PLACEMENT_VARIABLES}
         assert not CREDENTIAL_VARIABLES & set(env)
         if stage not in TRACKED_STAGES:
             assert secrets == [] and env == {}
@@ -161,7 +162,7 @@ def test_tracked_tasks_get_credentials_from_secrets_only(paper):
 def test_secrets_can_be_switched_off(tmp_path):
     spec, platform, _ = _compile(tmp_path, ["kubernetes.s3_secret=null", "kubernetes.mlflow_secret=null"])
     assert not any("secretAsEnv" in p for p in platform.values())
-    assert all(set(e["name"] for e in c.get("env", [])) <= {PROCESSES_ENV} for c in _executors(spec).values())
+    assert all(set(e["name"] for e in c.get("env", [])) <= PLACEMENT_VARIABLES for c in _executors(spec).values())
 
 
 def _followed(spec: dict, parameter: dict, dag: str) -> dict:
@@ -400,6 +401,32 @@ def test_a_work_volume_is_mounted_in_every_task_with_the_caches_on_it(tmp_path):
     spec, platform, _ = _compile(tmp_path / "without")
     assert not any("pvcMount" in executor for executor in platform.values())
     assert not any(VOLUME_ENV in str(c.get("env")) for c in _executors(spec).values())
+
+
+def test_stages_that_download_or_write_much_get_a_scratch_volume_the_scheduler_provisions(tmp_path):
+    """kubernetes.stages.<name>.scratch: a generic ephemeral volume of that size at /scratch holding TMPDIR and,
+    without a work volume, the hub caches; with one, the caches stay on it. Other stages get none."""
+    from tckr.pipelines.cluster import SCRATCH_MOUNT, VOLUME_MOUNT
+
+    cfg = load_config("paper-cifar10")
+    wanted = {name: need.scratch for name, need in cfg.kubernetes.stages.items() if need.scratch}
+    assert {"ingest", "caption", "finetune", "generate_shard"} <= set(wanted) and wanted["caption"] == "40Gi"
+    spec, platform, _ = _compile(tmp_path, ["kubernetes.scratch_storage_class=fast-ssd",
+                                            "kubernetes.stages.generate.scratch=null"])
+    for name, container in _executors(spec).items():
+        volumes = platform.get(f"exec-{name.replace('_', '-')}", {}).get("genericEphemeralVolume", [])
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        if name in wanted and name != "generate":
+            assert volumes == [{"volumeName": "scratch", "mountPath": SCRATCH_MOUNT, "accessModes": ["ReadWriteOnce"],
+                                "size": wanted[name], "storageClassName": "fast-ssd"}], name
+            assert env["TMPDIR"] == SCRATCH_MOUNT and env["HF_HOME"] == f"{SCRATCH_MOUNT}/huggingface", name
+            assert env["TCKR_CACHE"] == f"{SCRATCH_MOUNT}/cache", name
+        else:
+            assert volumes == [] and "TMPDIR" not in env and "HF_HOME" not in env, name
+    spec, platform, _ = _compile(tmp_path / "with-volume", ["kubernetes.work_pvc=tckr-work"])
+    env = {e["name"]: e["value"] for e in _executors(spec)["caption"]["env"]}
+    assert env["TMPDIR"] == SCRATCH_MOUNT and env["HF_HOME"] == f"{VOLUME_MOUNT}/huggingface"
+    assert platform["exec-caption"]["genericEphemeralVolume"][0]["defaultStorageClass"] is True
 
 
 def test_a_tasks_identity_is_the_same_for_each_retried_pod():

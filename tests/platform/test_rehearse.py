@@ -92,6 +92,43 @@ def test_a_task_writing_beside_its_declared_output_fails(tmp_path):
         Rehearsal(tmp_path / "beside.yaml", ClusterStandIn({}, {}), tmp_path / "run").run({})
 
 
+def test_volumes_are_directories_a_pvc_shared_by_the_run_scratch_fresh_in_each_pod(tmp_path):
+    """A PVC keeps what one pod wrote for the next; a pod's scratch volume starts empty; environment values under
+    a mount path lead into the volume's directory."""
+    from kfp import kubernetes
+
+    @dsl.component(install_kfp_package=False)
+    def step(name: str) -> str:
+        import os
+        from pathlib import Path
+
+        shared, scratch = Path(os.environ["SHARED"]), Path(os.environ["TMPDIR"])
+        shared.mkdir(exist_ok=True)
+        seen = [f"{volume}:{earlier}" for volume, folder in (("pvc", shared), ("scratch", scratch))
+                for earlier in ("first", "second") if (folder / earlier).exists()]
+        (shared / name).write_text(name)
+        (scratch / name).write_text(name)
+        return ",".join(seen)
+
+    @dsl.pipeline(name="volumes")
+    def pipeline() -> str:
+        tasks = []
+        for name in ("first", "second"):
+            task = step(name=name).set_env_variable("SHARED", "/mnt/work/shared").set_env_variable("TMPDIR", "/scratch")
+            kubernetes.mount_pvc(task, pvc_name="work", mount_path="/mnt/work")
+            kubernetes.add_ephemeral_volume(task, volume_name="scratch", mount_path="/scratch",
+                                            access_modes=["ReadWriteOnce"], size="1Gi")
+            if tasks:
+                task.after(tasks[-1])
+            tasks.append(task)
+        return tasks[-1].output
+
+    compiler.Compiler().compile(pipeline, str(tmp_path / "volumes.yaml"))
+    outputs = Rehearsal(tmp_path / "volumes.yaml", ClusterStandIn({}, {}), tmp_path / "run").run({})
+    assert outputs.parameters["Output"] == "pvc:first"  # the first pod's file on the PVC, not in the second's scratch
+    assert not Path("/scratch").exists() and not Path("/mnt/work").exists()
+
+
 def _rehearse(profile: str, tmp_path: Path, overrides: tuple[str, ...] = (), deployment: Path = DEPLOYMENT):
     cfg = load_config(profile, overrides)
     package = compile_pipeline(cfg, tmp_path)

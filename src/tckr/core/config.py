@@ -68,6 +68,11 @@ class StageResources(Section):
                       "that divide their work across GPUs (declared multi_gpu), one process each")
     shm: str | None = Field(pattern=_MEMORY, description="memory-backed /dev/shm for DataLoader workers "
                             "(counts against memory_limit); null: the runtime's 64 MB")
+    scratch: str | None = Field(
+        pattern=_MEMORY, description="disk for the pod's temporary files and, without work_pvc, its hub downloads: "
+        "a generic ephemeral volume of this size at /scratch, provisioned per pod from "
+        "kubernetes.scratch_storage_class and deleted with it, so the pod is only scheduled where the disk "
+        "exists (KFP's task spec has no ephemeral-storage request); null: the node's disk, unrequested")
 
     @model_validator(mode="after")
     def _limits_cover_requests(self) -> StageResources:
@@ -118,6 +123,8 @@ class KubernetesConfig(Section):
         None, description="an existing ReadWriteMany PVC every task mounts (at /mnt/tckr): the Hugging Face cache, "
         "tckr's caches (pretrained generators, FID statistics) and each task's checkpoints live there, so pods "
         "share downloads and a retried pod resumes its training; null: none, every pod starts cold")
+    scratch_storage_class: str | None = Field(
+        None, description="storage class of the stages' scratch volumes; null: the cluster's default class")
     retries: int = Field(2, ge=0, description="times KFP retries a failed pod of a resumable stage (backoff 1 min, "
                          "doubling); bookkeeping stages (run start, registry, report) are never retried")
 

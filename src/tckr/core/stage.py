@@ -58,10 +58,10 @@ def collected(port: Port) -> Port:
 
 
 def resources(cpu: str, cpu_limit: str | None, memory: str, memory_limit: str, gpus: int = 0,
-              shm: str | None = None) -> dict[str, Any]:
+              shm: str | None = None, scratch: str | None = None) -> dict[str, Any]:
     """A stage's default Kubernetes request (``kubernetes.stages.<name>`` entries are merged over it)."""
     return {"cpu": cpu, "cpu_limit": cpu_limit, "memory": memory, "memory_limit": memory_limit, "gpus": gpus,
-            "shm": shm}
+            "shm": shm, "scratch": scratch}
 
 
 @dataclass(frozen=True)

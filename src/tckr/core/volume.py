@@ -29,9 +29,14 @@ def cache_dir(name: str) -> Path:
     return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "tckr")) / name
 
 
+def cache_environment(root: str) -> dict[str, str]:
+    """The variables that put the Hugging Face cache and tckr's caches under ``root``."""
+    return {"HF_HOME": f"{root}/huggingface", CACHE_ENV: f"{root}/cache"}
+
+
 def volume_environment(mount: str) -> dict[str, str]:
     """The variables a pod with the volume at ``mount`` gets: the Hugging Face cache, tckr's caches, the volume."""
-    return {"HF_HOME": f"{mount}/huggingface", CACHE_ENV: f"{mount}/cache", VOLUME_ENV: mount}
+    return cache_environment(mount) | {VOLUME_ENV: mount}
 
 
 def task_checkpoint_dir(volume: Path, recipe: str, stage: str, identity: dict[str, Any]) -> Path:

@@ -13,10 +13,11 @@ from tckr.components import Images, default_images
 from tckr.core.config import KubernetesConfig
 from tckr.core.distributed import PROCESSES_ENV
 from tckr.core.stage import StageRegistry
-from tckr.core.volume import volume_environment
+from tckr.core.volume import cache_environment, volume_environment
 from tckr.platform.tracking import KFP_RUN_ID_ENV
 
 VOLUME_MOUNT = "/mnt/tckr"  # kubernetes.work_pvc's mount path in every pod
+SCRATCH_MOUNT = "/scratch"  # a stage's scratch volume (kubernetes.stages.<name>.scratch)
 # Secret keys -> environment variables. KFP's object-store secret names its keys accesskey/secretkey.
 S3_KEYS = {"accesskey": "AWS_ACCESS_KEY_ID", "secretkey": "AWS_SECRET_ACCESS_KEY"}
 MLFLOW_KEYS = {"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"}
@@ -38,7 +39,7 @@ def place_all_tasks(cluster: KubernetesConfig, stages: StageRegistry) -> None:
 
 
 def place(task: PipelineTask, cluster: KubernetesConfig, stages: StageRegistry, images: Images) -> None:
-    """Resources, GPU, image, node placement, /dev/shm, processes and credentials of one task."""
+    """Resources, GPU, image, node placement, volumes, /dev/shm, processes and credentials of one task."""
     stage = stages[task.component_spec.name.replace("-", "_")]
     need = cluster.stages[stage.name]
     task.set_cpu_request(need.cpu).set_memory_request(need.memory).set_memory_limit(need.memory_limit)
@@ -60,6 +61,14 @@ def place(task: PipelineTask, cluster: KubernetesConfig, stages: StageRegistry, 
         kubernetes.mount_pvc(task, pvc_name=cluster.work_pvc, mount_path=VOLUME_MOUNT)
         for variable, value in volume_environment(VOLUME_MOUNT).items():
             task.set_env_variable(variable, value)
+    if need.scratch:  # temporary files, and the hub downloads unless the work volume keeps them
+        kubernetes.add_ephemeral_volume(task, volume_name="scratch", mount_path=SCRATCH_MOUNT,
+                                        access_modes=["ReadWriteOnce"], size=need.scratch,
+                                        storage_class_name=cluster.scratch_storage_class)
+        task.set_env_variable("TMPDIR", SCRATCH_MOUNT)
+        if not cluster.work_pvc:
+            for variable, value in cache_environment(SCRATCH_MOUNT).items():
+                task.set_env_variable(variable, value)
     if need.shm:  # DataLoader workers pass batches through shared memory
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                    size_limit=need.shm)

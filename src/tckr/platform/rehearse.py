@@ -14,11 +14,15 @@ the caller's environment:
 - the cluster's services reached by their in-cluster names (``mlflow.kubeflow:5000``,
   ``minio-service.kubeflow:9000``): a ``sitecustomize`` in the pod resolves those names to the local
   servers, keeps the port in the Host header, and resolves no other name (a pod has no internet here);
+- volumes as directories: a PVC (``pvcMount``) one directory shared by every pod of the run, a generic
+  ephemeral volume or an ``emptyDir`` a fresh one per pod; environment values under a volume's mount
+  path point into its directory (a process here cannot mount anything at ``/scratch``);
 - a container command that installs packages when the pod starts is refused before anything runs.
 
 Not reproduced (the README lists them): caching, resources and GPUs, node selectors and tolerations,
-volumes and ``/dev/shm``, retries, parallelism limits, and the image itself (the tasks run with this
-environment's interpreter, which must have the image's packages: ``make`` installs the same lock).
+volume sizes, storage classes and ``/dev/shm``, retries, parallelism limits, and the image itself (the
+tasks run with this environment's interpreter, which must have the image's packages: ``make`` installs
+the same lock).
 """
 
 from __future__ import annotations
@@ -304,6 +308,15 @@ class Rehearsal:
         _copy(written, stored)
         return RuntimeArtifact(key, definition["artifactType"]["schemaTitle"], stored, metadata)
 
+    def _volumes(self, settings: dict, pod: Path) -> dict[str, Path]:
+        """A pod's volumes, mount path -> the directory standing in for it (``/dev/shm`` is the host's)."""
+        volumes = {entry["mountPath"]: self.workdir / "pvcs" / entry["constant"]
+                   for entry in settings.get("pvcMount", [])}
+        for kind in ("genericEphemeralVolume", "emptyDirMounts"):
+            volumes |= {entry["mountPath"]: pod / "volumes" / entry["volumeName"] for entry in settings.get(kind, [])
+                        if entry["mountPath"] != "/dev/shm"}
+        return volumes
+
     def _pod_env(self, label: str, container: dict, pod: Path) -> dict[str, str]:
         home = pod / "home"
         site = pod / "rehearsal-site"
@@ -316,6 +329,10 @@ class Rehearsal:
         env |= {key: value.format(home=home) for key, value in IMAGE_ENV.items()}
         env |= {variable["name"]: str(variable["value"]) for variable in container.get("env", [])}
         settings = self.kubernetes.get("executors", {}).get(label, {})
+        for mount_path, local in self._volumes(settings, pod).items():
+            local.mkdir(parents=True, exist_ok=True)
+            env |= {key: str(local) + value[len(mount_path):] for key, value in env.items()
+                    if value == mount_path or value.startswith(mount_path + "/")}
         for entry in settings.get("secretAsEnv", []):
             secret = self.cluster.secrets.get(entry["secretName"])
             if secret is None:

@@ -67,7 +67,7 @@ SHARED_STAGES: dict[str, tuple[Callable, dict[str, Any]]] = {
     "finish_run": (finish_run, {"sections": (), "params": {"status": PipelineStatus}, "returns": "nothing",
                                 "own_run": False, "cache": False, "resources": resources("250m", "1", "1Gi", "2Gi")}),
     "ingest": (ingest, {"sections": ("dataset", "ingest"), "outputs": {"data": DATASET},
-                        "resources": resources("4", "8", "16Gi", "32Gi")}),
+                        "resources": resources("4", "8", "16Gi", "32Gi", scratch="20Gi")}),  # a hub dataset's download
     "shadow_plan": (shadow_plan, {"sections": ("attack",), "returns": "fan-out", "tracked": False,
                                   "resources": resources("250m", "1", "1Gi", "2Gi")}),
 }

@@ -57,7 +57,7 @@ ROLE = "privimage"  # the downstream classifier's metrics and registered model: 
 
 
 @stage(sections=("pool", "query", "runtime"), inputs={"data": DATASET}, outputs={"public": DATASET},
-       resources=resources("4", "8", "16Gi", "32Gi", gpus=1))
+       resources=resources("4", "8", "16Gi", "32Gi", gpus=1, scratch="20Gi"))  # the public hub dataset
 def public_pool(*, pool: PublicPoolConfig, query: QueryConfig, runtime: RuntimeConfig, data: Path,
                 public: Path) -> Metrics:
     """The public pool, every image with a public class (its own label, or the semantic classifier's top-1)."""

@@ -70,7 +70,7 @@ def teacher(*, image_size: int, teacher: ClassifierConfig, runtime: RuntimeConfi
 
 
 @stage(sections=("caption", "runtime"), inputs={"data": DATASET}, outputs={"captions": ARTIFACT},
-       resources=resources("4", "8", "32Gi", "48Gi", gpus=1))  # BLIP-2 2.7B loads on the host first
+       resources=resources("4", "8", "32Gi", "48Gi", gpus=1, scratch="40Gi"))  # BLIP-2 2.7B: 15 GB, loaded on the host
 def caption(*, caption: CaptionConfig, runtime: RuntimeConfig, data: Path, captions: Path) -> Metrics:
     """Caption the private train split (and the public split) into ``captions/<split>/``."""
     import mlflow
@@ -90,7 +90,7 @@ def caption(*, caption: CaptionConfig, runtime: RuntimeConfig, data: Path, capti
 
 @stage(sections=("image_size", "generator", "runtime"), inputs={"data": DATASET, "captions": ARTIFACT},
        outputs={"base_model": MODEL},
-       resources=resources("2", "4", "16Gi", "24Gi"))  # SD2: checks the hub pipeline loads; trains nothing
+       resources=resources("2", "4", "16Gi", "24Gi", scratch="20Gi"))  # SD2 (5 GB): checks it loads; trains nothing
 def generator(*, image_size: int, generator: GeneratorConfig, runtime: RuntimeConfig, data: Path, captions: Path,
               base_model: Path) -> Metrics:
     """The base generator. Pixel: reused from the cache when one with the same key exists, else
@@ -152,7 +152,7 @@ def _pixel_base_generator(cfg: GeneratorConfig, image_size: int, runtime: Runtim
 
 @stage(sections=("image_size", "finetune", "runtime"),
        inputs={"data": DATASET, "captions": ARTIFACT, "base_model": MODEL}, outputs={"adapter": MODEL},
-       resources=resources("8", "16", "32Gi", "48Gi", gpus=1))
+       resources=resources("8", "16", "32Gi", "48Gi", gpus=1, scratch="20Gi"))
 def finetune(*, image_size: int, finetune: FinetuneConfig, runtime: RuntimeConfig, data: Path, captions: Path,
              base_model: Path, adapter: Path) -> Metrics:
     """LoRA fine-tuning on the private train split's (image, caption) pairs; saves the adapter only."""
@@ -199,7 +199,7 @@ def generation_plan(*, generate: GenerateConfig, captions: Path) -> list[int]:
 @stage(sections=("generate", "runtime"), params={"shard": int},
        inputs={"captions": ARTIFACT, "base_model": MODEL, "adapter": MODEL},
        outputs={"images": DATASET}, returns="nothing", tracked=False, multi_gpu=True,
-       resources=resources("4", "8", "24Gi", "32Gi", gpus=1))
+       resources=resources("4", "8", "24Gi", "32Gi", gpus=1, scratch="20Gi"))
 def generate_shard(*, generate: GenerateConfig, runtime: RuntimeConfig, shard: int, captions: Path,
                    base_model: Path, adapter: Path, images: Path) -> None:
     """One shard of the synthetic set (one task of the fan-out), resumable like any shard."""
@@ -215,7 +215,7 @@ def generate_shard(*, generate: GenerateConfig, runtime: RuntimeConfig, shard: i
        inputs={"data": DATASET, "captions": ARTIFACT, "base_model": MODEL, "adapter": MODEL, "teacher_model": MODEL,
                "shards": collected(DATASET)},
        outputs={"synthetic": DATASET}, multi_gpu=True,
-       resources=resources("8", "16", "32Gi", "48Gi", gpus=1))  # missing shards + the teacher over all images
+       resources=resources("8", "16", "32Gi", "48Gi", gpus=1, scratch="20Gi"))  # missing shards + the teacher
 def generate(*, image_size: int, generate: GenerateConfig, runtime: RuntimeConfig, data: Path, captions: Path,
              base_model: Path, adapter: Path, teacher_model: Path, shards: list[Path], synthetic: Path) -> Metrics:
     """The synthetic set: shards made by the fan-out are gathered, any missing shard is generated here, the
