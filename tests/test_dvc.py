@@ -57,6 +57,30 @@ def test_dvc_stages_are_the_declared_stages_with_the_demo_profile(recipe):
         assert all(f"--{port.replace('_', '-')} " in stage["cmd"] for port in ports), name
 
 
+def _paths(entries: list) -> list[str]:
+    """dvc.yaml's outs/deps entries (a path, or {path: options}) as paths."""
+    return sorted(entry if isinstance(entry, str) else next(iter(entry)) for entry in entries)
+
+
+@pytest.mark.unit
+def test_the_committed_lock_is_this_pipelines_and_hashes_every_output():
+    """dvc.lock (the demo's last `make repro`, its outputs sent to the remote with `make publish`) records every
+    stage dvc.yaml declares with the command and parameter sections it runs, and a hash for each of its outputs:
+    what `make pull` fetches. Its code and parameter hashes may lag the working tree; `dvc status` then names the
+    stages `make repro` would re-run."""
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert set(lock["stages"]) == set(stages)
+    for name, stage in stages.items():
+        locked = lock["stages"][name]
+        assert " ".join(locked["cmd"].split()) == " ".join(stage["cmd"].split()), name
+        assert sorted(locked["params"]["params.yaml"]) == sorted(stage["params"]), name
+        assert sorted(dep["path"] for dep in locked["deps"]) == _paths(stage["deps"]), name
+        outs = {out["path"]: out for out in locked["outs"]}
+        assert sorted(outs) == _paths(stage.get("outs", []) + stage.get("metrics", [])), name
+        assert all(out["md5"] and out["size"] > 0 for out in outs.values()), name
+
+
 CONCERNS = ("core", "data", "training", "generators", "privacy", "platform")  # a DVC dep is the whole package
 
 
@@ -145,6 +169,7 @@ def dvc_project(tmp_path_factory, s3_store):
     root = tmp_path_factory.mktemp("dvc-project")
     shutil.copytree(REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp", "config.local"))
     shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copy(REPO / "Makefile", root / "Makefile")
     for directory, profile in (("", "smoke"), ("privimage", "smoke-privimage")):
         (root / directory).mkdir(exist_ok=True)
         shutil.copy(REPO / directory / "dvc.yaml", root / directory / "dvc.yaml")
@@ -183,14 +208,14 @@ def test_a_teammates_clone_pulls_the_weights_byte_identical(dvc_project, s3_stor
     run("dvc", "push", "--with-deps", "dvc.yaml")  # as `make publish` does
     assert any(key.startswith("store/files/md5/") for key in list_keys(s3_client(s3_store), DVC_BUCKET, "store/"))
     # A teammate: a fresh clone of the commit (dvc.lock in it, no outputs, no cache), the remote's endpoint in
-    # its own config.local, then what `make pull` runs.
+    # its own config.local, then `make pull` (its prerequisites taken as done: this venv, the test's store is up).
     run("git", "add", "-A")
     run("git", "-c", "user.name=tckr", "-c", "user.email=tckr@localhost", "commit", "-qm", "demo outputs")
     clone = root.parent / f"{root.name}-teammate"
     run("git", "clone", "-q", str(root), str(clone))
     assert not any((clone / weights).exists() for weights in WEIGHTS) and (clone / "dvc.lock").is_file()
     run("dvc", "remote", "modify", "--local", "storage", "endpointurl", s3_store.url, cwd=clone)
-    run("dvc", "pull", "--with-deps", "dvc.yaml", cwd=clone)
+    run("make", "--old-file=setup", "--old-file=s3-up", "pull", f"VENV={sys.prefix}", cwd=clone)
     assert _digests(clone) == before
     assert "up to date" in run("dvc", "status", "dvc.yaml", cwd=clone).lower()
     # One parameter changed there: only what is downstream of it is out of date.
