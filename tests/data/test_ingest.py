@@ -144,18 +144,6 @@ def test_one_class(tmp_path, fmnist_arrays):
         prepare(cfg, tmp_path / "out", "x")
 
 
-def test_unreadable_image(tmp_path, fmnist_arrays):
-    root = tmp_path / "folder"
-    from tests.conftest import write_imagefolder
-
-    write_imagefolder(root, fmnist_arrays)
-    broken = sorted((root / "train" / "Coat").iterdir())[3]
-    broken.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
-    cfg = IngestConfig(source="imagefolder", name=str(root), **FRACTIONS)
-    with pytest.raises(DatasetError, match=r"split '(train|validation|holdout)' row \d+: unreadable image"):
-        prepare(cfg, tmp_path / "out", "x")
-
-
 def test_fewer_images_than_a_batch(tmp_path, saved_dataset_dir):
     cfg = IngestConfig(source="disk", name=str(saved_dataset_dir), **FRACTIONS)
     with pytest.raises(DatasetError, match=r"has 240 images, fewer than one batch \(256\)"):

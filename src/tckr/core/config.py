@@ -189,7 +189,8 @@ def format_errors(error: ValidationError, model: Any) -> str:
         if item["type"] == "extra_forbidden":
             close = difflib.get_close_matches(str(location[-1]), _valid_keys(model, location), n=1)
             message = f"unknown setting (did you mean '{close[0]}'?)" if close else "unknown setting (typo?)"
-        got = "" if item["type"] in ("missing", "extra_forbidden") else f" (got {item['input']!r})"
+        shown = item["type"] not in ("missing", "extra_forbidden") and not isinstance(item["input"], dict | list)
+        got = f" (got {item['input']!r})" if shown else ""  # a whole section's input would bury the message
         problems.append(f"{where}: {message}{got}")
     return "; ".join(problems)
 

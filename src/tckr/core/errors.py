@@ -1,4 +1,4 @@
-"""The one error type tckr reports to a user.
+"""The one error type tckr reports to a user, and its warnings.
 
 Every failure a user can fix (bad configuration, unusable data, a server that does not answer) raises a
 subclass of :class:`TckrError`; the CLI catches that one type and prints its message as one line, with
@@ -6,6 +6,14 @@ the subclass's exit code. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
+
+import sys
+
+
+def warn(message: str) -> None:
+    """Data or settings that are legal but make some figures mean less than they seem: the run goes on, and the
+    user reads why on one line (``tckr: warning: ...``) wherever the stage runs (a terminal, a pod's log)."""
+    print(f"tckr: warning: {message}", file=sys.stderr, flush=True)
 
 
 class TckrError(Exception):

@@ -9,7 +9,12 @@ Output (``prepare``): ``<out>/data`` — a ``datasets.DatasetDict`` (``save_to_d
 * ``public``     optional, disjoint stand-in for public pretraining data,
 * ``test``       the source's test split, untouched (final accuracy only);
 
-and ``<out>/dataset.json`` (classes, counts, channels, per-channel mean/std of ``train``, fingerprint).
+and ``<out>/dataset.json`` (classes, counts, channels, per-channel mean/std of ``train``, fingerprint, and
+the warnings about data that is legal but makes some figures mean less).
+
+Every image is 8-bit grey or RGB once prepared: other modes (16-bit, CMYK, palette, with alpha) are converted
+at ingest and counted, so no later stage decodes them its own way. An error about an image names it as the
+user knows it: its path under an imagefolder, its row in a source split.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from PIL import Image as PILImage
 from pydantic import Field, model_validator
 
 from tckr.core.config import Section
-from tckr.core.errors import TckrError
+from tckr.core.errors import TckrError, warn
 from tckr.core.progress import progress, quiet_datasets
 
 
@@ -101,6 +106,7 @@ class DatasetInfo:
     fingerprint: str
     source: dict[str, Any] = field(default_factory=dict)
     split_fingerprints: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -241,39 +247,74 @@ def _class_names(dataset, label: str) -> list[str]:
     return sorted(values, key=lambda name: (name.casefold(), name))
 
 
-def _normalise(dataset, image: str, label: str, classes: list[str], split: str):
-    """Keep only ``image`` (embedded bytes) and ``label`` (ClassLabel over ``classes``)."""
+def _normalise(dataset, image: str, label: str, classes: list[str], split: str, root: str | None):
+    """Keep ``image`` (embedded 8-bit grey or RGB bytes), ``label`` (ClassLabel over ``classes``), ``origin``
+    (the image as the user knows it: its path under ``root``, else its row of ``split``) and ``mode`` (the
+    source image's PIL mode, for the conversion count). Origin and mode are dropped before the data is saved."""
     import datasets
 
     feature = dataset.features[label]
-    raw = np.asarray(dataset[label])
-    if isinstance(feature, datasets.ClassLabel):
-        names = np.asarray(feature.names)
-        raw = names[raw]
+    raw = list(dataset[label])
+    unlabelled = [row for row, value in enumerate(raw) if value is None]
+    if isinstance(feature, datasets.ClassLabel) and not unlabelled:
+        raw = [feature.names[value] for value in raw]
+    dataset = dataset.select_columns([image]).rename_column(image, "image") if image != "image" \
+        else dataset.select_columns(["image"])
+    dataset = dataset.cast_column("image", datasets.Image(decode=False))
+    dataset = dataset.map(_embed_image_bytes, batched=True, batch_size=256, with_indices=True,
+                          fn_kwargs={"split": split, "root": root}, desc=f"embed {split}")
+    if unlabelled:
+        raise DatasetError(f"{dataset[unlabelled[0]]['origin']} has no label ({len(unlabelled)} images of split "
+                           f"'{split}' have none; an imagefolder needs one folder per class, two classes at least)")
     index = {name: i for i, name in enumerate(classes)}
     try:
         labels = np.fromiter((index[str(value)] for value in raw), dtype=np.int64, count=len(raw))
     except KeyError as error:
         raise DatasetError(f"split '{split}' has label {error} that the train split does not have") from None
-    dataset = dataset.select_columns([image]).rename_column(image, "image") if image != "image" \
-        else dataset.select_columns(["image"])
-    dataset = dataset.cast_column("image", datasets.Image(decode=False))
-    dataset = dataset.map(_embed_image_bytes, batched=True, batch_size=256, desc=f"embed {split}")
     dataset = dataset.add_column("label", labels.tolist())
-    return dataset.cast(datasets.Features({"image": datasets.Image(),
-                                           "label": datasets.ClassLabel(names=classes)}))
+    return dataset.cast(datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes),
+                                           "origin": datasets.Value("string"), "mode": datasets.Value("string")}))
 
 
-def _embed_image_bytes(batch: dict[str, list]) -> dict[str, list]:
-    embedded = []
-    for item in batch["image"]:
-        if item is None:
-            embedded.append(None)
-        elif item.get("bytes") is None:
-            embedded.append({"bytes": Path(item["path"]).read_bytes(), "path": None})
-        else:
-            embedded.append({"bytes": item["bytes"], "path": None})
-    return {"image": embedded}
+_PREPARED_MODES = ("L", "RGB")
+
+
+def _embed_image_bytes(batch: dict[str, list], indices: list[int], split: str, root: str | None) -> dict[str, list]:
+    """Embed each image's bytes (an imagefolder's are read from its file), converted to 8-bit grey or RGB when
+    the source mode is another; the PIL mode it had (empty when the header cannot be read: the scan says why)."""
+    embedded, origins, modes = [], [], []
+    for item, index in zip(batch["image"], indices, strict=True):
+        path = (item or {}).get("path")
+        origins.append(str(Path(path).relative_to(root)) if path and root and Path(path).is_relative_to(root)
+                       else path or f"{split} row {index}")
+        data = None if item is None else item["bytes"] if item.get("bytes") is not None else Path(path).read_bytes()
+        mode = ""
+        if data:
+            try:
+                with PILImage.open(io.BytesIO(data)) as opened:
+                    mode = opened.mode
+                    if mode not in _PREPARED_MODES:
+                        data = png_bytes(_eight_bit(opened, origins[-1]))
+            except DatasetError:
+                raise
+            except Exception:  # unreadable: left as it is for the scan to report with its origin
+                pass
+        embedded.append(None if data is None else {"bytes": data, "path": None})
+        modes.append(mode)
+    return {"image": embedded, "origin": origins, "mode": modes}
+
+
+def _eight_bit(image: PILImage.Image, origin: str) -> np.ndarray:
+    """An image of any PIL mode as 8-bit grey or RGB pixels: 16/32-bit integer grey scaled from its 16-bit range
+    (PIL's own conversion clips at 255, which turns such an image white), alpha dropped, the rest converted."""
+    if image.mode.startswith("I"):
+        pixels = np.asarray(image, dtype=np.float64)
+        return np.clip(np.round(pixels * 255.0 / 65535.0), 0, 255).astype(np.uint8)
+    if image.mode == "F":
+        raise DatasetError(f"{origin}: a floating-point image (PIL mode F) has no defined grey levels; save it "
+                           "as 8- or 16-bit")
+    grey = image.mode in ("1", "L", "LA", "La")
+    return np.asarray(image.convert("L" if grey else "RGB"))
 
 
 # ------------------------------------------------------------------------------------------ splits
@@ -310,35 +351,81 @@ class _ScanResult:
     channel_sum: np.ndarray
     channel_sq_sum: np.ndarray
     pixels: int
+    image_digests: dict[bytes, str]  # each distinct image's content digest -> the first image with it
+    smallest: tuple[int, str]  # the shortest side seen, and the image that has it
 
 
 def _scan(dataset, split: str) -> _ScanResult:
-    """Decode every image once: catches unreadable files, hashes content, sums pixel statistics."""
+    """Decode every image once: refuses unreadable ones by name, hashes content, sums pixel statistics."""
     digest = hashlib.sha256()
     total = np.zeros(3)
     total_sq = np.zeros(3)
     pixels = 0
     grey = True
+    images: dict[bytes, str] = {}
+    smallest = (2**31, "")
     raw = dataset.cast_column("image", dataset.features["image"].__class__(decode=False))
     for start in progress(range(0, len(raw), 1024), desc=f"scan {split}", unit="batch"):
         batch = raw[start:start + 1024]
-        for offset, (item, label) in enumerate(zip(batch["image"], batch["label"], strict=True)):
-            if item is None or not item.get("bytes"):
-                raise DatasetError(f"split '{split}' row {start + offset}: image is missing")
+        for item, label, origin in zip(batch["image"], batch["label"], batch["origin"], strict=True):
+            data = (item or {}).get("bytes")
+            if data is None:
+                raise DatasetError(f"{origin}: no image (the image column is empty there)")
+            if not data:
+                raise DatasetError(f"{origin}: empty file (0 bytes)")
             try:
-                with PILImage.open(io.BytesIO(item["bytes"])) as image:
+                with PILImage.open(io.BytesIO(data)) as image:
                     image.load()
-                    grey &= image.mode in ("L", "1", "I;16", "I")
+                    grey &= image.mode == "L"
                     array = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
-            except Exception as error:  # PIL raises many types for corrupt data
-                raise DatasetError(
-                    f"split '{split}' row {start + offset}: unreadable image ({error})") from None
-            digest.update(item["bytes"])
+            except PILImage.UnidentifiedImageError:
+                raise DatasetError(f"{origin}: not an image file PIL can read ({len(data)} bytes)") from None
+            except Exception as error:  # PIL raises many types for damaged data
+                raise DatasetError(f"{origin}: truncated or corrupt image ({error})") from None
+            digest.update(data)
             digest.update(label.to_bytes(4, "little"))
+            images.setdefault(hashlib.sha256(data).digest(), origin)
+            smallest = min(smallest, (min(array.shape[:2]), origin))
             total += array.sum(axis=(0, 1))
             total_sq += np.square(array).sum(axis=(0, 1))
             pixels += array.shape[0] * array.shape[1]
-    return _ScanResult(digest.hexdigest(), grey, total, total_sq, pixels)
+    return _ScanResult(digest.hexdigest(), grey, total, total_sq, pixels, images, smallest)
+
+
+SMALLEST_USEFUL_SIDE = 8  # px: below this an image holds almost nothing at any resolution the profiles use
+FEW_IMAGES = 10  # a class with fewer private-train images gets a warning
+
+
+def _warnings(splits: dict, scans: dict[str, _ScanResult], classes: list[str], modes: dict[str, int]) -> list[str]:
+    """What is legal but makes some figures mean less than they seem, each said once, in words."""
+    found = []
+    converted = {mode: count for mode, count in modes.items() if mode not in _PREPARED_MODES}
+    if converted:
+        found.append(f"{sum(converted.values())} images were not 8-bit grey or RGB ("
+                     + ", ".join(f"{mode}: {count}" for mode, count in sorted(converted.items()))
+                     + "): converted (16-bit scaled to 8, alpha dropped)")
+    train_counts = np.bincount(splits["train"]["label"], minlength=len(classes))
+    few = {classes[i]: int(count) for i, count in enumerate(train_counts) if count < FEW_IMAGES}
+    if few:
+        found.append(f"classes with fewer than {FEW_IMAGES} private-train images: {few}; the generator, the student "
+                     "and the shadows learn them from that alone, and their per-class figures are noise")
+    test_counts = np.bincount(splits["test"]["label"], minlength=len(classes))
+    absent = [classes[i] for i in np.flatnonzero(test_counts == 0)]
+    if absent:
+        found.append(f"classes with no test image: {absent}; test accuracy says nothing about them")
+    members = scans["train"].image_digests
+    for name, scan in scans.items():
+        shared = [(members[key], origin) for key, origin in scan.image_digests.items() if key in members]
+        if name != "train" and shared:
+            found.append(f"{len(shared)} images of the {name} split are byte-identical to private-train images "
+                         f"(e.g. {shared[0][1]} = {shared[0][0]}); "
+                         + ("LiRA counts each as a member and as a non-member" if name == "holdout"
+                            else f"the {name} figures see them as unseen images"))
+    side, origin = min(scan.smallest for scan in scans.values())
+    if side < SMALLEST_USEFUL_SIDE:
+        found.append(f"{origin} is {side} px on its shorter side (under {SMALLEST_USEFUL_SIDE} px): resized to the "
+                     "profile's image_size it carries almost nothing")
+    return found
 
 
 # ------------------------------------------------------------------------------------------ prepare
@@ -359,13 +446,14 @@ def prepare(cfg: IngestConfig, out_dir: Path, dataset_name: str, min_train_image
     if len(set(classes)) != len(classes):
         raise DatasetError(f"class names collide after class_name_fixes: {classes}")
     raw_classes = _class_names(train, label)
-    train = _normalise(train, image, label, raw_classes, cfg.train_split)
+    root = cfg.name if cfg.source == "imagefolder" else None
+    train = _normalise(train, image, label, raw_classes, cfg.train_split, root)
 
     if cfg.test_split is not None:
         if cfg.test_split not in source:
             raise DatasetError(f"source has no '{cfg.test_split}' test split; splits: {list(source)} "
                                "(set ingest.test_split: null and ingest.test_fraction to carve one)")
-        test = _normalise(source[cfg.test_split], image, label, raw_classes, cfg.test_split)
+        test = _normalise(source[cfg.test_split], image, label, raw_classes, cfg.test_split, root)
     else:
         carved = stratified_split(np.asarray(train["label"]), {"test": cfg.test_fraction}, cfg.seed + 1)
         test, train = train.select(carved["test"]), train.select(carved["train"])
@@ -386,6 +474,14 @@ def prepare(cfg: IngestConfig, out_dir: Path, dataset_name: str, min_train_image
     _check_sizes(splits, classes, min_train_images)
 
     scans = {name: _scan(split, name) for name, split in splits.items()}
+    modes: dict[str, int] = {}
+    for split in (train, test):
+        for mode in split["mode"]:
+            modes[mode] = modes.get(mode, 0) + 1
+    warnings = _warnings(splits, scans, classes, modes)
+    for warning in warnings:
+        warn(warning)
+    splits = {name: split.remove_columns(["origin", "mode"]) for name, split in splits.items()}
     private = scans["train"]
     grey = all(scan.grey for scan in scans.values())
     mean = private.channel_sum / private.pixels
@@ -404,7 +500,7 @@ def prepare(cfg: IngestConfig, out_dir: Path, dataset_name: str, min_train_image
         splits={name: SplitSummary(len(split), np.bincount(split["label"], minlength=len(classes)).tolist())
                 for name, split in splits.items()},
         fingerprint=fingerprint[:16],
-        split_fingerprints={name: scan.digest[:16] for name, scan in sorted(scans.items())},
+        split_fingerprints={name: scan.digest[:16] for name, scan in sorted(scans.items())}, warnings=warnings,
         source={"source": cfg.source, "name": cfg.name, "hub_config": cfg.hub_config,
                 "image_column": image, "label_column": label, "seed": cfg.seed})
     info.save(out_dir / "dataset.json")

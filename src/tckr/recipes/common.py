@@ -50,8 +50,10 @@ def ingest(*, dataset: str, ingest: IngestConfig, data: Path) -> Metrics:
     log_private_splits(info, data, {split: "ingested" for split in info.splits})
     mlflow.log_artifact(str(data / "dataset.json"))
     mlflow.set_tag("tckr.dataset_fingerprint", info.fingerprint)
+    if info.warnings:  # also in dataset.json, and on stderr as they were found
+        mlflow.set_tag("tckr.data_warnings", " | ".join(info.warnings)[:5000])
     return {f"data.{name}_images": float(split.count) for name, split in info.splits.items()} | {
-        "data.num_classes": float(info.num_classes)}
+        "data.num_classes": float(info.num_classes), "data.warnings": float(len(info.warnings))}
 
 
 def shadow_plan(*, attack: AttackConfig) -> list[int]:
