@@ -429,6 +429,23 @@ def test_stages_that_download_or_write_much_get_a_scratch_volume_the_scheduler_p
     assert platform["exec-caption"]["genericEphemeralVolume"][0]["defaultStorageClass"] is True
 
 
+def test_the_local_pipeline_is_not_placed(tmp_path):
+    """kfp.local applies a task's environment and retry policy: the variables meant for a pod's volumes
+    (TMPDIR=/scratch) would point at nothing on this machine, and a failed task would wait out the cluster's
+    backoff before `tckr run` could say why. So the local pipeline carries no placement at all."""
+    from kfp import compiler
+
+    from tckr.pipelines.compile import local_pipeline
+
+    compiler.Compiler().compile(local_pipeline(load_config("demo")), str(tmp_path / "local.yaml"))
+    documents = list(yaml.safe_load_all((tmp_path / "local.yaml").read_text()))
+    assert len(documents) == 1  # no Kubernetes platform spec
+    assert not any("env" in container for container in _executors(documents[0]).values())
+    assert not any("retryPolicy" in task for _, task, _ in _tasks(documents[0]))
+    _, placed, _ = _compile(tmp_path / "placed", profile="demo")
+    assert any("genericEphemeralVolume" in executor for executor in placed.values())
+
+
 def test_a_tasks_identity_is_the_same_for_each_retried_pod():
     """The launcher names a task's checkpoint folder by its inputs, sections and parameters, never by the output
     paths a new pod gets, nor the tracking server."""

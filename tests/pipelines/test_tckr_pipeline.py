@@ -370,7 +370,8 @@ def test_failed_stage_is_reported_and_marked_failed(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     cfg = load_config("smoke", ["ingest.source=disk", f"ingest.name={tmp_path / 'missing'}"])
-    with pytest.raises(PipelineFailed, match="failed at stage 'ingest'.*marked FAILED"):
+    missing = re.escape(f"no dataset saved at '{tmp_path / 'missing'}' (source: disk)")
+    with pytest.raises(PipelineFailed, match=f"failed at stage 'ingest': {missing}; MLflow run .* is marked FAILED"):
         run_local(cfg, local_pipeline(cfg), tmp_path / "runs", tracking_uri=uri)
     client = mlflow.MlflowClient(uri, registry_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("tckr-fashion-mnist").experiment_id])

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tckr.components.factory import TRACKING_PARAMETERS
+from tckr.core.errors import TckrError, record_failure
 from tckr.core.stage import PipelineStatus
 from tckr.core.volume import enter_task
 from tckr.platform.tracking import Tracking, default_tracking_uri
@@ -43,7 +44,11 @@ def launch(recipe_name: str, stage_name: str, arguments: dict[str, Any]) -> Any:
                 if stage.tracked else None)
     params = {name: PipelineStatus(arguments[name].state, arguments[name].error_message or "")
               if kind is PipelineStatus else kind(arguments[name]) for name, kind in stage.params.items()}
-    result = invoke(stage, parse_sections(recipe, stage, arguments), artifacts, params, tracking)
+    try:
+        result = invoke(stage, parse_sections(recipe, stage, arguments), artifacts, params, tracking)
+    except TckrError as error:
+        record_failure(stage_name, error)
+        raise
     for name, port in stage.outputs.items():
         if port.kind == "roc":  # the stage wrote the curve; KFP's UI draws it from the artifact's metadata
             curve = json.loads(artifacts[name].read_text())

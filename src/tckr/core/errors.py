@@ -7,13 +7,26 @@ the subclass's exit code. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import os
 import sys
+
+FAILURE_FILE_ENV = "TCKR_FAILURE_FILE"
+"""Set by ``tckr run``: where a failing task writes its one-line error, so the run can end with it (kfp.local
+shows a task's failure only as a traceback in the middle of the log)."""
 
 
 def warn(message: str) -> None:
     """Data or settings that are legal but make some figures mean less than they seem: the run goes on, and the
     user reads why on one line (``tckr: warning: ...``) wherever the stage runs (a terminal, a pod's log)."""
     print(f"tckr: warning: {message}", file=sys.stderr, flush=True)
+
+
+def record_failure(stage: str, error: Exception) -> None:
+    """Append ``<stage>: <error>`` to the run's failure file, when the task runs under ``tckr run``."""
+    path = os.environ.get(FAILURE_FILE_ENV)
+    if path:
+        with open(path, "a", encoding="utf-8") as failures:
+            failures.write(f"{stage}: {error}\n")
 
 
 class TckrError(Exception):

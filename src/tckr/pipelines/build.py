@@ -56,10 +56,10 @@ class Tasks:
 
 
 def build_pipeline(cfg: Any, graph: Callable[[Tasks], None], description: str, cache: bool = True,
-                   parallelism: int | None = None) -> GraphComponent:
+                   parallelism: int | None = None, placed: bool = True) -> GraphComponent:
     """``graph`` as a pipeline whose parameters are :func:`pipeline_arguments` (defaults: ``cfg``'s values, no
-    run name, the image's tracking server), every task placed by ``cfg.kubernetes``; ``parallelism``: the
-    fan-outs' limit when not ``cfg.kubernetes.parallelism``."""
+    run name, the image's tracking server), every task placed by ``cfg.kubernetes`` unless not ``placed``;
+    ``parallelism``: the fan-outs' limit when not ``cfg.kubernetes.parallelism``."""
     if parallelism is None:
         parallelism = cfg.kubernetes.parallelism
     recipe = recipe_of(cfg)
@@ -72,7 +72,8 @@ def build_pipeline(cfg: Any, graph: Callable[[Tasks], None], description: str, c
         # report is the report task's declared output (and the MLflow parent run's artifacts).
         with dsl.ExitHandler(tasks("finish_run"), name="pipeline"):
             graph(tasks)
-        place_all_tasks(cfg.kubernetes, recipe.stages)
+        if placed:
+            place_all_tasks(cfg.kubernetes, recipe.stages)
 
     types = {name: parameter_type(field.annotation) for name, field in type(cfg).model_fields.items()}
     body.__signature__ = inspect.Signature(

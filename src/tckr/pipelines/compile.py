@@ -25,11 +25,13 @@ def pipeline_for(cfg: Any, cache: bool = True):
 
 
 def local_pipeline(cfg: Any):
-    """``cfg``'s pipeline for ``kfp.local`` (``tckr run``): its fan-outs one task at a time. kfp.local runs up to two
-    loop iterations side by side, but each task's torch already uses every core of the one machine, so two at
-    once only oversubscribe it."""
+    """``cfg``'s pipeline for ``kfp.local`` (``tckr run``): its fan-outs one task at a time, and no Kubernetes
+    placement. kfp.local runs up to two loop iterations side by side, but each task's torch already uses every core
+    of the one machine, so two at once only oversubscribe it. It ignores resources and volumes, yet it would give
+    the tasks the environment meant for their pods' volumes (``TMPDIR=/scratch``, which does not exist here) and
+    retry a failed task after the cluster's backoff (minutes, for an error that will not change)."""
     graph, description = GRAPHS[cfg.recipe]
-    return build_pipeline(cfg, graph, description, parallelism=1)
+    return build_pipeline(cfg, graph, description, parallelism=1, placed=False)
 
 
 def compile_pipeline(cfg: Any, out_dir: Path, cache: bool = True) -> Path:

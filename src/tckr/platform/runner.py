@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from tckr.core.errors import TckrError
+from tckr.core.errors import FAILURE_FILE_ENV, TckrError
 from tckr.platform.tracking import KFP_RUN_ID_ENV, configure, default_tracking_uri
 
 
@@ -59,8 +59,9 @@ def run_local(cfg: Any, pipeline: Any, runs_root: Path = Path("runs"), tracking_
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(run_dir / "kfp"),
                raise_on_error=True)
     started = time.perf_counter()
+    failures = run_dir / "failures.txt"
     try:
-        with _kfp_run_id(uuid.uuid4().hex):
+        with _task_environment({KFP_RUN_ID_ENV: uuid.uuid4().hex, FAILURE_FILE_ENV: str(failures)}):
             pipeline(run_name=run_name, tracking_uri=tracking_uri, experiment=cfg.experiment_name)
     except KeyboardInterrupt:
         _mark_unfinished(run_name, cfg, tracking_uri, "KILLED")
@@ -68,8 +69,10 @@ def run_local(cfg: Any, pipeline: Any, runs_root: Path = Path("runs"), tracking_
     except RuntimeError as error:
         _mark_unfinished(run_name, cfg, tracking_uri, "FAILED")
         stage = re.search(r"Inner task failed: '([^']+)'", re.sub(r"\x1b\[[0-9;]*m", "", str(error)))
+        said = failures.read_text(encoding="utf-8").splitlines()[-1:] if failures.exists() else []
+        why = f": {said[0].split(': ', 1)[1]}" if said else " (its error is printed above)"
         raise PipelineFailed(
-            f"the pipeline failed at stage '{stage.group(1) if stage else '?'}' (its error is printed above); "
+            f"the pipeline failed at stage '{stage.group(1) if stage else '?'}'{why}; "
             f"MLflow run '{run_name}' is marked FAILED, KFP outputs are in {run_dir / 'kfp'}") from error
     report_files = next((run_dir / "kfp").rglob("report/report_files"))  # the report task's declared output
     for path in report_files.iterdir():  # report.md, metrics.json, samples.png, ...
@@ -83,17 +86,19 @@ def run_local(cfg: Any, pipeline: Any, runs_root: Path = Path("runs"), tracking_
 
 
 @contextlib.contextmanager
-def _kfp_run_id(run_id: str) -> Iterator[None]:
-    """What a cluster gives every pod of a run (pipelines/cluster.py): kfp.local's task subprocesses inherit it."""
-    previous = os.environ.get(KFP_RUN_ID_ENV)
-    os.environ[KFP_RUN_ID_ENV] = run_id
+def _task_environment(variables: dict[str, str]) -> Iterator[None]:
+    """Variables kfp.local's task subprocesses inherit: the run id a cluster gives every pod of a run
+    (pipelines/cluster.py), and where a failing task writes its one-line error."""
+    previous = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop(KFP_RUN_ID_ENV)
-        else:
-            os.environ[KFP_RUN_ID_ENV] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
 
 
 def _point_latest(run_dir: Path) -> None:
