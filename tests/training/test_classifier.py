@@ -92,11 +92,28 @@ def _raise_after(record, epoch):
 
 def test_changed_recipe_does_not_resume(tmp_path, prepared):
     splits, info = prepared
-    train_classifier(_recipe(epochs=1), splits, info, 16, tmp_path / "t", torch.device("cpu"))
+    with pytest.raises(KeyboardInterrupt):
+        train_classifier(_recipe(epochs=2), splits, info, 16, tmp_path / "t", torch.device("cpu"),
+                         on_epoch=lambda record: _raise_after(record, 1))
     epochs = []
-    train_classifier(_recipe(epochs=1, lr=1e-3), splits, info, 16, tmp_path / "t", torch.device("cpu"),
+    train_classifier(_recipe(epochs=2, lr=1e-3), splits, info, 16, tmp_path / "t", torch.device("cpu"),
                      on_epoch=epochs.append)
-    assert [r["epoch"] for r in epochs] == [1]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+
+
+def test_finished_training_leaves_no_checkpoint_and_retrains_once_its_outputs_are_gone(tmp_path, prepared):
+    """`dvc repro` deletes a stage's outputs before running it: a checkpoint of the finished run left beside them
+    would resume at "nothing to do" and then find no model to test."""
+    splits, info = prepared
+    first = train_classifier(_recipe(epochs=1), splits, info, 16, tmp_path / "t", torch.device("cpu"))
+    assert sorted(path.name for path in (tmp_path / "t").iterdir()) == ["history.csv", "model.json",
+                                                                        "model.safetensors"]
+    for path in (tmp_path / "t").iterdir():
+        path.unlink()
+    epochs = []
+    again = train_classifier(_recipe(epochs=1), splits, info, 16, tmp_path / "t", torch.device("cpu"),
+                             on_epoch=epochs.append)
+    assert [r["epoch"] for r in epochs] == [1] and again.test_accuracy == pytest.approx(first.test_accuracy)
 
 
 def test_mixup_teacher_trains(tmp_path, prepared):

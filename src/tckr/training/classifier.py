@@ -131,9 +131,9 @@ def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_siz
     """Train on ``splits['train']``, select on ``splits['validation']``, test on ``splits['test']``.
 
     ``objective`` replaces the label loss (the student's distillation from a teacher). Writes
-    ``model.safetensors`` + ``model.json`` (best epoch) and ``checkpoint.pt`` (last epoch) to
-    ``out_dir``; a checkpoint there of the same settings (and ``resume_key``) is resumed, one of other settings
-    restarted, another trainer's refused (:class:`~tckr.training.loop.CheckpointMismatchError`).
+    ``model.safetensors`` + ``model.json`` (best epoch) and, until training is done, ``checkpoint.pt`` (last
+    epoch) to ``out_dir``; a checkpoint there of the same settings (and ``resume_key``) is resumed, one of other
+    settings restarted, another trainer's refused (:class:`~tckr.training.loop.CheckpointMismatchError`).
 
     On several ranks (:mod:`tckr.core.distributed`) each takes ``batch_size / ranks`` of every batch, so the
     recipe is the one a single device runs; only rank 0 validates, writes, calls ``on_epoch`` and
@@ -227,6 +227,7 @@ def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_siz
     best = load_classifier(out_dir, device)
     test_set = ImageSplit(splits["test"], image_size, info.channels)
     test_logits = predict_logits(best, augment, test_set, cfg.eval_batch_size, device, "test")
+    loop.finish()
     return TrainResult(val_accuracy=state["best_val"], test_accuracy=accuracy(test_logits, test_set.labels),
                        best_epoch=state["best_epoch"], epochs_run=loop.done, seconds=seconds,
                        images_per_second=trained_images / seconds if seconds > 0 else math.nan,

@@ -126,6 +126,12 @@ class Loop:
         if self.lead:
             tqdm.write(f"resuming {self.desc} after {unit} {self.done}/{length}")
 
+    def finish(self) -> None:
+        """Training is over and its outputs are written: the checkpoint goes, so a re-run whose outputs were
+        deleted (``dvc repro`` deletes a stage's outputs first) trains anew instead of finding nothing to do."""
+        if self.lead:
+            self.path.unlink(missing_ok=True)
+
     def _save(self) -> None:
         if not self.lead:
             return
