@@ -24,8 +24,9 @@ pytestmark = pytest.mark.unit
 Arrays = dict[str, tuple[np.ndarray, np.ndarray]]
 
 
-def _folder(name: str) -> str:
-    return FASHION_MNIST_CLASSES[name].replace("/", "-") if isinstance(name, int) else name
+def _folder(label: int) -> str:
+    """The class folder write_imagefolder makes for ``label``."""
+    return FASHION_MNIST_CLASSES[label].replace("/", "-")
 
 
 def _ingest(source: str, name: Path | str, *overrides: str) -> list[str]:
@@ -46,24 +47,18 @@ def _saved(tmp_path: Path, dataset, *overrides: str) -> list[str]:
     return _ingest("disk", tmp_path / "saved", *overrides)
 
 
-def _first(root: Path, split: str = "train", label: int = 4) -> Path:
-    return sorted((root / split / _folder(label)).iterdir())[0]
+def _first(root: Path) -> Path:
+    """The first private-train candidate of class 4 (Coat)."""
+    return sorted((root / "train" / _folder(4)).iterdir())[0]
 
 
-def _add(root: Path, image: Image.Image, name: str, label: int = 4, **save) -> None:
-    image.save(root / "train" / _folder(label) / name, **save)
+def _add(root: Path, image: Image.Image, name: str, label: int = 4) -> None:
+    image.save(root / "train" / _folder(label) / name)
 
 
 def _truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
-
-
-def _columns(arrays: Arrays, **renamed):
-    """A saved dataset whose columns are renamed, retyped or emptied (``column=callable(dataset) -> dataset``)."""
-    dataset = make_dataset_dict(arrays, string_labels=True)
-    for change in renamed.values():
-        dataset = change(dataset)
-    return dataset
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
 
 
 def _one_class(arrays: Arrays):
@@ -135,15 +130,17 @@ CASES = [
     Case("row without an image", lambda t, a: _saved(t, _missing_image(a)), 1,
          "tckr: train row 3: no image (the image column is empty there)"),
     # -- columns and labels
-    Case("image column named wrong", lambda t, a: _saved(t, _columns(a), "ingest.image_column=photo"), 1,
+    Case("image column named wrong", lambda t, a: _saved(t, make_dataset_dict(a, string_labels=True),
+                                                         "ingest.image_column=photo"), 1,
          "tckr: image column 'photo' not in the dataset; columns: ['image', 'label']"),
-    Case("no image column", lambda t, a: _saved(t, _columns(a, drop=lambda d: d.map(
-        lambda row: {"pixels": str(row["image"].size)}, remove_columns=["image"]))), 1,
+    Case("no image column", lambda t, a: _saved(t, make_dataset_dict(a, string_labels=True).map(
+        lambda row: {"pixels": str(row["image"].size)}, remove_columns=["image"])), 1,
         "tckr: dataset has no image column (columns: ['label', 'pixels']); set ingest.image_column"),
-    Case("label column named wrong", lambda t, a: _saved(t, _columns(a), "ingest.label_column=target"), 1,
+    Case("label column named wrong", lambda t, a: _saved(t, make_dataset_dict(a, string_labels=True),
+                                                         "ingest.label_column=target"), 1,
          "tckr: label column 'target' not in the dataset"),
-    Case("labels of the wrong type", lambda t, a: _saved(t, _columns(a, retype=lambda d: d.map(
-        lambda row: {"label": 0.5}))), 1, "tckr: label column 'label' has type Value('float64')"),
+    Case("labels of the wrong type", lambda t, a: _saved(t, make_dataset_dict(a, string_labels=True).map(
+        lambda row: {"label": 0.5})), 1, "tckr: label column 'label' has type Value('float64')"),
     Case("one class", lambda t, a: _saved(t, make_dataset_dict(_one_class(a), string_labels=True)), 1,
          "tckr: only one class ('T-shirt/top') in the train split: a classifier needs at least two"),
     Case("images outside any class folder", lambda t, a: _imagefolder(t, a, lambda r: [
