@@ -209,7 +209,8 @@ def train_classifier(cfg: ClassifierConfig, splits, info: DatasetInfo, image_siz
             return None
         val_logits = predict_logits(model, augment, val_set, cfg.eval_batch_size, device, "validate")
         record = {"epoch": epoch, "train_loss": train_loss, "val_accuracy": accuracy(val_logits, val_set.labels),
-                  "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - epoch_start}
+                  "lr": optimizer.param_groups[0]["lr"], "optimizer_steps": loop.steps,
+                  "epoch_seconds": time.perf_counter() - epoch_start}
         state["history"].append(record)
         if record["val_accuracy"] > state["best_val"]:
             state["best_val"], state["best_epoch"] = record["val_accuracy"], epoch
