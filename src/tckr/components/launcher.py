@@ -47,7 +47,7 @@ def launch(recipe_name: str, stage_name: str, arguments: dict[str, Any]) -> Any:
     try:
         result = invoke(stage, parse_sections(recipe, stage, arguments), artifacts, params, tracking)
     except TckrError as error:
-        record_failure(stage_name, error)
+        record_failure(error)
         raise
     for name, port in stage.outputs.items():
         if port.kind == "roc":  # the stage wrote the curve; KFP's UI draws it from the artifact's metadata

@@ -21,12 +21,13 @@ def warn(message: str) -> None:
     print(f"tckr: warning: {message}", file=sys.stderr, flush=True)
 
 
-def record_failure(stage: str, error: Exception) -> None:
-    """Append ``<stage>: <error>`` to the run's failure file, when the task runs under ``tckr run``."""
+def record_failure(error: Exception) -> None:
+    """Append the error's one line to the run's failure file, when the task runs under ``tckr run`` (which
+    names the stage itself)."""
     path = os.environ.get(FAILURE_FILE_ENV)
     if path:
         with open(path, "a", encoding="utf-8") as failures:
-            failures.write(f"{stage}: {error}\n")
+            failures.write(f"{error}\n")
 
 
 class TckrError(Exception):

@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -396,7 +397,8 @@ SMALLEST_USEFUL_SIDE = 8  # px: below this an image holds almost nothing at any 
 FEW_IMAGES = 10  # a class with fewer private-train images gets a warning
 
 
-def _warnings(splits: dict, scans: dict[str, _ScanResult], classes: list[str], modes: dict[str, int]) -> list[str]:
+def _warnings(counts: dict[str, np.ndarray], scans: dict[str, _ScanResult], classes: list[str],
+              modes: Counter[str]) -> list[str]:
     """What is legal but makes some figures mean less than they seem, each said once, in words."""
     found = []
     converted = {mode: count for mode, count in modes.items() if mode not in _PREPARED_MODES}
@@ -404,13 +406,11 @@ def _warnings(splits: dict, scans: dict[str, _ScanResult], classes: list[str], m
         found.append(f"{sum(converted.values())} images were not 8-bit grey or RGB ("
                      + ", ".join(f"{mode}: {count}" for mode, count in sorted(converted.items()))
                      + "): converted (16-bit scaled to 8, alpha dropped)")
-    train_counts = np.bincount(splits["train"]["label"], minlength=len(classes))
-    few = {classes[i]: int(count) for i, count in enumerate(train_counts) if count < FEW_IMAGES}
+    few = {classes[i]: int(count) for i, count in enumerate(counts["train"]) if count < FEW_IMAGES}
     if few:
         found.append(f"classes with fewer than {FEW_IMAGES} private-train images: {few}; the generator, the student "
                      "and the shadows learn them from that alone, and their per-class figures are noise")
-    test_counts = np.bincount(splits["test"]["label"], minlength=len(classes))
-    absent = [classes[i] for i in np.flatnonzero(test_counts == 0)]
+    absent = [classes[i] for i in np.flatnonzero(counts["test"] == 0)]
     if absent:
         found.append(f"classes with no test image: {absent}; test accuracy says nothing about them")
     members = scans["train"].image_digests
@@ -471,14 +471,12 @@ def prepare(cfg: IngestConfig, out_dir: Path, dataset_name: str, min_train_image
                                {k: v for k, v in fractions.items() if v > 0}, cfg.seed)
     splits = {name: train.select(indices[name]) for name in SPLITS if name in indices}
     splits["test"] = test
-    _check_sizes(splits, classes, min_train_images)
+    counts = {name: np.bincount(np.asarray(split["label"], dtype=np.int64), minlength=len(classes))
+              for name, split in splits.items()}
+    _check_sizes(counts, classes, min_train_images)
 
     scans = {name: _scan(split, name) for name, split in splits.items()}
-    modes: dict[str, int] = {}
-    for split in (train, test):
-        for mode in split["mode"]:
-            modes[mode] = modes.get(mode, 0) + 1
-    warnings = _warnings(splits, scans, classes, modes)
+    warnings = _warnings(counts, scans, classes, Counter(train["mode"]) + Counter(test["mode"]))
     for warning in warnings:
         warn(warning)
     splits = {name: split.remove_columns(["origin", "mode"]) for name, split in splits.items()}
@@ -497,8 +495,7 @@ def prepare(cfg: IngestConfig, out_dir: Path, dataset_name: str, min_train_image
         name=dataset_name, classes=classes, channels=channels,
         mean=[round(float(v), 6) for v in mean[:channels]],
         std=[round(float(v), 6) for v in std[:channels]],
-        splits={name: SplitSummary(len(split), np.bincount(split["label"], minlength=len(classes)).tolist())
-                for name, split in splits.items()},
+        splits={name: SplitSummary(int(count.sum()), count.tolist()) for name, count in counts.items()},
         fingerprint=fingerprint[:16],
         split_fingerprints={name: scan.digest[:16] for name, scan in sorted(scans.items())}, warnings=warnings,
         source={"source": cfg.source, "name": cfg.name, "hub_config": cfg.hub_config,
@@ -507,17 +504,17 @@ def prepare(cfg: IngestConfig, out_dir: Path, dataset_name: str, min_train_image
     return info
 
 
-def _check_sizes(splits: dict, classes: list[str], min_train_images: int) -> None:
-    train_counts = np.bincount(splits["train"]["label"], minlength=len(classes))
-    if len(splits["train"]) < min_train_images:
+def _check_sizes(counts: dict[str, np.ndarray], classes: list[str], min_train_images: int) -> None:
+    """Each split's images per class (``counts``) make a dataset the recipes can train and evaluate on."""
+    if counts["train"].sum() < min_train_images:
         raise DatasetError(
-            f"the private train split has {len(splits['train'])} images, fewer than one batch "
+            f"the private train split has {counts['train'].sum()} images, fewer than one batch "
             f"({min_train_images}); use more data, smaller split fractions or a smaller batch_size")
-    empty = [classes[i] for i in np.flatnonzero(train_counts == 0)]
+    empty = [classes[i] for i in np.flatnonzero(counts["train"] == 0)]
     if empty:
         raise DatasetError(f"classes with no image in the private train split: {empty}")
     for name in ("validation", "test"):
-        if len(splits[name]) == 0:
+        if counts[name].sum() == 0:
             raise DatasetError(f"the {name} split is empty: the dataset is too small for the fractions")
 
 

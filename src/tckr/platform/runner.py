@@ -70,7 +70,7 @@ def run_local(cfg: Any, pipeline: Any, runs_root: Path = Path("runs"), tracking_
         _mark_unfinished(run_name, cfg, tracking_uri, "FAILED")
         stage = re.search(r"Inner task failed: '([^']+)'", re.sub(r"\x1b\[[0-9;]*m", "", str(error)))
         said = failures.read_text(encoding="utf-8").splitlines()[-1:] if failures.exists() else []
-        why = f": {said[0].split(': ', 1)[1]}" if said else " (its error is printed above)"
+        why = f": {said[0]}" if said else " (its error is printed above)"
         raise PipelineFailed(
             f"the pipeline failed at stage '{stage.group(1) if stage else '?'}'{why}; "
             f"MLflow run '{run_name}' is marked FAILED, KFP outputs are in {run_dir / 'kfp'}") from error
