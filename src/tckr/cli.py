@@ -246,7 +246,7 @@ def _cmd_services(args: argparse.Namespace) -> int:
         store = f"sqlite:///{Path(LOCAL_DB).resolve()}"
         command = services.mlflow_command(str(Path(LOCAL_ARTIFACTS).resolve()), args.mlflow_port)
         print(f"MLflow UI: http://{services.HOST}:{args.mlflow_port}  (store: {store})", flush=True)
-        os.execve(command[0], command, {**os.environ, "MLFLOW_BACKEND_STORE_URI": store})
+        os.execve(command[0], command, {**os.environ, **services.mlflow_environment(store)})
     elif args.action == "down":
         names = ["mlflow", "seaweedfs"] if args.service == "s3" else ["mlflow"]  # MLflow keeps artifacts in S3
         for name in names:

@@ -115,3 +115,19 @@ def test_postgresql_backend(tmp_path, s3_store, postgres_url, monkeypatch):
                    for key in list_keys(s3_client(s3_store), MLFLOW_BUCKET))
     finally:
         server.stop()
+
+
+def test_the_server_runs_no_job_consumers(tmp_path):
+    """MLflow 3 starts a job runner and half a dozen huey consumers unless told not to: tckr submits no jobs."""
+    import psutil
+
+    s3_server, endpoint = start_seaweedfs(tmp_path / "s3")
+    server, uri = start_mlflow(tmp_path / "mlflow", endpoint)
+    try:
+        mlflow.MlflowClient(uri).search_experiments()  # up and answering
+        commands = [" ".join(child.cmdline()) for child in psutil.Process(server.process.pid).children(recursive=True)]
+        assert any("uvicorn" in command for command in commands), commands
+        assert not any("huey" in command or "_job_runner" in command for command in commands), commands
+    finally:
+        server.stop()
+        s3_server.stop()

@@ -176,6 +176,12 @@ def mlflow_command(artifacts_destination: str, port: int, options: tuple[str, ..
             "--host", HOST, "--port", str(port), "--workers", "1", *options]
 
 
+def mlflow_environment(backend_store_uri: str) -> dict[str, str]:
+    """The server's environment: its database, and no job runner (MLflow 3 starts half a dozen consumer processes
+    for its GenAI jobs, which tckr never submits: seconds of CPU at every start, and memory for as long as it runs)."""
+    return {"MLFLOW_BACKEND_STORE_URI": backend_store_uri, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def start_mlflow(root: Path, s3: S3Endpoint, port: int | None = None, backend_store_uri: str | None = None,
                  bucket: str = MLFLOW_BUCKET, timeout: float = 120.0, options: tuple[str, ...] = ()
                  ) -> tuple[Server, str]:
@@ -187,8 +193,7 @@ def start_mlflow(root: Path, s3: S3Endpoint, port: int | None = None, backend_st
     command = mlflow_command(f"s3://{bucket}/artifacts", port, options)
     uri = f"http://{HOST}:{port}"
     # Bounded S3 retries on the server too: a down store answers 500 in seconds, not minutes.
-    env = {**s3.env(), "AWS_MAX_ATTEMPTS": "3", "AWS_RETRY_MODE": "standard",
-           "MLFLOW_BACKEND_STORE_URI": backend_store_uri}
+    env = {**s3.env(), "AWS_MAX_ATTEMPTS": "3", "AWS_RETRY_MODE": "standard", **mlflow_environment(backend_store_uri)}
     server = _launch("MLflow", command, root / "mlflow.log", f"{uri}/health", env=env, timeout=timeout)
     return server, uri
 
