@@ -12,6 +12,7 @@ MLFLOW_PORT ?= 5000
 S3_PORT ?= 8333
 STATE_DIR := .tckr
 REHEARSE_PROFILE ?= smoke
+TEST_WORKERS ?= auto  # pytest-xdist processes for `make test`: one per core (0: none)
 DVC_PIPELINE ?= dvc.yaml  # TCKR's stages; privimage/dvc.yaml for PrivImage's
 # Recipes that talk to the local S3 store (or the servers) read its endpoint and generated keys from here.
 WITH_SERVICES := set -a && { [[ ! -f $(STATE_DIR)/env ]] || . $(STATE_DIR)/env; } && set +a &&
@@ -51,7 +52,7 @@ demo-privimage: setup  ## run the PrivImage pipeline on the embedded default (ep
 run: demo
 
 test: setup  ## run the test suite (everything: unit tests, the smoke pipeline through real servers, DVC, browser)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 test-unit: setup  ## the fast tests: no server, no training beyond a few steps (pytest -m unit)
 	$(BIN)/python -m pytest -m unit

@@ -13,6 +13,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ["TCKR_CACHE"] = __import__("tempfile").mkdtemp(prefix="tckr-cache-")  # never the user's cache
+# Under pytest-xdist (`make test`) the workers share the cores: each worker's torch, and every stage process it
+# starts, gets its share of them instead of all of them (oversubscribed OpenMP threads spin against each other).
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, os.cpu_count() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 from pathlib import Path  # noqa: E402
 
@@ -105,9 +109,39 @@ def find_chromium() -> tuple[str, str]:
     return browser, driver
 
 
+SMOKE_RUNS = {"smoke_run", "privimage_smoke_run"}
+# The modules whose tests read a smoke run: one pytest-xdist worker runs them all, so each run is made once.
+SMOKE_RUN_MODULES = {"tests/pipelines/test_tckr_pipeline.py", "tests/pipelines/test_privimage_pipeline.py",
+                     "tests/platform/test_mlflow_ui.py"}
+# Modules of minutes (each runs a pipeline from start to end): they, and the smoke runs, start first, so that no
+# worker starts one while the others have run out of work.
+LONG_MODULES = SMOKE_RUN_MODULES | {"tests/test_dvc.py", "tests/platform/test_rehearse.py"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`make test`'s workers (pytest-xdist) take whole modules (a module's fixtures are made once, and DVC's tests
+    build on each other's work), and the modules that read a smoke run all go to one worker: a session fixture is
+    made once per worker that needs it, and each run takes minutes."""
+    from xdist.scheduler import LoadFileScheduling
+
+    class ModulesAndSmokeRuns(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "smoke runs" if module in SMOKE_RUN_MODULES else module
+
+    return ModulesAndSmokeRuns(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` skip cleanly on machines without CUDA (CI, laptops), tests marked ``browser`` on
-    machines without Chromium. Markers, not keywords: a keyword also matches a directory of the same name."""
+    """The long modules first; tests marked ``gpu`` skip cleanly on machines without CUDA (CI, laptops), tests
+    marked ``browser`` on machines without Chromium. Markers, not keywords: a keyword also matches a directory of the
+    same name."""
+    items.sort(key=lambda item: item.nodeid.split("::", 1)[0] not in LONG_MODULES)  # stable: in-module order kept
+    for item in items:
+        module = item.nodeid.split("::", 1)[0]
+        if SMOKE_RUNS & set(getattr(item, "fixturenames", ())) and module not in SMOKE_RUN_MODULES:
+            raise pytest.UsageError(f"{item.nodeid} reads a smoke run: add {module} to SMOKE_RUN_MODULES "
+                                    "(tests/conftest.py) so that pytest-xdist makes each run once")
     reasons = {}
     if not torch.cuda.is_available():
         reasons["gpu"] = "needs a CUDA GPU"
@@ -128,33 +162,38 @@ def chromium() -> tuple[str, str]:
     return find_chromium()
 
 
-SCREENSHOTS = pytest.StashKey[list[Path]]()
-
-
 @pytest.fixture(scope="session")
-def screenshot(pytestconfig, tmp_path_factory):
-    """``screenshot(driver, name)`` saves the browser's page as ``name.png`` in ``$TCKR_SCREENSHOTS`` if set (CI
-    keeps that directory), else in pytest's temporary directory; the terminal summary lists every one saved."""
+def screenshot_dir(tmp_path_factory) -> Path:
+    """``$TCKR_SCREENSHOTS`` if set (CI keeps that directory), else pytest's temporary directory."""
     chosen = os.environ.get("TCKR_SCREENSHOTS")
     directory = Path(chosen).resolve() if chosen else tmp_path_factory.mktemp("screenshots")
     directory.mkdir(parents=True, exist_ok=True)
-    saved = pytestconfig.stash.setdefault(SCREENSHOTS, [])
+    return directory
+
+
+@pytest.fixture
+def screenshot(request, screenshot_dir):
+    """``screenshot(driver, name)`` saves the browser's page as ``name.png`` in ``screenshot_dir``; the terminal
+    summary lists every one saved (recorded on the test's report, so it reaches the summary from xdist workers)."""
 
     def save(driver, name: str) -> Path:
-        path = directory / f"{name}.png"
+        path = screenshot_dir / f"{name}.png"
         if not driver.save_screenshot(str(path)):
             raise OSError(f"the browser did not write {path}")
-        saved.append(path)
+        request.node.user_properties.append(("screenshot", str(path)))
         return path
 
     return save
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    if config.stash.get(SCREENSHOTS, None):
+    saved = [value for reports in terminalreporter.stats.values() for report in reports
+             for key, value in getattr(report, "user_properties", ()) if key == "screenshot"
+             and getattr(report, "when", None) == "call"]
+    if saved:
         terminalreporter.section("screenshots")
-        for path in config.stash[SCREENSHOTS]:
-            terminalreporter.write_line(str(path))
+        for path in saved:
+            terminalreporter.write_line(path)
 
 
 @pytest.fixture(autouse=True)
@@ -163,7 +202,6 @@ def _isolated_tracking(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     yield
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-os.environ["TCKR_CACHE"] = __import__("tempfile").mkdtemp(prefix="tckr-cache-")  # never the user's cache
 
 
 @pytest.fixture(scope="session")
