@@ -118,6 +118,10 @@ SMOKE_RUN_MODULES = {"tests/pipelines/test_tckr_pipeline.py", "tests/pipelines/t
 LONG_MODULES = SMOKE_RUN_MODULES | {"tests/test_dvc.py", "tests/platform/test_rehearse.py"}
 
 
+def _module(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
+
+
 def pytest_xdist_make_scheduler(config, log):
     """`make test`'s workers (pytest-xdist) take whole modules (a module's fixtures are made once, and DVC's tests
     build on each other's work), and the modules that read a smoke run all go to one worker: a session fixture is
@@ -126,8 +130,7 @@ def pytest_xdist_make_scheduler(config, log):
 
     class ModulesAndSmokeRuns(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0]
-            return "smoke runs" if module in SMOKE_RUN_MODULES else module
+            return "smoke runs" if _module(nodeid) in SMOKE_RUN_MODULES else _module(nodeid)
 
     return ModulesAndSmokeRuns(config, log)
 
@@ -136,9 +139,9 @@ def pytest_collection_modifyitems(config, items):
     """The long modules first; tests marked ``gpu`` skip cleanly on machines without CUDA (CI, laptops), tests
     marked ``browser`` on machines without Chromium. Markers, not keywords: a keyword also matches a directory of the
     same name."""
-    items.sort(key=lambda item: item.nodeid.split("::", 1)[0] not in LONG_MODULES)  # stable: in-module order kept
+    items.sort(key=lambda item: _module(item.nodeid) not in LONG_MODULES)  # stable: in-module order kept
     for item in items:
-        module = item.nodeid.split("::", 1)[0]
+        module = _module(item.nodeid)
         if SMOKE_RUNS & set(getattr(item, "fixturenames", ())) and module not in SMOKE_RUN_MODULES:
             raise pytest.UsageError(f"{item.nodeid} reads a smoke run: add {module} to SMOKE_RUN_MODULES "
                                     "(tests/conftest.py) so that pytest-xdist makes each run once")
