@@ -36,10 +36,19 @@ def _image_overrides(args: argparse.Namespace) -> list[str]:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from tckr.pipelines.compile import local_pipeline
-    from tckr.platform.runner import run_local
+    from tckr.platform.runner import latest_unfinished, resumable, resume_local, run_local
 
-    cfg = load_config(args.profile, args.overrides)
-    outcome = run_local(cfg, local_pipeline(cfg), Path(args.runs_dir))
+    if args.resume is None:
+        cfg = load_config(args.profile or "demo", args.overrides)
+        outcome = run_local(cfg, local_pipeline(cfg), Path(args.runs_dir))
+    else:
+        if args.overrides or args.profile:
+            raise ConfigError("--resume finishes a run with the configuration it started with: "
+                              "drop --profile and --set")
+        run_dir = Path(args.resume).resolve() if args.resume else latest_unfinished(Path(args.runs_dir))
+        print(f"resuming {run_dir} ({resumable(run_dir)['state']})", file=sys.stderr, flush=True)
+        cfg = load_config(str(run_dir / "config.yaml"))
+        outcome = resume_local(run_dir, cfg, local_pipeline(cfg))
     if cfg.recipe == "privimage":
         _print_privimage(outcome.metrics, outcome.run_dir)
     else:
@@ -261,7 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="run the profile's recipe pipeline locally (kfp.local, no cluster)")
     _config_arguments(run)
     run.add_argument("--runs-dir", default="runs", help="where run directories go (default: runs)")
-    run.set_defaults(handler=_cmd_run)
+    run.add_argument("--resume", nargs="?", const="", metavar="RUN_DIR",
+                     help="finish a killed, interrupted or failed run where it stopped, with its own configuration "
+                     "(default: the newest unfinished run under --runs-dir)")
+    run.set_defaults(handler=_cmd_run, profile=None)  # None: not given (--resume refuses one), else demo
 
     stage = commands.add_parser("stage", help="run one declared stage on its own (used by dvc.yaml)", add_help=False,
                                 description="tckr stage NAME --profile P [--set K=V] [--metrics FILE] then the stage's "

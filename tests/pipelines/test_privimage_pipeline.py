@@ -17,10 +17,6 @@ HEADLINE_METRICS = ("privimage.epsilon", "privimage.delta", "privimage.fid", "pr
                     "privimage.mia.auc", "privimage.aop", "privimage.selection_precision", "run.seconds")
 
 
-def _kfp_dir(outcome):
-    return next(outcome.run_dir.glob("kfp/*"))
-
-
 def test_run_spends_exactly_its_target_end_to_end(privimage_smoke_run):
     cfg, outcome, _ = privimage_smoke_run
     metrics = json.loads((outcome.run_dir / "metrics.json").read_text())
@@ -31,7 +27,7 @@ def test_run_spends_exactly_its_target_end_to_end(privimage_smoke_run):
     target = cfg.privacy.target_epsilon
     assert 0.99 * target <= metrics["privimage.epsilon"] <= target  # the composed epsilon, solved to the target
     assert 0 < metrics["privimage.query_epsilon"] < metrics["privimage.epsilon"]
-    privacy = json.loads((_kfp_dir(outcome) / "finetune" / "generator" / "privacy.json").read_text())
+    privacy = json.loads((outcome.artifacts / "finetune" / "generator" / "privacy.json").read_text())
     assert privacy["history"][0] == [cfg.query.sigma, 1.0, 1]  # the query is the first entry of one history
     assert privacy["history"][1][2] == metrics["privimage.dp_steps"]
     assert [row["epoch"] for row in privacy["epochs"]] == [1]
@@ -94,7 +90,7 @@ def test_mlflow_runs_epsilon_per_epoch_and_registered_classifier(privimage_smoke
     from tckr.data.images import ImageSplit
     from tckr.data.ingest import load_prepared
 
-    splits, info = load_prepared(_kfp_dir(outcome) / "ingest" / "data")
+    splits, info = load_prepared(outcome.artifacts / "ingest" / "data")
     test = ImageSplit(splits["test"], cfg.image_size, info.channels)
     images = torch.stack([test[i][0] for i in range(len(test))]).float() / 255
     model = mlflow.pytorch.load_model(f"models:/{name}@champion")
@@ -120,7 +116,7 @@ def test_a_budget_the_run_cannot_meet_is_refused_before_the_query_reads_private_
                                                                                      capsys):
     """Too many DP-SGD steps for the target: `tckr stage query` exits 2 naming the problem, writing nothing."""
     _, outcome, _ = privimage_smoke_run
-    kfp_dir = _kfp_dir(outcome)
+    kfp_dir = outcome.artifacts
     selection = tmp_path / "selection"
     budget = ["privacy.target_epsilon=0.5", "query.sigma=1000", "privacy.max_noise_multiplier=2"]
     code = main(["stage", "query", "--profile", "smoke-privimage", *(f"--set={item}" for item in budget),

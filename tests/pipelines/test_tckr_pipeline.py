@@ -4,9 +4,13 @@ and its artifacts in a real SeaweedFS S3 store."""
 import hashlib
 import json
 import os
+import random
 import re
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -38,7 +42,7 @@ def test_run_directory(smoke_run):
     assert metrics["data.test_images"] == cfg.ingest.test_limit
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["profile"] == "smoke"
     # The report's ROC is a ClassificationMetrics artifact (drawn by the KFP UI), its page an HTML artifact.
-    (report_task,) = (run_dir / "kfp").rglob("report/executor_output.json")
+    (report_task,) = outcome.artifacts.rglob("report/executor_output.json")
     outputs = json.loads(report_task.read_text())["artifacts"]
     assert outputs["roc"]["artifacts"][0]["metadata"]["confidenceMetrics"][-1]["falsePositiveRate"] <= 1.0
     assert (report_task.parent / "report_page").read_text().startswith("<!doctype html>")
@@ -90,7 +94,7 @@ def test_the_attack_is_calibrated_by_its_controls(smoke_run):
 
 def test_attack_outputs(smoke_run):
     _, outcome, _ = smoke_run
-    attack_dir = next(outcome.run_dir.glob("kfp/*/attack/results"))
+    attack_dir = outcome.artifacts / "attack" / "results"
     summary = json.loads((attack_dir / "attack.json").read_text())
     assert summary["variant"] == "online" and summary["members"] == summary["non_members"]
     assert summary["targets"]["student.mia"]["auc"] == pytest.approx(outcome.metrics["student.mia.auc"])
@@ -109,7 +113,7 @@ def test_synthetic_set_is_audited(smoke_run):
     """Every synthetic image against as many members as holdout images, in pixels and ImageNet features."""
     cfg, outcome, _ = smoke_run
     metrics = outcome.metrics
-    audit_dir = next(outcome.run_dir.glob("kfp/*/audit/results"))
+    audit_dir = outcome.artifacts / "audit" / "results"
     assert metrics["audit.synthetic_images"] == metrics["synthetic.images"]
     assert metrics["audit.references"] == min(metrics["data.train_images"], metrics["data.holdout_images"])
     for prefix in ("audit.", "audit.features."):
@@ -132,7 +136,7 @@ def test_base_generator_is_cached(smoke_run, tmp_path):
     from tckr.recipes.tckr.stages import STAGES
 
     cfg, outcome, _ = smoke_run  # (the generator may come from the cache already: the DVC test runs first)
-    kfp_dir = next(outcome.run_dir.glob("kfp/*"))
+    kfp_dir = outcome.artifacts
     metrics = invoke(STAGES["generator"], sections_of(cfg, STAGES["generator"]),
                      {"data": kfp_dir / "ingest" / "data", "captions": kfp_dir / "caption" / "captions",
                       "base_model": tmp_path / "again"}, {},
@@ -177,7 +181,7 @@ def test_mlflow_shows_each_models_data_figures_and_description(smoke_run):
     worth and leaks."""
     cfg, outcome, uri = smoke_run
     client = mlflow.MlflowClient(uri, registry_uri=uri)
-    info = json.loads(next(outcome.run_dir.glob("kfp/*/ingest/data/dataset.json")).read_text())
+    info = json.loads((outcome.artifacts / "ingest" / "data" / "dataset.json").read_text())
     experiment = client.get_experiment_by_name(cfg.experiment_name)
     runs = {r.data.tags.get("tckr.stage"): r for r in client.search_runs([experiment.experiment_id])}
 
@@ -200,7 +204,7 @@ def test_mlflow_shows_each_models_data_figures_and_description(smoke_run):
         f"fashion-mnist/public[:{members}]": (split["public"][0], "training", str(members)),
         **{f"fashion-mnist/{name}": (split[name][0], name, str(split[name][1])) for name in ("validation", "test")}}
     assert inputs("positive_control")["fashion-mnist/train"] == (split["train"][0], "training", str(members))
-    synthetic = next(outcome.run_dir.glob("kfp/*/generate/synthetic"))
+    synthetic = outcome.artifacts / "generate" / "synthetic"
     manifest_digest = hashlib.sha256((synthetic / "manifest.jsonl").read_bytes()).hexdigest()[:16]
     assert inputs("student")["fashion-mnist/synthetic-tckr"] == (manifest_digest, "training",
                                                                  str(int(outcome.metrics["synthetic.images"])))
@@ -225,7 +229,7 @@ def test_registered_student_serves_from_its_signature_in_a_fresh_process(smoke_r
     """A teammate's process, not this one: load the champion by alias through pyfunc, check its signature and
     predict the real test split (float images in [0, 1], the signature's input): the accuracy logged."""
     cfg, outcome, uri = smoke_run
-    data = next(outcome.run_dir.glob("kfp/*/ingest/data"))
+    data = outcome.artifacts / "ingest" / "data"
     script = f"""
 import json, sys
 import mlflow, numpy as np
@@ -260,7 +264,7 @@ def test_teacher_and_student_registered_and_loadable(smoke_run):
     from tckr.data.images import ImageSplit
     from tckr.data.ingest import load_prepared
 
-    splits, info = load_prepared(next(outcome.run_dir.glob("kfp/*/ingest/data")))
+    splits, info = load_prepared(outcome.artifacts / "ingest" / "data")
     test = ImageSplit(splits["test"], cfg.image_size, info.channels)
     images = torch.stack([test[i][0] for i in range(len(test))]).float() / 255
     for role in ("teacher", "student"):
@@ -289,7 +293,7 @@ def test_champion_moves_only_to_a_better_student(smoke_run):
     from tckr.recipes.tckr.stages import STAGES
 
     cfg, outcome, uri = smoke_run
-    kfp_dir = next(outcome.run_dir.glob("kfp/*"))
+    kfp_dir = outcome.artifacts
     name = "tckr-fashion-mnist-student"
     client = mlflow.MlflowClient(uri, registry_uri=uri)
 
@@ -378,6 +382,94 @@ def test_failed_stage_is_reported_and_marked_failed(tmp_path):
     statuses = {r.data.tags.get("tckr.stage", "parent"): r.info.status for r in runs}
     assert statuses == {"parent": "FAILED", "ingest": "FAILED"}
     assert not (tmp_path / "runs" / "latest").exists()
+
+
+# What differs between two runs of the same configuration: timings, the cache, the registry's counters.
+RUN_TO_RUN = re.compile(r"seconds|images_per_second|registry_version|\.champion$|generator\.cached")
+LONG_TASKS = ("caption", "generator", "finetune", "generate-shard", "teacher", "student", "shadow-group", "attack")
+
+
+def _kill_when_started(command: list[str], env: dict[str, str], runs: Path, seed: int) -> str:
+    """Run ``command`` (``tckr run``) and SIGKILL its whole process group at a point chosen from ``seed``: a few
+    seconds (0-4) into one of the long tasks. Returns the task's name."""
+    chooser = random.Random(seed)
+    task, delay = chooser.choice(LONG_TASKS), chooser.uniform(0.0, 4.0)
+    process = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not any(runs.glob(f"*/kfp/**/{task}")):
+        assert process.poll() is None, f"the run ended before task {task} started"
+        assert time.monotonic() < deadline, f"task {task} did not start within 10 minutes"
+        time.sleep(0.2)
+    time.sleep(delay)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    return task
+
+
+def test_a_killed_run_resumes_to_the_results_of_an_unbroken_one(smoke_run, tmp_path):
+    """``tckr run`` killed (SIGKILL: no handler runs) inside a long task at a seeded point, then ``tckr run --resume``:
+    the finished tasks are not run again, and the run ends with the unbroken run's metrics, one parent run, each
+    stage's MLflow run and each shadow's once, and each model registered once."""
+    _, unbroken, uri = smoke_run
+    runs = tmp_path / "runs"
+    env = os.environ | {"MLFLOW_TRACKING_URI": uri}
+    tckr = str(Path(sys.executable).with_name("tckr"))
+    task = _kill_when_started([tckr, "run", "--profile", "smoke", "--runs-dir", str(runs)], env, runs,
+                              seed=int(os.environ.get("TCKR_KILL_SEED", "3")))
+    (run_dir,) = [path.parent for path in runs.glob("*/run.json")]
+    assert json.loads((run_dir / "run.json").read_text())["state"] == "running"  # killed: nothing recorded the end
+    resumed = subprocess.run([tckr, "run", "--resume", "--runs-dir", str(runs)], env=env, capture_output=True,
+                             text=True, timeout=900)
+    assert resumed.returncode == 0, f"killed in {task}: {resumed.stderr[-3000:]}"
+    assert f"resuming {run_dir} (running)" in resumed.stderr
+    assert json.loads((run_dir / "run.json").read_text())["state"] == "finished"
+    assert (runs / "latest").resolve() == run_dir
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    same = {key: value for key, value in unbroken.metrics.items() if not RUN_TO_RUN.search(key)}
+    assert {key: metrics.get(key) for key in same} == same, f"killed in {task}"
+
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    experiment = client.get_experiment_by_name("tckr-fashion-mnist").experiment_id
+
+    def runs(tag: str, value: str) -> list:
+        return client.search_runs([experiment], filter_string=f"tags.`{tag}` = '{value}'")
+
+    def stage_runs(run_name: str) -> list:
+        (parent,) = runs("tckr.run_name", run_name)
+        assert parent.info.status == "FINISHED"
+        return runs("mlflow.parentRunId", parent.info.run_id)
+
+    stages = stage_runs(run_dir.name)
+    assert sorted(r.data.tags["tckr.stage"] for r in stages) == sorted(
+        r.data.tags["tckr.stage"] for r in stage_runs(unbroken.run_dir.name))
+    assert all(r.info.status == "FINISHED" for r in stages)
+    (attack,) = [r for r in stages if r.data.tags["tckr.stage"] == "attack"]
+    assert sorted(r.info.run_name for r in runs("mlflow.parentRunId", attack.info.run_id)) == [
+        f"shadow-{i:03d}" for i in range(int(unbroken.metrics["attack.shadows"]))]
+    stage_run_ids = {r.info.run_id for r in stages}
+    for role in ("teacher", "student"):
+        versions = client.search_model_versions(f"name = 'tckr-fashion-mnist-{role}'")
+        assert [int(v.version) for v in versions if v.run_id in stage_run_ids] == [metrics[f"{role}.registry_version"]]
+
+
+@pytest.mark.unit
+def test_resume_takes_the_newest_unfinished_run_and_refuses_what_it_cannot_resume(tmp_path, capsys):
+    from tckr.platform.runner import latest_unfinished
+
+    runs = tmp_path / "runs"
+    for name, state in (("20261201-100000-smoke", "failed"), ("20261202-100000-smoke", "interrupted"),
+                        ("20261203-100000-smoke", "finished")):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "run.json").write_text(json.dumps({"run_name": name, "kfp_run_id": "x", "state": state}))
+    assert latest_unfinished(runs) == (runs / "20261202-100000-smoke").resolve()
+    for argv, says in (
+            (["--resume", str(runs / "20261203-100000-smoke")], "has finished already: nothing to resume"),
+            (["--resume", str(tmp_path)], f"{tmp_path} is not a tckr run directory (no run.json)"),
+            (["--resume", "--profile", "smoke"], "--resume finishes a run with the configuration it started with"),
+            (["--resume", "--runs-dir", str(tmp_path / "none")], f"no unfinished run under {tmp_path / 'none'}/")):
+        assert main(["run", *argv]) in (1, 2)
+        assert says in capsys.readouterr().err, argv
 
 
 def test_stage_command_runs_one_stage_at_a_time(tmp_path, monkeypatch):

@@ -5,14 +5,16 @@ the stage through :func:`tckr.recipes.invoke.invoke`, and hands metrics and fan-
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from tckr.components.factory import TRACKING_PARAMETERS
+from tckr.core.atomic import write_text
 from tckr.core.errors import TckrError, record_failure
 from tckr.core.stage import PipelineStatus
-from tckr.core.volume import enter_task
-from tckr.platform.tracking import Tracking, default_tracking_uri
+from tckr.core.volume import enter_task, task_key
+from tckr.platform.tracking import TASK_KEY_ENV, Tracking, default_tracking_uri
 from tckr.recipes.invoke import invoke, parse_sections, recipe_stage
 
 
@@ -39,7 +41,9 @@ def launch(recipe_name: str, stage_name: str, arguments: dict[str, Any]) -> Any:
             artifacts[name] = [Path(a.path) for a in given] if port.many else Path(given.path)
     for name in stage.outputs:
         artifacts[name] = Path(arguments[name].path)
-    enter_task(recipe_name, stage_name, task_identity(stage, arguments))
+    identity = task_identity(stage, arguments)
+    enter_task(recipe_name, stage_name, identity)
+    os.environ[TASK_KEY_ENV] = task_key(recipe_name, stage_name, identity)
     tracking = (Tracking(arguments["tracking_uri"] or default_tracking_uri(), arguments["experiment"])
                 if stage.tracked else None)
     params = {name: PipelineStatus(arguments[name].state, arguments[name].error_message or "")
@@ -56,5 +60,9 @@ def launch(recipe_name: str, stage_name: str, arguments: dict[str, Any]) -> Any:
     if stage.returns == "metrics":
         for name, value in result.items():
             arguments["metrics"].log_metric(name, value)
+        # KFP keeps metrics in the artifact's metadata; the file too makes the output complete on disk (kfp.local's
+        # cache counts an output whose file is missing as not made), and readable beside the others in the store.
+        Path(arguments["metrics"].path).parent.mkdir(parents=True, exist_ok=True)
+        write_text(Path(arguments["metrics"].path), json.dumps(result, indent=2, sort_keys=True) + "\n")
         return None
     return result

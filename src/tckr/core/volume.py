@@ -39,10 +39,15 @@ def volume_environment(mount: str) -> dict[str, str]:
     return cache_environment(mount) | {VOLUME_ENV: mount}
 
 
-def task_checkpoint_dir(volume: Path, recipe: str, stage: str, identity: dict[str, Any]) -> Path:
-    """``<volume>/checkpoints/<recipe>-<stage>-<digest of identity>``."""
+def task_key(recipe: str, stage: str, identity: dict[str, Any]) -> str:
+    """``<recipe>-<stage>-<digest of identity>``: names one task of one pipeline run, the same for each retry."""
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return Path(volume) / "checkpoints" / f"{recipe}-{stage}-{digest}"
+    return f"{recipe}-{stage}-{digest}"
+
+
+def task_checkpoint_dir(volume: Path, recipe: str, stage: str, identity: dict[str, Any]) -> Path:
+    """``<volume>/checkpoints/<task key>``."""
+    return Path(volume) / "checkpoints" / task_key(recipe, stage, identity)
 
 
 def enter_task(recipe: str, stage: str, identity: dict[str, Any]) -> Path | None:

@@ -106,7 +106,8 @@ KFP_RUN_ID_TAG = "tckr.kfp_run_id"
 
 def start_pipeline_run(tracking: Tracking, run_name: str, tags: dict[str, str], params: dict[str, Any],
                        config_yaml: str) -> str:
-    """Create the parent run, tagged with the KFP run id (left RUNNING; :func:`finish_pipeline_run` closes it)."""
+    """Create the parent run, tagged with the KFP run id (left RUNNING; :func:`finish_pipeline_run` closes it). A
+    second start of the same KFP run (a retried pod, ``tckr run --resume``) reopens the run it made."""
     import mlflow
 
     kfp_run_id = os.environ.get(KFP_RUN_ID_ENV)
@@ -115,6 +116,10 @@ def start_pipeline_run(tracking: Tracking, run_name: str, tags: dict[str, str], 
                             "(the cluster sets it from the pod's pipeline/runid label, `tckr run` sets it itself)")
     configure(tracking.uri)
     client = mlflow.MlflowClient()
+    existing = pipeline_run_id(tracking.experiment, must_exist=False)
+    if existing is not None:
+        client.update_run(existing, status="RUNNING")
+        return existing
     run = client.create_run(experiment_id(tracking.experiment, tracking.uri), run_name=run_name,
                             tags=tags | {"tckr.run_name": run_name, KFP_RUN_ID_TAG: kfp_run_id})
     client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)[:6000])
@@ -123,10 +128,10 @@ def start_pipeline_run(tracking: Tracking, run_name: str, tags: dict[str, str], 
     return run.info.run_id
 
 
-def pipeline_run_id(experiment: str) -> str | None:
+def pipeline_run_id(experiment: str, must_exist: bool = True) -> str | None:
     """The parent MLflow run of the KFP run this process belongs to (in the configured tracking store), or
     None outside a pipeline (``tckr stage``, DVC). Tasks run after ``start_run``, so a missing parent is
-    an error, not a race to wait out."""
+    an error, not a race to wait out (unless ``must_exist`` is False: then None)."""
     import mlflow
 
     kfp_run_id = os.environ.get(KFP_RUN_ID_ENV)
@@ -136,6 +141,8 @@ def pipeline_run_id(experiment: str) -> str | None:
     runs = [] if found is None else mlflow.MlflowClient().search_runs(
         [found.experiment_id], filter_string=f"tags.`{KFP_RUN_ID_TAG}` = '{kfp_run_id}'",
         order_by=["attributes.start_time ASC"], max_results=1)
+    if not runs and not must_exist:
+        return None
     if not runs:
         raise TrackingError(f"no run of MLflow experiment '{experiment}' at {mlflow.get_tracking_uri()} "
                             f"is tagged {KFP_RUN_ID_TAG}={kfp_run_id}: the pipeline's start_run task creates it")
@@ -165,11 +172,19 @@ def finish_pipeline_run(run_id: str, status: str = "FINISHED") -> None:
     mlflow.MlflowClient().set_terminated(run_id, status)
 
 
+TASK_KEY_ENV = "TCKR_TASK_KEY"
+"""What the running task is (recipe, stage and a digest of its inputs and settings; set by the launcher): the same
+for a retried pod and a resumed run, so the task's MLflow run is continued instead of made twice."""
+TASK_KEY_TAG = "tckr.task"
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, tracking: Tracking, params: dict[str, Any] | None = None) -> Iterator[Any]:
     """A run for one stage: nested under the pipeline's parent run (:func:`pipeline_run_id`), or
     top-level when the stage runs on its own (``tckr stage``, DVC). Marked FAILED if the stage raises.
-    In a stage run by several processes (:mod:`tckr.core.distributed`) only rank 0 tracks: the others get None."""
+    A task that ran before in this pipeline run (killed, failed, or a bookkeeping task of a resumed run) continues
+    its own run. In a stage run by several processes (:mod:`tckr.core.distributed`) only rank 0 tracks: the others
+    get None."""
     import mlflow
 
     if not distributed.is_lead():
@@ -177,9 +192,15 @@ def stage_run(stage: str, tracking: Tracking, params: dict[str, Any] | None = No
         return
     configure(tracking.uri)
     experiment = experiment_id(tracking.experiment, tracking.uri)  # the parent's too
-    with mlflow.start_run(run_name=stage, experiment_id=experiment, parent_run_id=pipeline_run_id(tracking.experiment),
-                          tags={"tckr.stage": stage}) as run:
-        if params:
+    parent = pipeline_run_id(tracking.experiment)
+    task = os.environ.get(TASK_KEY_ENV)
+    earlier = [] if parent is None or not task else mlflow.MlflowClient().search_runs(
+        [experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and tags.`{TASK_KEY_TAG}` = '{task}'",
+        max_results=1)
+    with (mlflow.start_run(run_id=earlier[0].info.run_id) if earlier else
+          mlflow.start_run(run_name=stage, experiment_id=experiment, parent_run_id=parent,
+                           tags={"tckr.stage": stage} | ({TASK_KEY_TAG: task} if task else {}))) as run:
+        if params and not earlier:
             mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
         yield run
 
@@ -232,8 +253,9 @@ def log_figure_to_model_run(model_uri: str, figure: Any, artifact_file: str) -> 
 
 def register_model(model_uri: str, name: str, tags: dict[str, str], aliases: tuple[str, ...] = (),
                    description: str = "") -> str:
-    """Register a logged model as a new version of ``name`` with ``tags``, ``aliases`` and ``description``: all of
-    it or, when the server fails midway, nothing (a version without its aliases is deleted again)."""
+    """Register a logged model as a new version of ``name`` with ``tags`` (and, in a pipeline, its KFP run id),
+    ``aliases`` and ``description``: all of it or, when the server fails midway, nothing (a version without its
+    aliases is deleted again)."""
     import mlflow
     from mlflow.entities import LoggedModelStatus
     from mlflow.exceptions import MlflowException
@@ -248,7 +270,8 @@ def register_model(model_uri: str, name: str, tags: dict[str, str], aliases: tup
         raise TrackingError(f"cannot register {model_uri}: its artifacts are {status}, not READY")
     version = None
     try:
-        version = mlflow.register_model(model_uri, name, tags=tags).version
+        in_pipeline = {KFP_RUN_ID_TAG: os.environ[KFP_RUN_ID_ENV]} if os.environ.get(KFP_RUN_ID_ENV) else {}
+        version = mlflow.register_model(model_uri, name, tags=tags | in_pipeline).version
         if description:
             client.update_model_version(name, version, description=description)
         for alias in aliases:
@@ -259,6 +282,22 @@ def register_model(model_uri: str, name: str, tags: dict[str, str], aliases: tup
                 client.delete_model_version(name, version)
         raise TrackingError(f"registering {model_uri} as {name} failed: {error}") from None
     return str(version)
+
+
+def registered_version(model_uri: str, name: str) -> Any | None:
+    """The version of ``name`` this pipeline run registered from the logged model ``model_uri`` before (its register
+    pod was retried, or the run resumed), if there is one; None outside a pipeline, where registering again is
+    asked for."""
+    import mlflow
+
+    kfp_run_id = os.environ.get(KFP_RUN_ID_ENV)
+    if not kfp_run_id:
+        return None
+    client = mlflow.MlflowClient()
+    model_id = model_uri.removeprefix("models:/")
+    source_run = client.get_logged_model(model_id).source_run_id
+    return next((version for version in client.search_model_versions(f"name = '{name}' and run_id = '{source_run}'")
+                 if version.model_id == model_id and version.tags.get(KFP_RUN_ID_TAG) == kfp_run_id), None)
 
 
 def champion_score(name: str, tag: str) -> float | None:

@@ -144,15 +144,20 @@ def classifier_metrics(role: str, result, model_dir: Path, splits, info, image_s
 
 
 def log_shadow_runs(summaries: list[dict]) -> None:
-    """One finished run per shadow, nested under the attack's: its half of the population, selection and fit."""
+    """One finished run per shadow, nested under the attack's: its half of the population, selection and fit (once:
+    an attack task that is run again after a kill finds the shadows it logged)."""
     import mlflow
     from mlflow.entities import Metric, Param
 
     attack_run = mlflow.active_run().info
     experiment_id, attack_run_id = attack_run.experiment_id, attack_run.run_id
     client = mlflow.MlflowClient()
+    logged = {run.info.run_name for run in client.search_runs(
+        [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{attack_run_id}'")}
     now = int(time.time() * 1000)
     for summary in summaries:
+        if f"shadow-{summary['index']:03d}" in logged:
+            continue
         run = client.create_run(experiment_id, run_name=f"shadow-{summary['index']:03d}",
                                 tags={"mlflow.parentRunId": attack_run_id, "tckr.stage": "shadow"})
         history = [Metric("val_accuracy", r["val_accuracy"], now, r["epoch"]) for r in summary["history"]]
@@ -228,10 +233,16 @@ def register_classifier(config: Any, role: str, model_dir: Path, metrics: Metric
                         champion_metric: str | None, measured_as: str | None = None) -> Metrics:
     """Register ``role``'s logged classifier with what it is worth and what it leaks (``metrics`` under
     ``<measured_as or role>.``). With ``champion_metric`` it becomes ``champion`` only if it beats the current
-    champion on that metric (``candidate`` either way). Returns ``<role>.registry_version`` (and ``.champion``)."""
-    from tckr.platform.tracking import champion_score, register_model
+    champion on that metric (``candidate`` either way). Returns ``<role>.registry_version`` (and ``.champion``).
+    A model this task registered before (its pod retried, its run resumed) keeps that version: never two."""
+    from tckr.platform.tracking import champion_score, register_model, registered_version
 
     name = config.registered_model_name(role)
+    uri = json.loads((model_dir / "logged_model.json").read_text())["model_uri"]
+    earlier = registered_version(uri, name)
+    if earlier is not None:
+        return {f"{role}.registry_version": float(earlier.version)} | (
+            {f"{role}.champion": float("champion" in earlier.aliases)} if champion_metric is not None else {})
     key = measured_as or role
     card = json.loads((model_dir / "model.json").read_text())
     tags = {"recipe": config.recipe, "dataset": config.dataset, "profile": config.profile,
@@ -248,7 +259,6 @@ def register_classifier(config: Any, role: str, model_dir: Path, metrics: Metric
         promoted = current is None or metrics[f"{key}.{champion_metric}"] > current
         registered[f"{role}.champion"] = float(promoted)
         aliases = ("candidate", "champion") if promoted else ("candidate",)
-    uri = json.loads((model_dir / "logged_model.json").read_text())["model_uri"]
     description = (f"The {role} of the {config.recipe} recipe on {config.dataset} (profile {config.profile}; dataset "
                    f"fingerprint {card['dataset_fingerprint']}; input {tags['input']}): test accuracy "
                    f"{tags['accuracy']}, LiRA AUC {tags['auc_mia']} (0.5 is chance), TPR at 1% FPR "
