@@ -51,8 +51,11 @@ demo-privimage: setup  ## run the PrivImage pipeline on the embedded default (ep
 
 run: demo
 
-test: setup  ## run the test suite (everything: unit tests, the smoke pipeline through real servers, DVC, browser)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS)
+test: setup  ## run the test suite (unit tests, the smoke pipelines through real servers, DVC, browser; not the kills)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m "not faults"
+
+test-faults: setup  ## the fault-injection tests: stages and a whole run SIGKILLed and resumed (CI runs them too)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m faults
 
 test-unit: setup  ## the fast tests: no server, no training beyond a few steps (pytest -m unit)
 	$(BIN)/python -m pytest -m unit

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tckr.cli import main
@@ -94,6 +95,21 @@ def _rare_class(arrays: Arrays, keep: int) -> Arrays:
     return arrays | {"train": (images[mask], labels[mask])}
 
 
+def _teacher(prepared: Path, tmp_path: Path, *overrides: str, before: Callable[[Path], None] = lambda out: None,
+             ) -> list[str]:
+    before(tmp_path / "out")
+    return ["stage", "teacher", "--profile", "smoke", *(arg for s in overrides for arg in ("--set", s)),
+            "--data", str(prepared), "--model", str(tmp_path / "out")]
+
+
+def _foreign_checkpoint(out: Path) -> None:
+    """What another trainer left where this one would write."""
+    import torch
+
+    out.mkdir(parents=True)
+    torch.save({"recipe": "privimage.pretrain", "settings": {}, "objects": {}}, out / "checkpoint.pt")
+
+
 def _odd_names(arrays: Arrays):
     import datasets
 
@@ -109,98 +125,107 @@ ODD_NAMES = ["T-shirt/top", "trousers & jeans", "pull over", "Kleid", "manteau d
 @dataclass(frozen=True)
 class Case:
     name: str
-    argv: Callable[[Path, Arrays], list[str]]  # (tmp_path, real Fashion-MNIST arrays) -> the CLI arguments
+    argv: Callable[[Path, Arrays, Path], list[str]]  # (tmp_path, Fashion-MNIST arrays, a prepared dataset) -> CLI
     exit_code: int
     says: str  # a fragment of the error line, or of a warning when exit_code is 0 ("": prepared, nothing to say)
     prepared: Callable[[dict], bool] = lambda info: True  # what dataset.json must then hold
+    left: Callable[[Path], bool] = lambda out: not out.exists()  # what a failure leaves in the output directory
+    cpu_only: bool = False  # meaningful only where no GPU is visible
 
 
 CASES = [
     # -- images that cannot be read: the file named as the user knows it
-    Case("zero-byte image", lambda t, a: _imagefolder(t, a, lambda r: _first(r).write_bytes(b"")), 1,
+    Case("zero-byte image", lambda t, a, p: _imagefolder(t, a, lambda r: _first(r).write_bytes(b"")), 1,
          f"tckr: train/{_folder(4)}/00160.png: empty file (0 bytes)"),
-    Case("truncated image", lambda t, a: _imagefolder(t, a, lambda r: _truncate(_first(r))), 1,
+    Case("truncated image", lambda t, a, p: _imagefolder(t, a, lambda r: _truncate(_first(r))), 1,
          f"tckr: train/{_folder(4)}/00160.png: truncated or corrupt image"),
-    Case("not an image", lambda t, a: _imagefolder(t, a, lambda r: (r / "train" / _folder(4) / "notes.png")
+    Case("not an image", lambda t, a, p: _imagefolder(t, a, lambda r: (r / "train" / _folder(4) / "notes.png")
                                                    .write_text("shopping list")), 1,
          f"tckr: train/{_folder(4)}/notes.png: not an image file PIL can read (13 bytes)"),
-    Case("floating-point image", lambda t, a: _imagefolder(t, a, lambda r: _add(
+    Case("floating-point image", lambda t, a, p: _imagefolder(t, a, lambda r: _add(
         r, Image.fromarray(np.ones((28, 28), np.float32)), "float.tiff")), 1,
         f"tckr: train/{_folder(4)}/float.tiff: a floating-point image (PIL mode F)"),
-    Case("row without an image", lambda t, a: _saved(t, _missing_image(a)), 1,
+    Case("row without an image", lambda t, a, p: _saved(t, _missing_image(a)), 1,
          "tckr: train row 3: no image (the image column is empty there)"),
     # -- columns and labels
-    Case("image column named wrong", lambda t, a: _saved(t, make_dataset_dict(a, string_labels=True),
+    Case("image column named wrong", lambda t, a, p: _saved(t, make_dataset_dict(a, string_labels=True),
                                                          "ingest.image_column=photo"), 1,
          "tckr: image column 'photo' not in the dataset; columns: ['image', 'label']"),
-    Case("no image column", lambda t, a: _saved(t, make_dataset_dict(a, string_labels=True).map(
+    Case("no image column", lambda t, a, p: _saved(t, make_dataset_dict(a, string_labels=True).map(
         lambda row: {"pixels": str(row["image"].size)}, remove_columns=["image"])), 1,
         "tckr: dataset has no image column (columns: ['label', 'pixels']); set ingest.image_column"),
-    Case("label column named wrong", lambda t, a: _saved(t, make_dataset_dict(a, string_labels=True),
+    Case("label column named wrong", lambda t, a, p: _saved(t, make_dataset_dict(a, string_labels=True),
                                                          "ingest.label_column=target"), 1,
          "tckr: label column 'target' not in the dataset"),
-    Case("labels of the wrong type", lambda t, a: _saved(t, make_dataset_dict(a, string_labels=True).map(
+    Case("labels of the wrong type", lambda t, a, p: _saved(t, make_dataset_dict(a, string_labels=True).map(
         lambda row: {"label": 0.5})), 1, "tckr: label column 'label' has type Value('float64')"),
-    Case("one class", lambda t, a: _saved(t, make_dataset_dict(_one_class(a), string_labels=True)), 1,
+    Case("one class", lambda t, a, p: _saved(t, make_dataset_dict(_one_class(a), string_labels=True)), 1,
          "tckr: only one class ('T-shirt/top') in the train split: a classifier needs at least two"),
-    Case("images outside any class folder", lambda t, a: _imagefolder(t, a, lambda r: [
+    Case("images outside any class folder", lambda t, a, p: _imagefolder(t, a, lambda r: [
         shutil.rmtree(folder) for folder in (r / "train").iterdir() if folder.name != _folder(0)]), 1,
         f"tckr: train/{_folder(0)}/00000.png has no label"),
-    Case("test label the train split lacks", lambda t, a: _saved(t, _unseen_test_label(a)), 1,
+    Case("test label the train split lacks", lambda t, a, p: _saved(t, _unseen_test_label(a)), 1,
          "tckr: split 'test' has label 'Parka' that the train split does not have"),
-    Case("class with no private-train image after the split", lambda t, a: _imagefolder(
+    Case("class with no private-train image after the split", lambda t, a, p: _imagefolder(
         t, _rare_class(a, keep=2), lambda r: None, "ingest.holdout_fraction=0.4"), 1,
         "tckr: classes with no image in the private train split: ['Coat']"),
     # -- where the data is
-    Case("no test split", lambda t, a: _imagefolder(t, a, lambda r: shutil.rmtree(r / "test")), 1,
+    Case("no test split", lambda t, a, p: _imagefolder(t, a, lambda r: shutil.rmtree(r / "test")), 1,
          "tckr: source has no 'test' test split; splits: ['train'] (set ingest.test_split: null"),
-    Case("imagefolder missing", lambda t, a: _ingest("imagefolder", t / "nowhere"), 1,
+    Case("imagefolder missing", lambda t, a, p: _ingest("imagefolder", t / "nowhere"), 1,
          f"tckr: imagefolder directory '{'{tmp}'}/nowhere' does not exist"),
-    Case("saved dataset missing", lambda t, a: _ingest("disk", t / "nowhere"), 1,
+    Case("saved dataset missing", lambda t, a, p: _ingest("disk", t / "nowhere"), 1,
          "tckr: no dataset saved at '{tmp}/nowhere' (source: disk)"),
-    Case("unknown hub id, offline", lambda t, a: _ingest("hub", "nobody/no-such-dataset"), 1,
+    Case("unknown hub id, offline", lambda t, a, p: _ingest("hub", "nobody/no-such-dataset"), 1,
          "tckr: cannot load dataset 'nobody/no-such-dataset' from the Hugging Face hub (offline mode is on)"),
     # -- legal but degenerate: prepared, with a warning that says what the figures then mean
-    Case("RGBA among grey", lambda t, a: _imagefolder(t, a, lambda r: _add(
+    Case("RGBA among grey", lambda t, a, p: _imagefolder(t, a, lambda r: _add(
         r, Image.new("RGBA", (28, 28), (10, 20, 30, 128)), "alpha.png")), 0,
         "tckr: warning: 1 images were not 8-bit grey or RGB (RGBA: 1): converted"),
-    Case("CMYK JPEG among grey", lambda t, a: _imagefolder(t, a, lambda r: _add(
+    Case("CMYK JPEG among grey", lambda t, a, p: _imagefolder(t, a, lambda r: _add(
         r, Image.new("CMYK", (28, 28), (0, 50, 100, 0)), "print.jpg")), 0, "(CMYK: 1): converted"),
-    Case("16-bit PNG among 8-bit", lambda t, a: _imagefolder(t, a, lambda r: _add(
+    Case("16-bit PNG among 8-bit", lambda t, a, p: _imagefolder(t, a, lambda r: _add(
         r, Image.fromarray(np.full((28, 28), 40000, np.uint16)), "scan.png")), 0, "(I;16: 1): converted"),
-    Case("palette PNG", lambda t, a: _imagefolder(t, a, lambda r: _add(
+    Case("palette PNG", lambda t, a, p: _imagefolder(t, a, lambda r: _add(
         r, Image.new("P", (28, 28), 3), "indexed.png")), 0, "(P: 1): converted"),
-    Case("image far smaller than the profile's", lambda t, a: _imagefolder(t, a, lambda r: _add(
+    Case("image far smaller than the profile's", lambda t, a, p: _imagefolder(t, a, lambda r: _add(
         r, Image.new("L", (1, 1), 128), "dot.png")), 0,
         f"tckr: warning: train/{_folder(4)}/dot.png is 1 px on its shorter side"),
-    Case("image far larger than the profile's", lambda t, a: _imagefolder(t, a, lambda r: _add(
+    Case("image far larger than the profile's", lambda t, a, p: _imagefolder(t, a, lambda r: _add(
         r, Image.new("L", (3000, 2000), 128), "poster.png")), 0, "", lambda info: info["warnings"] == []),
-    Case("class with one private-train image", lambda t, a: _imagefolder(t, _rare_class(a, keep=3)), 0,
+    Case("class with one private-train image", lambda t, a, p: _imagefolder(t, _rare_class(a, keep=3)), 0,
          "tckr: warning: classes with fewer than 10 private-train images: {'Coat': 1}"),
-    Case("class absent from the test split", lambda t, a: _imagefolder(t, a, lambda r: shutil.rmtree(
+    Case("class absent from the test split", lambda t, a, p: _imagefolder(t, a, lambda r: shutil.rmtree(
         r / "test" / _folder(4))), 0, "tckr: warning: classes with no test image: ['Coat']; test accuracy says"),
-    Case("images duplicated across splits", lambda t, a: _imagefolder(t, a, lambda r: shutil.copytree(
+    Case("images duplicated across splits", lambda t, a, p: _imagefolder(t, a, lambda r: shutil.copytree(
         r / "train" / _folder(4), r / "test" / _folder(4), dirs_exist_ok=True)), 0,
         "of the test split are byte-identical to private-train images"),
-    Case("odd and unicode class names", lambda t, a: _saved(t, _odd_names(a)), 0, "",
+    Case("odd and unicode class names", lambda t, a, p: _saved(t, _odd_names(a)), 0, "",
          lambda info: info["classes"] == ODD_NAMES and info["warnings"] == []),
+    # -- stages past ingest: the teacher on a prepared dataset, its model directory as the output
+    Case("no GPU where the profile asks for one", lambda t, a, p: _teacher(p, t, "runtime.device=cuda"), 1,
+         "tckr: runtime.device is 'cuda' but no CUDA GPU is visible: run on a GPU node", cpu_only=True),
+    Case("checkpoint of another recipe in the output", lambda t, a, p: _teacher(p, t, before=_foreign_checkpoint), 1,
+         "checkpoint.pt is a checkpoint of 'privimage.pretrain', not of",
+         left=lambda out: [path.name for path in out.iterdir()] == ["checkpoint.pt"]),
     # -- settings: exit code 2, the setting named, nothing run
-    Case("setting typo", lambda t, a: ["config", "--profile", "smoke", "--set", "teacher.epohcs=3"], 2,
+    Case("setting typo", lambda t, a, p: ["config", "--profile", "smoke", "--set", "teacher.epohcs=3"], 2,
          "tckr: invalid profile 'smoke': teacher.epohcs: unknown setting (did you mean 'epochs'?)"),
-    Case("epsilon <= 0", lambda t, a: ["config", "--profile", "smoke-privimage", "--set", "privacy.target_epsilon=0"],
-         2, "privacy.target_epsilon: Input should be greater than 0 (got 0)"),
-    Case("delta >= 1", lambda t, a: ["config", "--profile", "smoke-privimage", "--set", "privacy.delta=1"], 2,
+    Case("epsilon <= 0", lambda t, a, p: [
+        "config", "--profile", "smoke-privimage", "--set", "privacy.target_epsilon=0"], 2,
+        "privacy.target_epsilon: Input should be greater than 0 (got 0)"),
+    Case("delta >= 1", lambda t, a, p: ["config", "--profile", "smoke-privimage", "--set", "privacy.delta=1"], 2,
          "privacy.delta: Input should be less than 1 (got 1)"),
-    Case("synthetic ratio <= 0", lambda t, a: ["config", "--profile", "smoke", "--set", "generate.ratio=0"], 2,
+    Case("synthetic ratio <= 0", lambda t, a, p: ["config", "--profile", "smoke", "--set", "generate.ratio=0"], 2,
          "generate.ratio: Input should be greater than 0 (got 0)"),
-    Case("odd shadow count", lambda t, a: ["config", "--profile", "smoke", "--set", "attack.shadows=3"], 2,
+    Case("odd shadow count", lambda t, a, p: ["config", "--profile", "smoke", "--set", "attack.shadows=3"], 2,
          "attack: Value error, shadows must be even, so every example is IN for exactly half (got 3)"),
-    Case("fewer than 2 shadows", lambda t, a: ["config", "--profile", "smoke", "--set", "attack.shadows=0"], 2,
+    Case("fewer than 2 shadows", lambda t, a, p: ["config", "--profile", "smoke", "--set", "attack.shadows=0"], 2,
          "attack.shadows: Input should be greater than or equal to 2 (got 0)"),
-    Case("fractions that leave no private data", lambda t, a: [
+    Case("fractions that leave no private data", lambda t, a, p: [
         "config", "--profile", "smoke", "--set", "ingest.holdout_fraction=0.9"], 2,
         "leaves less than 5% of the train split for private training"),
-    Case("unknown profile", lambda t, a: ["config", "--profile", "smoek"], 2, "tckr: unknown profile 'smoek'"),
+    Case("unknown profile", lambda t, a, p: ["config", "--profile", "smoek"], 2, "tckr: unknown profile 'smoek'"),
 ]
 
 
@@ -210,12 +235,24 @@ def tracking_uri(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlruns.db'}"
 
 
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tracking_uri) -> Path:
+    """The smoke profile's dataset, prepared once, for the cases of later stages."""
+    data = tmp_path_factory.mktemp("prepared") / "data"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+        assert main(["stage", "ingest", "--profile", "smoke", "--data", str(data)]) == 0
+    return data
+
+
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
-def test_bad_input(case, tmp_path, fmnist_arrays, capsys, monkeypatch, tracking_uri):
+def test_bad_input(case, tmp_path, fmnist_arrays, prepared, capsys, monkeypatch, tracking_uri):
+    if case.cpu_only and torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-    argv = case.argv(tmp_path, fmnist_arrays)
+    argv = case.argv(tmp_path, fmnist_arrays, prepared)
     out = tmp_path / "out"
-    if argv[0] == "stage":
+    if argv[:2] == ["stage", "ingest"]:
         argv += ["--data", str(out)]
     code = main(argv)
     ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tckr:")]
@@ -225,10 +262,10 @@ def test_bad_input(case, tmp_path, fmnist_arrays, capsys, monkeypatch, tracking_
     if code:
         assert len(errors) == 1 and says in errors[0], ours
         assert "(got {" not in errors[0] and "Traceback" not in errors[0]
-        assert not out.exists()  # nothing half-written
+        assert case.left(out)  # nothing half-written
     else:
         assert errors == [] and (not says or any(says in line for line in ours)), ours
-        if argv[0] == "stage":
+        if argv[:2] == ["stage", "ingest"]:
             info = json.loads((out / "dataset.json").read_text())
             assert says.removeprefix("tckr: warning: ") in " ".join(info["warnings"]) and case.prepared(info)
 

@@ -125,7 +125,10 @@ def _cmd_stage(args: argparse.Namespace, rest: list[str]) -> int:
     own MLflow run, its metrics as JSON in ``--metrics`` (default: ``metrics.json`` in its first output)."""
     import json
 
-    from tckr.platform.tracking import Tracking, default_tracking_uri
+    from tckr.core.atomic import write_text
+    from tckr.core.environment import scoped
+    from tckr.core.volume import task_key
+    from tckr.platform.tracking import TASK_KEY_ENV, Tracking, default_tracking_uri
     from tckr.recipes.invoke import invoke, recipe_stage, sections_of
 
     cfg = load_config(args.profile, args.overrides)
@@ -150,13 +153,17 @@ def _cmd_stage(args: argparse.Namespace, rest: list[str]) -> int:
                  for name, port in stage.inputs.items()}
     artifacts |= {name: Path(given[name]) for name in stage.outputs}
     tracking = Tracking(default_tracking_uri(), cfg.experiment_name)
-    result = invoke(stage, sections_of(cfg, stage), artifacts, {name: given[name] for name in stage.params}, tracking)
+    # Its paths and the configuration name the task: a killed stage run again continues its MLflow run.
+    task = task_key(cfg.recipe, stage.name, {"config": cfg.fingerprint()} | {k: str(v) for k, v in given.items()})
+    with scoped({TASK_KEY_ENV: task}):
+        result = invoke(stage, sections_of(cfg, stage), artifacts, {name: given[name] for name in stage.params},
+                        tracking)
     if stage.returns == "metrics":
         first_output = next(iter(stage.outputs), None)
         default_dir = Path(given[first_output]) if first_output else Path(".")
         metrics_path = Path(args.metrics) if args.metrics else default_dir / "metrics.json"
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text(json.dumps(dict(sorted(result.items())), indent=2) + "\n")
+        write_text(metrics_path, json.dumps(dict(sorted(result.items())), indent=2) + "\n")
     if result is not None:
         print(json.dumps(result, indent=2))
     return 0

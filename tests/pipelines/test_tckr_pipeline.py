@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -146,6 +147,10 @@ def test_base_generator_is_cached(smoke_run, tmp_path):
     assert (tmp_path / "again" / weights).read_bytes() == (kfp_dir / "generator" / "base_model" / weights).read_bytes()
 
 
+STAGE_RUNS = ("ingest", "teacher", "caption", "generator", "finetune", "generate", "audit", "fid", "student",
+              "negative_control", "positive_control", "attack", "register")  # a run's stage runs, one each
+
+
 def test_mlflow_parent_and_stage_runs(smoke_run):
     cfg, outcome, uri = smoke_run
     client = mlflow.MlflowClient(uri, registry_uri=uri)
@@ -162,8 +167,7 @@ def test_mlflow_parent_and_stage_runs(smoke_run):
     assert {"config.yaml", "report.md", "metrics.json"} <= artifacts
 
     stages = {r.data.tags["tckr.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(stages) == {"ingest", "teacher", "caption", "generator", "finetune", "generate", "audit", "fid",
-                           "student", "negative_control", "positive_control", "attack", "register"}
+    assert sorted(stages) == sorted(STAGE_RUNS)
     assert all(r.info.status == "FINISHED" for r in stages.values())
     teacher = stages["teacher"]
     assert teacher.data.params["teacher.epochs"] == str(cfg.teacher.epochs)  # its sections, by dotted name
@@ -384,75 +388,6 @@ def test_failed_stage_is_reported_and_marked_failed(tmp_path):
     assert not (tmp_path / "runs" / "latest").exists()
 
 
-# What differs between two runs of the same configuration: timings, the cache, the registry's counters.
-RUN_TO_RUN = re.compile(r"seconds|images_per_second|registry_version|\.champion$|generator\.cached")
-LONG_TASKS = ("caption", "generator", "finetune", "generate-shard", "teacher", "student", "shadow-group", "attack")
-
-
-def _kill_when_started(command: list[str], env: dict[str, str], runs: Path, seed: int) -> str:
-    """Run ``command`` (``tckr run``) and SIGKILL its whole process group at a point chosen from ``seed``: a few
-    seconds (0-4) into one of the long tasks. Returns the task's name."""
-    chooser = random.Random(seed)
-    task, delay = chooser.choice(LONG_TASKS), chooser.uniform(0.0, 4.0)
-    process = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 600
-    while not any(runs.glob(f"*/kfp/**/{task}")):
-        assert process.poll() is None, f"the run ended before task {task} started"
-        assert time.monotonic() < deadline, f"task {task} did not start within 10 minutes"
-        time.sleep(0.2)
-    time.sleep(delay)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    return task
-
-
-def test_a_killed_run_resumes_to_the_results_of_an_unbroken_one(smoke_run, tmp_path):
-    """``tckr run`` killed (SIGKILL: no handler runs) inside a long task at a seeded point, then ``tckr run --resume``:
-    the finished tasks are not run again, and the run ends with the unbroken run's metrics, one parent run, each
-    stage's MLflow run and each shadow's once, and each model registered once."""
-    _, unbroken, uri = smoke_run
-    runs = tmp_path / "runs"
-    env = os.environ | {"MLFLOW_TRACKING_URI": uri}
-    tckr = str(Path(sys.executable).with_name("tckr"))
-    task = _kill_when_started([tckr, "run", "--profile", "smoke", "--runs-dir", str(runs)], env, runs,
-                              seed=int(os.environ.get("TCKR_KILL_SEED", "3")))
-    (run_dir,) = [path.parent for path in runs.glob("*/run.json")]
-    assert json.loads((run_dir / "run.json").read_text())["state"] == "running"  # killed: nothing recorded the end
-    resumed = subprocess.run([tckr, "run", "--resume", "--runs-dir", str(runs)], env=env, capture_output=True,
-                             text=True, timeout=900)
-    assert resumed.returncode == 0, f"killed in {task}: {resumed.stderr[-3000:]}"
-    assert f"resuming {run_dir} (running)" in resumed.stderr
-    assert json.loads((run_dir / "run.json").read_text())["state"] == "finished"
-    assert (runs / "latest").resolve() == run_dir
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    same = {key: value for key, value in unbroken.metrics.items() if not RUN_TO_RUN.search(key)}
-    assert {key: metrics.get(key) for key in same} == same, f"killed in {task}"
-
-    client = mlflow.MlflowClient(uri, registry_uri=uri)
-    experiment = client.get_experiment_by_name("tckr-fashion-mnist").experiment_id
-
-    def runs(tag: str, value: str) -> list:
-        return client.search_runs([experiment], filter_string=f"tags.`{tag}` = '{value}'")
-
-    def stage_runs(run_name: str) -> list:
-        (parent,) = runs("tckr.run_name", run_name)
-        assert parent.info.status == "FINISHED"
-        return runs("mlflow.parentRunId", parent.info.run_id)
-
-    stages = stage_runs(run_dir.name)
-    assert sorted(r.data.tags["tckr.stage"] for r in stages) == sorted(
-        r.data.tags["tckr.stage"] for r in stage_runs(unbroken.run_dir.name))
-    assert all(r.info.status == "FINISHED" for r in stages)
-    (attack,) = [r for r in stages if r.data.tags["tckr.stage"] == "attack"]
-    assert sorted(r.info.run_name for r in runs("mlflow.parentRunId", attack.info.run_id)) == [
-        f"shadow-{i:03d}" for i in range(int(unbroken.metrics["attack.shadows"]))]
-    stage_run_ids = {r.info.run_id for r in stages}
-    for role in ("teacher", "student"):
-        versions = client.search_model_versions(f"name = 'tckr-fashion-mnist-{role}'")
-        assert [int(v.version) for v in versions if v.run_id in stage_run_ids] == [metrics[f"{role}.registry_version"]]
-
-
 @pytest.mark.unit
 def test_resume_takes_the_newest_unfinished_run_and_refuses_what_it_cannot_resume(tmp_path, capsys):
     from tckr.platform.runner import latest_unfinished
@@ -507,6 +442,72 @@ def test_artifacts_live_in_the_s3_bucket(smoke_run, s3_store, tmp_path):
     assert len(model_files) == 2  # teacher and student
 
 
+# An AWS-style key id, a PEM private key, or a secret-sounding name assigned a token: 16+ characters mixing letters
+# and digits (a reference such as `s3_secret: mlpipeline-minio-artifact`, a Kubernetes secret's name, is no key).
+KEY_LIKE = re.compile(r"AKIA[0-9A-Z]{16}|-----BEGIN [A-Z ]*PRIVATE KEY-----|(?i:(?:secret|password|passwd|token|"
+                      r"api_?key)\w*[\"']?\s*[:=]\s*[\"']?(?=[\w/+\-]*\d)(?=[\w/+\-]*[a-z])[\w/+\-]{16,})")
+TEXT_FILES = {".json", ".jsonl", ".csv", ".md", ".yaml", ".yml", ".txt", ".html", ".log", ".toml", ".lock", ".py",
+              ".cfg", ""}
+
+
+def test_no_secret_reaches_the_yaml_the_image_the_run_its_logs_or_mlflow(smoke_run, s3_store, tmp_path_factory):
+    """The S3 keys this session generated, and anything shaped like a credential, appear nowhere a user or a
+    cluster sees: the compiled pipelines, the image's build inputs, the run directory, the servers' logs, and every
+    MLflow param, tag and artifact name of the smoke run."""
+    from tckr.components import IMAGE_INPUTS
+
+    _, outcome, uri = smoke_run
+    repo = Path(__file__).resolve().parents[2]
+    files = [*repo.glob("src/tckr/pipelines/*.yaml"), repo / "README.md",
+             *(path for name in IMAGE_INPUTS for path in ((repo / name).rglob("*") if (repo / name).is_dir()
+                                                           else [repo / name])),
+             *outcome.run_dir.rglob("*"), *tmp_path_factory.getbasetemp().glob("*/*.log")]
+    texts = {str(path): path.read_text(errors="replace") for path in files
+             if path.is_file() and path.suffix in TEXT_FILES and "__pycache__" not in path.parts}
+    assert any(where.endswith("mlflow.log") for where in texts) and any(where.endswith("seaweedfs.log")
+                                                                        for where in texts)
+    client = mlflow.MlflowClient(uri)
+    for experiment in client.search_experiments():
+        for run in client.search_runs([experiment.experiment_id]):
+            texts[f"MLflow run {run.info.run_name}"] = json.dumps(
+                [run.data.params, run.data.tags, _artifact_names(client, run.info.run_id)])
+        for model in client.search_logged_models([experiment.experiment_id]):
+            texts[f"MLflow model {model.model_id}"] = json.dumps([model.params, model.tags])
+    credentials = s3_store.credentials
+    for where, text in texts.items():
+        assert credentials.access_key not in text and credentials.secret_key not in text, where
+        assert not KEY_LIKE.search(text), f"{where}: {KEY_LIKE.search(text).group(0)}"
+
+
+def test_no_real_image_leaves_the_pipeline_by_default(smoke_run):
+    """The smoke profile keeps ``tracking.log_real_images: false``, the default for private data: the audit's figure
+    shows synthetic images alone, the report says why, and each logged model's input example is a constant image
+    (its shape, no user's pixels)."""
+    from PIL import Image
+
+    _, outcome, uri = smoke_run
+    assert outcome.metrics["audit.real_images_shown"] == 0
+    assert "(the real images are shown only with tracking.log_real_images: true)" in (
+        outcome.run_dir / "report.md").read_text()
+    with Image.open(outcome.run_dir / "worst-pairs.png") as figure:
+        assert figure.height < 300  # one row of images (synthetic), not three (with members and holdout images)
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("tckr-fashion-mnist")
+    models = client.search_logged_models([experiment.experiment_id])
+    assert len(models) == 2
+    for model in models:
+        example = json.loads(Path(mlflow.artifacts.download_artifacts(
+            f"{model.artifact_location}/input_example.json", tracking_uri=uri)).read_text())
+        assert set(np.asarray(example["inputs"] if isinstance(example, dict) else example).ravel()) == {0.5}
+
+
+def _artifact_names(client, run_id: str, path: str | None = None) -> list[str]:
+    names = []
+    for entry in client.list_artifacts(run_id, path):
+        names += _artifact_names(client, run_id, entry.path) if entry.is_dir else [entry.path]
+    return names
+
+
 def test_mlflow_ui_serves_the_local_store(tmp_path):
     """`make mlflow-ui` (tckr services ui) shows what `tckr run` writes to ./mlruns.db without a server."""
     import os
@@ -541,3 +542,71 @@ def test_mlflow_ui_serves_the_local_store(tmp_path):
         assert [run["info"]["run_name"] for run in runs] == ["ingest"]
     finally:
         server.stop()
+
+
+# What differs between two runs of the same configuration: timings, the cache, the registry's counters.
+RESUMED = "tckr-resumed"
+RUN_TO_RUN = re.compile(r"seconds|images_per_second|registry_version|\.champion$|generator\.cached")
+LONG_TASKS = ("caption", "generator", "finetune", "generate-shard", "teacher", "student", "shadow-group", "attack")
+
+
+def _kill_when_started(command: list[str], env: dict[str, str], runs: Path, seed: int) -> str:
+    """Run ``command`` (``tckr run``) and SIGKILL its whole process group at a point chosen from ``seed``: a few
+    seconds (0-4) into one of the long tasks. Returns the task's name."""
+    chooser = random.Random(seed)
+    task, delay = chooser.choice(LONG_TASKS), chooser.uniform(0.0, 4.0)
+    process = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not any(runs.glob(f"*/kfp/**/{task}")):
+        assert process.poll() is None, f"the run ended before task {task} started"
+        assert time.monotonic() < deadline, f"task {task} did not start within 10 minutes"
+        time.sleep(0.2)
+    time.sleep(delay)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    return task
+
+
+@pytest.mark.faults
+def test_a_killed_run_resumes_to_the_results_of_an_unbroken_one(smoke_run, tmp_path):
+    """``tckr run`` killed (SIGKILL: no handler runs) inside a long task at a seeded point, then ``tckr run --resume``:
+    the finished tasks are not run again, and the run ends with the unbroken run's metrics, one parent run, each
+    stage's MLflow run and each shadow's once, and each model registered once."""
+    _, unbroken, uri = smoke_run
+    runs = tmp_path / "runs"
+    env = os.environ | {"MLFLOW_TRACKING_URI": uri}
+    tckr = str(Path(sys.executable).with_name("tckr"))
+    # Its own experiment, so that the smoke run's tests see only theirs (the registry is shared: one name per model).
+    command = [tckr, "run", "--profile", "smoke", "--set", f"tracking.experiment={RESUMED}", "--runs-dir", str(runs)]
+    task = _kill_when_started(command, env, runs, seed=int(os.environ.get("TCKR_KILL_SEED", "3")))
+    (run_dir,) = [path.parent for path in runs.glob("*/run.json")]
+    assert json.loads((run_dir / "run.json").read_text())["state"] == "running"  # killed: nothing recorded the end
+    resumed = subprocess.run([tckr, "run", "--resume", "--runs-dir", str(runs)], env=env, capture_output=True,
+                             text=True, timeout=900)
+    assert resumed.returncode == 0, f"killed in {task}: {resumed.stderr[-3000:]}"
+    assert f"resuming {run_dir} (running)" in resumed.stderr
+    assert json.loads((run_dir / "run.json").read_text())["state"] == "finished"
+    assert (runs / "latest").resolve() == run_dir
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    same = {key: value for key, value in unbroken.metrics.items() if not RUN_TO_RUN.search(key)}
+    assert {key: metrics.get(key) for key in same} == same, f"killed in {task}"
+
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    experiment = client.get_experiment_by_name(RESUMED).experiment_id
+
+    def runs(tag: str, value: str) -> list:
+        return client.search_runs([experiment], filter_string=f"tags.`{tag}` = '{value}'")
+
+    (parent,) = client.search_runs([experiment], filter_string="tags.`tckr.run_name` != ''")
+    assert parent.info.status == "FINISHED" and parent.info.run_name == run_dir.name
+    stages = runs("mlflow.parentRunId", parent.info.run_id)
+    assert sorted(r.data.tags["tckr.stage"] for r in stages) == sorted(STAGE_RUNS)
+    assert all(r.info.status == "FINISHED" for r in stages)
+    (attack,) = [r for r in stages if r.data.tags["tckr.stage"] == "attack"]
+    assert sorted(r.info.run_name for r in runs("mlflow.parentRunId", attack.info.run_id)) == [
+        f"shadow-{i:03d}" for i in range(int(unbroken.metrics["attack.shadows"]))]
+    stage_run_ids = {r.info.run_id for r in stages}
+    for role in ("teacher", "student"):
+        versions = client.search_model_versions(f"name = 'tckr-fashion-mnist-{role}'")
+        assert [int(v.version) for v in versions if v.run_id in stage_run_ids] == [metrics[f"{role}.registry_version"]]

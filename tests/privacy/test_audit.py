@@ -111,10 +111,18 @@ def test_train_and_holdout_are_compared_at_the_same_size(images):
     assert (train == equal_sized(1000, 700, limit=300, seed=0)[0]).all()
 
 
-def test_the_worst_pairs_figure_shows_synthetic_member_and_holdout(images):
+def test_the_worst_pairs_figure_shows_real_images_only_when_asked(images):
+    """With the real images: synthetic, nearest member, nearest holdout image per column. Without (the default,
+    ``tracking.log_real_images: false``): the synthetic row alone, no pixel of a real image in the figure."""
     train, holdout, synthetic = images[:100], images[100:200], images[200:300]
     audited = audit_space("pixels", *map(pixel_embedding, (synthetic, train, holdout)), AuditConfig())
-    figure = worst_pairs_figure(audited, synthetic, train, holdout, count=5)
+    worst = audited.worst(5)
+    figure = worst_pairs_figure(audited, synthetic, 5, (train, holdout))
     assert len(figure.axes) == 15
-    shown = figure.axes[0].images[0].get_array()
-    np.testing.assert_array_equal(np.asarray(shown), synthetic[audited.worst(5)[0], 0].numpy())
+    np.testing.assert_array_equal(np.asarray(figure.axes[0].images[0].get_array()), synthetic[worst[0], 0].numpy())
+    np.testing.assert_array_equal(np.asarray(figure.axes[5].images[0].get_array()),
+                                  train[audited.nearest_train[worst[0]], 0].numpy())
+    hidden = worst_pairs_figure(audited, synthetic, 5, None)
+    assert len(hidden.axes) == 5 and "real images not shown" in hidden.texts[0].get_text()
+    assert all(np.asarray(axis.images[0].get_array()).tolist() in [synthetic[i, 0].tolist() for i in worst]
+               for axis in hidden.axes)

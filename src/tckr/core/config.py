@@ -32,6 +32,9 @@ class Section(BaseModel):
 
 class TrackingConfig(Section):
     experiment: str | None = Field(None, description="null: <recipe>-<dataset>")
+    log_real_images: bool = Field(False, description="show real private images where tckr would otherwise show only "
+                                  "their distances: the members and holdout images nearest synthetic ones, in the "
+                                  "audit's figure, the report and MLflow (off: no real image leaves the pipeline)")
     register_models: bool = Field(True, description="register teacher and student in the model registry (their "
                                   "logged models are kept with their runs either way)")
 

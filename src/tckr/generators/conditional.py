@@ -40,6 +40,7 @@ from tckr.generators.pixel import (
     require_divisible,
     train_denoiser,
     training_precision,
+    write_scheduler_config,
 )
 
 KIND = "class-pixel"
@@ -134,8 +135,7 @@ class ClassConditionalGenerator:
     def save(self, directory: Path, metadata: dict) -> None:
         directory = Path(directory)
         self.unet.save_pretrained(directory / "unet")
-        (directory / "scheduler").mkdir(parents=True, exist_ok=True)
-        (directory / "scheduler" / "scheduler_config.json").write_text(json.dumps(self.scheduler_config, indent=2))
+        write_scheduler_config(directory, self.scheduler_config)
         card = {"kind": KIND, "classes": self.classes, "image_size": self.image_size,
                 "channels": self.channels} | metadata
         (directory / "generator.json").write_text(json.dumps(card, indent=2) + "\n")

@@ -329,6 +329,15 @@ def sample_pixel_images(generator, prompts: list[str], seeds: list[int], steps: 
 
 
 # -------------------------------------------------------------------------------- pretrain + cache
+def write_scheduler_config(directory: Path, config: dict) -> None:
+    """``scheduler/scheduler_config.json``, the same bytes for the same scheduler: diffusers lists the settings left
+    at their defaults from a set, in an order that changes from process to process."""
+    ordered = dict(config) | ({"_use_default_values": sorted(config["_use_default_values"])}
+                              if "_use_default_values" in config else {})
+    (directory / "scheduler").mkdir(parents=True, exist_ok=True)
+    (directory / "scheduler" / "scheduler_config.json").write_text(json.dumps(ordered, indent=2))
+
+
 def read_card(directory: Path) -> dict:
     """A saved generator's ``generator.json``: its kind, and what loading it needs."""
     card_path = Path(directory) / "generator.json"
@@ -360,8 +369,7 @@ class PixelGenerator:
     def save(self, directory: Path, metadata: dict) -> None:
         directory = Path(directory)
         self.unet.save_pretrained(directory / "unet")
-        (directory / "scheduler").mkdir(parents=True, exist_ok=True)
-        (directory / "scheduler" / "scheduler_config.json").write_text(json.dumps(self.scheduler_config, indent=2))
+        write_scheduler_config(directory, self.scheduler_config)
         card = {"kind": "pixel", "text_encoder": TEXT_ENCODER_PACKAGE, "max_text_tokens": self.text_encoder.max_tokens,
                 "image_size": self.image_size, "channels": self.channels} | metadata
         (directory / "generator.json").write_text(json.dumps(card, indent=2) + "\n")

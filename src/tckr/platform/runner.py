@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tckr.core.atomic import write_text
+from tckr.core.environment import scoped
 from tckr.core.errors import FAILURE_FILE_ENV, TckrError
 from tckr.platform.tracking import KFP_RUN_ID_ENV, configure, default_tracking_uri
 
@@ -131,7 +132,9 @@ def _execute(cfg: Any, pipeline: Any, run_dir: Path, tracking_uri: str) -> RunOu
     failures = run_dir / "failures.txt"
     failures.unlink(missing_ok=True)
     try:
-        with _task_environment({KFP_RUN_ID_ENV: state["kfp_run_id"], FAILURE_FILE_ENV: str(failures)}), \
+        # What the tasks' processes inherit: the run id a cluster gives every pod of a run (pipelines/cluster.py),
+        # and where a failing task writes its one-line error.
+        with scoped({KFP_RUN_ID_ENV: state["kfp_run_id"], FAILURE_FILE_ENV: str(failures)}), \
                 _artifacts_under(run_name):
             pipeline(run_name=run_name, tracking_uri=tracking_uri, experiment=cfg.experiment_name)
     except KeyboardInterrupt:

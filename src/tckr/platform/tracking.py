@@ -173,8 +173,9 @@ def finish_pipeline_run(run_id: str, status: str = "FINISHED") -> None:
 
 
 TASK_KEY_ENV = "TCKR_TASK_KEY"
-"""What the running task is (recipe, stage and a digest of its inputs and settings; set by the launcher): the same
-for a retried pod and a resumed run, so the task's MLflow run is continued instead of made twice."""
+"""What the running task is (recipe, stage and a digest of its inputs and settings; set by the launcher and by
+``tckr stage``): the same for a retried pod, a resumed run and a killed stage run again, so the task's MLflow run is
+continued instead of made twice."""
 TASK_KEY_TAG = "tckr.task"
 
 
@@ -182,9 +183,10 @@ TASK_KEY_TAG = "tckr.task"
 def stage_run(stage: str, tracking: Tracking, params: dict[str, Any] | None = None) -> Iterator[Any]:
     """A run for one stage: nested under the pipeline's parent run (:func:`pipeline_run_id`), or
     top-level when the stage runs on its own (``tckr stage``, DVC). Marked FAILED if the stage raises.
-    A task that ran before in this pipeline run (killed, failed, or a bookkeeping task of a resumed run) continues
-    its own run. In a stage run by several processes (:mod:`tckr.core.distributed`) only rank 0 tracks: the others
-    get None."""
+    A task that ran before continues its run instead of making a second: in a pipeline, any run of the task under
+    this pipeline's parent (killed, failed, or a bookkeeping task of a resumed run); on its own, a run of the task
+    that did not finish (a killed ``tckr stage`` run again). In a stage run by several processes
+    (:mod:`tckr.core.distributed`) only rank 0 tracks: the others get None."""
     import mlflow
 
     if not distributed.is_lead():
@@ -194,9 +196,9 @@ def stage_run(stage: str, tracking: Tracking, params: dict[str, Any] | None = No
     experiment = experiment_id(tracking.experiment, tracking.uri)  # the parent's too
     parent = pipeline_run_id(tracking.experiment)
     task = os.environ.get(TASK_KEY_ENV)
-    earlier = [] if parent is None or not task else mlflow.MlflowClient().search_runs(
-        [experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and tags.`{TASK_KEY_TAG}` = '{task}'",
-        max_results=1)
+    same_task = f"tags.`{TASK_KEY_TAG}` = '{task}' and " + (
+        f"tags.`mlflow.parentRunId` = '{parent}'" if parent else "attributes.status != 'FINISHED'")
+    earlier = mlflow.MlflowClient().search_runs([experiment], filter_string=same_task, max_results=1) if task else []
     with (mlflow.start_run(run_id=earlier[0].info.run_id) if earlier else
           mlflow.start_run(run_name=stage, experiment_id=experiment, parent_run_id=parent,
                            tags={"tckr.stage": stage} | ({TASK_KEY_TAG: task} if task else {}))) as run:

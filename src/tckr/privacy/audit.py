@@ -147,19 +147,23 @@ def audit_synthetic(synthetic: torch.Tensor, train: torch.Tensor, holdout: torch
     return audits
 
 
-def worst_pairs_figure(audit: SpaceAudit, synthetic: torch.Tensor, train: torch.Tensor, holdout: torch.Tensor,
-                       count: int):
-    """The ``count`` synthetic images nearest a member (top row), that member (middle) and the nearest holdout
-    image (bottom), each column titled with both distances: what "copying" would look like, or does not."""
+def worst_pairs_figure(audit: SpaceAudit, synthetic: torch.Tensor, count: int,
+                       real: tuple[torch.Tensor, torch.Tensor] | None):
+    """The ``count`` synthetic images nearest a member (top row), each titled with both distances, above that member
+    (middle) and the nearest holdout image (bottom): what "copying" would look like, or does not. ``real`` (train,
+    holdout images) None: the synthetic row alone, so that no real image is shown."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     worst = audit.worst(count)
-    figure, axes = plt.subplots(3, len(worst), figsize=(1.1 * len(worst) + 1.2, 4.0), dpi=120, squeeze=False)
-    rows = (("synthetic", synthetic, worst), ("nearest member", train, audit.nearest_train[worst]),
-            ("nearest holdout", holdout, audit.nearest_holdout[worst]))
+    rows = [("synthetic", synthetic, worst)]
+    if real is not None:
+        rows += [("nearest member", real[0], audit.nearest_train[worst]),
+                 ("nearest holdout", real[1], audit.nearest_holdout[worst])]
+    figure, axes = plt.subplots(len(rows), len(worst), figsize=(1.1 * len(worst) + 1.2, 0.5 + 1.2 * len(rows)),
+                                dpi=120, squeeze=False)
     for row, (label, images, indices) in enumerate(rows):
         for column, index in enumerate(indices):
             image = images[int(index)].permute(1, 2, 0).numpy()
@@ -174,7 +178,8 @@ def worst_pairs_figure(audit: SpaceAudit, synthetic: torch.Tensor, train: torch.
                 synthetic_index = worst[column]
                 axis.set_title(f"{audit.dcr_train[synthetic_index]:.3f}\n{audit.dcr_holdout[synthetic_index]:.3f}",
                                fontsize=6)
+    hidden = "" if real is not None else "; real images not shown (tracking.log_real_images)"
     figure.suptitle(f"Synthetic images nearest a member ({audit.space}; titles: DCR to member, to holdout; "
-                    f"near copy < {audit.figures['near_copy_threshold']:.3f})", fontsize=8)
+                    f"near copy < {audit.figures['near_copy_threshold']:.3f}{hidden})", fontsize=8)
     figure.tight_layout()
     return figure

@@ -124,21 +124,21 @@ def training_metrics(role: str, result) -> Metrics:
             f"{role}.best_epoch": float(result.best_epoch), f"{role}.images_per_second": result.images_per_second}
 
 
-def classifier_metrics(role: str, result, model_dir: Path, splits, info, image_size: int) -> Metrics:
+def classifier_metrics(role: str, result, model_dir: Path, info, image_size: int) -> Metrics:
     """:func:`training_metrics`, and the classifier's logged model (served form: float images in [0, 1] -> logits)
     whose URI goes to ``model_dir/logged_model.json`` for the register stage."""
     import mlflow
-    import torch
+    import numpy as np
 
-    from tckr.data.images import ImageSplit
     from tckr.platform.tracking import log_classifier
     from tckr.training.classifier import load_classifier
     from tckr.training.models import NormalizedClassifier
 
     mlflow.log_artifact(str(model_dir / "model.json"))
     model = NormalizedClassifier(load_classifier(model_dir), info.mean, info.std).eval()
-    test = ImageSplit(splits["test"], image_size, info.channels)
-    example = torch.stack([test[0][0], test[1][0]]).float().div(255).numpy()  # batch >= 2 for pt2
+    # The input's shape and range, not a real image: every split is the user's private data, and MLflow keeps the
+    # example beside the model for anyone who can open it. Batch >= 2 for pt2.
+    example = np.full((2, info.channels, image_size, image_size), 0.5, np.float32)
     (model_dir / "logged_model.json").write_text(json.dumps({"model_uri": log_classifier(model, example)}))
     return training_metrics(role, result)
 

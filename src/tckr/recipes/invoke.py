@@ -51,13 +51,17 @@ def parse_sections(recipe: Recipe, stage: Stage, values: dict[str, Any]) -> dict
 def invoke(stage: Stage, sections: dict[str, Any], artifacts: dict[str, Any], params: dict[str, Any],
            tracking: Tracking | None) -> Any:
     """Run ``stage``: in this process, or (multi-GPU stages) in :func:`tckr.core.distributed.processes` ranks."""
-    kwargs = {**sections, **artifacts, **params} | ({"tracking": tracking} if stage.tracked else {})
+    kwargs = {**sections, **artifacts, **params}
+    if stage.own_run:  # the stage runs inside its run; ``tracking`` may then be a section it reads
+        function = functools.partial(call, stage, tracking)
+    else:
+        function = stage.run
+        kwargs |= {"tracking": tracking} if stage.tracked else {}
     count = distributed.processes() if stage.multi_gpu else 1
-    function = functools.partial(call, stage) if stage.own_run else stage.run
     return distributed.run_stage(stage.name, function, kwargs, count, kwargs["runtime"].device if count > 1 else "")
 
 
-def call(stage: Stage, **kwargs: Any) -> Any:
+def call(stage: Stage, tracking: Tracking, **kwargs: Any) -> Any:
     """One process's run of a stage with its own MLflow run: the run (nested under the pipeline's) gets the
     stage's sections as params, its returned metrics and ``stage.<name>.seconds``. Only the lead rank tracks."""
     import mlflow
@@ -65,7 +69,7 @@ def call(stage: Stage, **kwargs: Any) -> Any:
     params = {} if stage.sections == (ALL_SECTIONS,) else {
         name: value.model_dump(mode="json") if isinstance(value, BaseModel) else value
         for name, value in kwargs.items() if name in stage.sections}
-    with stage_run(stage.name, kwargs.pop("tracking"), params=params) as run:
+    with stage_run(stage.name, tracking, params=params) as run:
         started = time.perf_counter()
         metrics = stage.run(**kwargs)
         if run is None:  # a rank other than the lead: its share is done, rank 0 reports

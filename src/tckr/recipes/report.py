@@ -111,6 +111,9 @@ AUDIT_SPACES = (("audit.", "pixels (RMS difference)"), ("audit.features.", "Imag
 AUDIT_HEADER = ("space", "median DCR to train", "median DCR to holdout", "closer to train (%)", "p-value",
                 "hub inflation", "near copies of train (%)", "near copies of holdout (%)", "p-value", "flagged")
 WORST_PAIRS = "worst-pairs.png"
+WORST_PAIRS_CAPTIONS = {True: "synthetic images nearest a member, the member, the nearest holdout image",
+                        False: "synthetic images nearest a member (the real images are shown only with "
+                               "tracking.log_real_images: true)"}
 
 
 def audit_table(metrics: dict[str, float]) -> str:
@@ -151,7 +154,7 @@ def audit_section(metrics: dict[str, float], audit: AuditConfig) -> list[str]:
             "variance over what independent matches would give). Flagged: either p-value below alpha / 2 = "
             f"{audit.alpha / 2:g}. "
             + audit_verdict(metrics), "",
-            f"![synthetic images nearest a member, the member, the nearest holdout image]({WORST_PAIRS})", ""]
+            f"![{WORST_PAIRS_CAPTIONS[bool(metrics.get('audit.real_images_shown'))]}]({WORST_PAIRS})", ""]
 
 
 # ------------------------------------------------------------------------------------- both recipes

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tckr.core.config import RuntimeConfig
+from tckr.core.config import RuntimeConfig, TrackingConfig
 from tckr.core.stage import ARTIFACT, DATASET, resources
 from tckr.privacy.config import AuditConfig
 
@@ -31,11 +31,12 @@ def log_sample_grid(synthetic: Path, classes: list[str]) -> None:
         mlflow.log_image(grid, key="synthetic_samples", step=0)
 
 
-def audit(*, image_size: int, audit: AuditConfig, runtime: RuntimeConfig, data: Path, synthetic: Path,
-          results: Path) -> dict[str, float]:
+def audit(*, image_size: int, audit: AuditConfig, tracking: TrackingConfig, runtime: RuntimeConfig, data: Path,
+          synthetic: Path, results: Path) -> dict[str, float]:
     """Does the synthetic set copy members? Each synthetic image's nearest private-train and nearest holdout image
     (as many of each), in pixels (``audit.*``) and ImageNet features (``audit.features.*``); per-image distances in
-    ``dcr.csv``, the images nearest a member in ``worst-pairs.png``."""
+    ``dcr.csv``, the images nearest a member in ``worst-pairs.png`` (beside that member and the nearest holdout image
+    only with ``tracking.log_real_images``)."""
     import csv
     import json
 
@@ -63,7 +64,8 @@ def audit(*, image_size: int, audit: AuditConfig, runtime: RuntimeConfig, data: 
     audits = audit_synthetic(images, train, holdout, audit, stage_device(runtime))
 
     results.mkdir(parents=True, exist_ok=True)
-    metrics = {"audit.synthetic_images": float(len(images)), "audit.references": float(len(train_rows))}
+    metrics = {"audit.synthetic_images": float(len(images)), "audit.references": float(len(train_rows)),
+               "audit.real_images_shown": float(tracking.log_real_images)}
     for space, outcome in audits.items():
         prefix = "audit." if space == "pixels" else f"audit.{space}."
         metrics |= {prefix + name: value for name, value in outcome.figures.items()}
@@ -77,7 +79,8 @@ def audit(*, image_size: int, audit: AuditConfig, runtime: RuntimeConfig, data: 
                 int(train_rows[outcome.nearest_train[row]]), int(holdout_rows[outcome.nearest_holdout[row]]))])
     write_text(results / "audit.json", json.dumps({"config": audit.model_dump(mode="json"), "metrics": metrics},
                                                   indent=2) + "\n")
-    figure = worst_pairs_figure(audits["pixels"], images, train, holdout, audit.worst_pairs)
+    figure = worst_pairs_figure(audits["pixels"], images, audit.worst_pairs,
+                                (train, holdout) if tracking.log_real_images else None)
     figure.savefig(results / "worst-pairs.png")
     mlflow.log_figure(figure, "worst-pairs.png")
     plt.close(figure)
@@ -86,7 +89,7 @@ def audit(*, image_size: int, audit: AuditConfig, runtime: RuntimeConfig, data: 
     return metrics
 
 
-AUDIT_STAGE = {"sections": ("image_size", "audit", "runtime"), "inputs": {"data": DATASET, "synthetic": DATASET},
-               "outputs": {"results": ARTIFACT},
+AUDIT_STAGE = {"sections": ("image_size", "audit", "tracking", "runtime"),
+               "inputs": {"data": DATASET, "synthetic": DATASET}, "outputs": {"results": ARTIFACT},
                "resources": resources("4", "8", "16Gi", "24Gi", gpus=1)}  # the feature network
 """The ``audit`` stage's declaration: ``STAGES.declare(**AUDIT_STAGE)(audit)``."""

@@ -227,7 +227,7 @@ def classifier(*, image_size: int, classifier: ClassifierConfig, downstream: Dow
     log_synthetic_set(info, synthetic, "privimage", "training", len(used["train"]))
     log_private_splits(info, data, {"validation": "validation", "test": "test"} if downstream.selection == "real"
                        else {"test": "test"})
-    return classifier_metrics(ROLE, result, model, used, info, image_size) | {
+    return classifier_metrics(ROLE, result, model, info, image_size) | {
         f"{ROLE}.synthetic_train_images": float(len(used["train"])),
         f"{ROLE}.selected_on_real": float(downstream.selection == "real")}
 

@@ -66,7 +66,7 @@ def teacher(*, image_size: int, teacher: ClassifierConfig, runtime: RuntimeConfi
     if result is None:  # not the lead rank
         return {}
     log_private_splits(info, data, {"train": "training", "validation": "validation", "test": "test"})
-    return classifier_metrics("teacher", result, model, splits, info, image_size)
+    return classifier_metrics("teacher", result, model, info, image_size)
 
 
 @stage(sections=("caption", "runtime"), inputs={"data": DATASET}, outputs={"captions": ARTIFACT},
@@ -287,7 +287,7 @@ def student(*, image_size: int, student: ClassifierConfig, distill: DistillConfi
         return {}
     log_synthetic_set(info, synthetic, "tckr", "training", len(images))
     log_private_splits(info, data, {"validation": "validation", "test": "test"})
-    return classifier_metrics("student", result, model, splits, info, image_size) | {
+    return classifier_metrics("student", result, model, info, image_size) | {
         "student.synthetic_images": float(len(images))}
 
 

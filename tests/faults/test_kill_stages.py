@@ -1,0 +1,176 @@
+"""Real kills, stage by stage: each long stage runs as ``tckr stage`` in a subprocess, is sent SIGKILL at a point
+chosen from a seed inside its working time, and is run again with the same command. The result must equal an
+unbroken run's byte for byte (weights, shards, captions, logits; JSON and CSV files compared without their
+timings), with no partial file or stray shard left, and one MLflow run for the killed task."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pyarrow as pa
+import pytest
+
+pytestmark = pytest.mark.faults
+
+TCKR = str(Path(sys.executable).with_name("tckr"))
+# Enough work that a kill lands inside it, past a checkpoint about half the time (classifiers checkpoint every
+# epoch, the denoisers every 50 steps).
+SETTINGS = ["--profile", "smoke", "--set", "teacher.epochs=6", "--set", "teacher.batch_size=16",
+            "--set", "student.epochs=6", "--set", "student.batch_size=16", "--set", "generator.steps=90",
+            "--set", "finetune.epochs=2", "--set", "finetune.batch_size=8", "--set", "generate.steps=12"]
+UNSTABLE = ("seconds", "images_per_second", "model_uri", "resumed_from")  # timings, ids, where it resumed
+SKIPPED = {"metrics.json", "logged_model.json"}  # the stage's metrics (timings), the MLflow model's id
+
+
+@dataclass(frozen=True)
+class Kill:
+    stage: str
+    inputs: dict[str, str]  # port -> the stage (of this table) whose unbroken output it reads
+    output: str
+    params: tuple[str, ...] = ()
+
+
+KILLS = [
+    Kill("caption", {"data": "ingest"}, "captions"),
+    Kill("generator", {"data": "ingest", "captions": "caption"}, "base_model"),
+    Kill("finetune", {"data": "ingest", "captions": "caption", "base_model": "generator"}, "adapter"),
+    Kill("generate_shard", {"captions": "caption", "base_model": "generator", "adapter": "finetune"}, "images",
+         ("--shard", "0")),
+    Kill("teacher", {"data": "ingest"}, "model"),
+    # the student's recipe and distillation objective, on real members (the student's own input is the synthetic set)
+    Kill("positive_control", {"data": "ingest", "teacher_model": "teacher"}, "model"),
+    Kill("shadow_group", {"data": "ingest"}, "shadows", ("--group", "0")),
+]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """The unbroken outputs, each stage's made once and read by the next; one MLflow store for every run."""
+    root = tmp_path_factory.mktemp("kills")
+    _run(["stage", "ingest", *SETTINGS, "--data", str(root / "unbroken" / "ingest")], _environment(root / "unbroken"))
+    return root
+
+
+def _environment(folder: Path) -> dict[str, str]:
+    """The unbroken runs and the killed ones each have their own MLflow store and their own cache (the base
+    generator is cached across runs)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlruns.db'}",
+                         "TCKR_CACHE": str(folder / "cache")}
+
+
+def _run(argv: list[str], env: dict[str, str]) -> None:
+    done = subprocess.run([TCKR, *argv], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _command(kill: Kill, root: Path, out: Path) -> list[str]:
+    inputs = [argument for port, stage in kill.inputs.items()
+              for argument in (f"--{port.replace('_', '-')}", str(root / "unbroken" / stage))]
+    return ["stage", kill.stage, *SETTINGS, *inputs, *kill.params, f"--{kill.output.replace('_', '-')}", str(out)]
+
+
+def _working_window(command: list[str], env: dict[str, str], out: Path) -> tuple[float, float]:
+    """Run unbroken, timing when the stage first wrote into ``out`` and when it ended (seconds from the start)."""
+    started = time.monotonic()
+    process = subprocess.Popen([TCKR, *command], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    first_write = None
+    while process.poll() is None:
+        if first_write is None and out.exists() and any(out.iterdir()):
+            first_write = time.monotonic() - started
+        time.sleep(0.05)
+    assert process.returncode == 0, process.stderr.read()[-3000:]
+    ended = time.monotonic() - started
+    return (first_write if first_write is not None else ended), ended
+
+
+def _kill_inside(command: list[str], env: dict[str, str], at: float) -> bool:
+    """Start the stage and SIGKILL its process group ``at`` seconds in; True if it was still running then."""
+    process = subprocess.Popen([TCKR, *command], env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        process.wait(timeout=at)
+        return False
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        return True
+
+
+def _content(path: Path) -> object:
+    """A file as compared: JSON, CSV and an Arrow shard's metadata without their timing fields, anything else (an
+    Arrow shard's table included) byte for byte."""
+    if path.suffix == ".arrow":
+        with pa.memory_map(str(path)) as source:
+            table = pa.ipc.open_stream(source).read_all()
+        metadata = {key: _without_timings(json.loads(value)) for key, value in (table.schema.metadata or {}).items()}
+        return metadata, [zlib.crc32(pickle.dumps(column.to_pylist())) for column in table.columns]
+    if path.suffix == ".json":
+        return _without_timings(json.loads(path.read_text()))
+    if path.suffix == ".jsonl":
+        return [_without_timings(json.loads(line)) for line in path.read_text().splitlines()]
+    if path.suffix == ".csv":
+        rows = list(csv.DictReader(io.StringIO(path.read_text())))
+        return [{k: v for k, v in row.items() if not any(word in k for word in UNSTABLE)} for row in rows]
+    return zlib.crc32(path.read_bytes()), path.stat().st_size
+
+
+def _without_timings(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items() if not any(word in k for word in UNSTABLE)}
+    if isinstance(value, list):
+        return [_without_timings(v) for v in value]
+    return value
+
+
+def _files(root: Path) -> dict[str, object]:
+    return {str(path.relative_to(root)): _content(path) for path in sorted(root.rglob("*"))
+            if path.is_file() and path.name not in SKIPPED}
+
+
+@pytest.mark.parametrize("kill", KILLS, ids=[kill.stage for kill in KILLS])
+def test_a_stage_killed_and_run_again_ends_as_an_unbroken_run(kill, workdir):
+    from tckr.recipes.config import RECIPES
+
+    root = workdir
+    unbroken = root / "unbroken" / kill.stage
+    first_write, ended = _working_window(_command(kill, root, unbroken), _environment(root / "unbroken"), unbroken)
+    seed = int(os.environ.get("TCKR_KILL_SEED", "0")) * 1000 + zlib.crc32(kill.stage.encode()) % 1000
+    at = first_write + random.Random(seed).uniform(0.1, 0.8) * (ended - first_write)
+    killed = root / "killed" / kill.stage
+    command, env = _command(kill, root, killed), _environment(root / "killed")
+    assert _kill_inside(command, env, at), f"{kill.stage} ended before {at:.1f} s: nothing was killed"
+    interrupted = _stage_runs(env, kill.stage)
+    _run(command, env)  # the same command again: it resumes
+
+    files = _files(killed)
+    assert not [name for name in files if ".partial" in name or name.endswith((".tmp", "checkpoint.pt"))], files
+    assert files.keys() == _files(unbroken).keys()
+    assert files == _files(unbroken), f"killed at {at:.1f} s of {ended:.1f}"
+    if RECIPES["tckr"].stages[kill.stage].tracked:  # the killed run's MLflow run is continued, not made again
+        after = _stage_runs(env, kill.stage)
+        assert set(after.values()) == {"FINISHED"}
+        assert len(after) == len(interrupted) + (0 if "RUNNING" in interrupted.values() else 1), (interrupted, after)
+
+
+def _stage_runs(env: dict[str, str], stage: str) -> dict[str, str]:
+    """The status of each MLflow run of ``stage`` in the store ``env`` names."""
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("tckr-fashion-mnist")
+    runs = [] if experiment is None else client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`tckr.stage` = '{stage}'")
+    return {run.info.run_id: run.info.status for run in runs}
