@@ -26,3 +26,28 @@ def test_a_bad_section_or_stage_is_one_line():
     with pytest.raises(ConfigError,
                        match="the tckr recipe has no stage 'teachr'; its stages are start_run, finish_run, ingest"):
         recipe_stage("tckr", "teachr")
+
+
+def test_a_tracked_stage_reads_its_tracking_section_inside_its_own_run(tmp_path):
+    """``tracking`` is both a section (what to log) and where a stage logs: a stage with its own MLflow run receives
+    the section, and its run is made where the Tracking points."""
+    import mlflow
+
+    from tckr.core.config import TrackingConfig
+    from tckr.core.stage import StageRegistry, resources
+    from tckr.platform.tracking import Tracking
+    from tckr.recipes.invoke import invoke
+
+    registry = StageRegistry()
+
+    def shows(*, tracking: TrackingConfig) -> dict[str, float]:
+        return {"shown": float(tracking.log_real_images)}
+
+    registry.declare(sections=("tracking",), resources=resources("1", "1", "1Gi", "1Gi"))(shows)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    metrics = invoke(registry["shows"], {"tracking": TrackingConfig(log_real_images=True)}, {}, {},
+                     Tracking(uri, "sections"))
+    assert metrics["shown"] == 1.0
+    (run,) = mlflow.MlflowClient(uri).search_runs([mlflow.MlflowClient(uri).get_experiment_by_name("sections")
+                                                   .experiment_id])
+    assert run.data.tags["tckr.stage"] == "shows" and run.data.params["tracking.log_real_images"] == "True"

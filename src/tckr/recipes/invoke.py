@@ -61,9 +61,10 @@ def invoke(stage: Stage, sections: dict[str, Any], artifacts: dict[str, Any], pa
     return distributed.run_stage(stage.name, function, kwargs, count, kwargs["runtime"].device if count > 1 else "")
 
 
-def call(stage: Stage, tracking: Tracking, **kwargs: Any) -> Any:
+def call(stage: Stage, tracking: Tracking, /, **kwargs: Any) -> Any:
     """One process's run of a stage with its own MLflow run: the run (nested under the pipeline's) gets the
-    stage's sections as params, its returned metrics and ``stage.<name>.seconds``. Only the lead rank tracks."""
+    stage's sections as params, its returned metrics and ``stage.<name>.seconds``. Only the lead rank tracks.
+    Positional-only: a stage may read a section named ``tracking`` among its keyword arguments."""
     import mlflow
 
     params = {} if stage.sections == (ALL_SECTIONS,) else {
