@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
 import time
@@ -176,22 +175,6 @@ def _artifacts_under(name: str) -> Iterator[None]:
         yield
     finally:
         executor_input_utils.get_local_pipeline_resource_name = original
-
-
-@contextlib.contextmanager
-def _task_environment(variables: dict[str, str]) -> Iterator[None]:
-    """Variables kfp.local's task subprocesses inherit: the run id a cluster gives every pod of a run
-    (pipelines/cluster.py), and where a failing task writes its one-line error."""
-    previous = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name)
-            else:
-                os.environ[name] = value
 
 
 def _point_latest(run_dir: Path) -> None:
