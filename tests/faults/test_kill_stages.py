@@ -6,12 +6,12 @@ timings), with no partial file or stray shard left, and one MLflow run for the k
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
 import pickle
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +22,8 @@ from pathlib import Path
 import mlflow
 import pyarrow as pa
 import pytest
+
+from tests.faults.processes import kill_after, start, wait_for
 
 pytestmark = pytest.mark.faults
 
@@ -90,7 +92,7 @@ def _working_window(command: list[str], env: dict[str, str], out: Path) -> tuple
                                text=True)
     first_write = None
     while process.poll() is None:
-        if first_write is None and out.exists() and any(out.iterdir()):
+        if first_write is None and _written(out):
             first_write = time.monotonic() - started
         time.sleep(0.05)
     assert process.returncode == 0, process.stderr.read()[-3000:]
@@ -98,17 +100,8 @@ def _working_window(command: list[str], env: dict[str, str], out: Path) -> tuple
     return (first_write if first_write is not None else ended), ended
 
 
-def _kill_inside(command: list[str], env: dict[str, str], at: float) -> bool:
-    """Start the stage and SIGKILL its process group ``at`` seconds in; True if it was still running then."""
-    process = subprocess.Popen([TCKR, *command], env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    try:
-        process.wait(timeout=at)
-        return False
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        return True
+def _written(folder: Path) -> bool:
+    return folder.exists() and any(folder.iterdir())
 
 
 def _content(path: Path) -> object:
@@ -150,17 +143,27 @@ def test_a_stage_killed_and_run_again_ends_as_an_unbroken_run(kill, workdir):
     unbroken = root / "unbroken" / kill.stage
     first_write, ended = _working_window(_command(kill, root, unbroken), _environment(root / "unbroken"), unbroken)
     seed = int(os.environ.get("TCKR_KILL_SEED", "0")) * 1000 + zlib.crc32(kill.stage.encode()) % 1000
-    at = first_write + random.Random(seed).uniform(0.1, 0.8) * (ended - first_write)
-    killed = root / "killed" / kill.stage
-    command, env = _command(kill, root, killed), _environment(root / "killed")
-    assert _kill_inside(command, env, at), f"{kill.stage} ended before {at:.1f} s: nothing was killed"
+    fraction = random.Random(seed).uniform(0.1, 0.8)
+    # The kill is timed from the killed run's own first write, so a slower start-up (a loaded machine) does not
+    # move it; a run faster than the unbroken one is tried again, killed earlier, in fresh folders.
+    for attempt in range(3):
+        attempt_root = root / "killed" / f"try{attempt}"
+        killed = attempt_root / kill.stage
+        command, env = _command(kill, root, killed), _environment(attempt_root)
+        process = start([TCKR, *command], env)
+        delay = fraction / 2 ** attempt * (ended - first_write)
+        if wait_for(process, functools.partial(_written, killed), f"{kill.stage}'s first write") \
+                and kill_after(process, delay):
+            break
+    else:
+        pytest.fail(f"{kill.stage} ended before each kill (last {delay:.1f} s after its first write)")
     interrupted = _stage_runs(env, kill.stage)
     _run(command, env)  # the same command again: it resumes
 
     files = _files(killed)
     assert not [name for name in files if ".partial" in name or name.endswith((".tmp", "checkpoint.pt"))], files
     assert files.keys() == _files(unbroken).keys()
-    assert files == _files(unbroken), f"killed at {at:.1f} s of {ended:.1f}"
+    assert files == _files(unbroken), f"killed {delay:.1f} s after its first write, of {ended - first_write:.1f}"
     if RECIPES["tckr"].stages[kill.stage].tracked:  # the killed run's MLflow run is continued, not made again
         after = _stage_runs(env, kill.stage)
         assert set(after.values()) == {"FINISHED"}

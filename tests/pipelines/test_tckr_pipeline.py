@@ -6,10 +6,8 @@ import json
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -24,6 +22,7 @@ from tckr.pipelines.compile import compile_committed, local_pipeline
 from tckr.platform.runner import run_local
 from tckr.platform.tracking import configure
 from tckr.recipes.config import load_config
+from tests.faults.processes import kill_after, start, wait_for
 
 
 def test_run_directory(smoke_run):
@@ -555,16 +554,10 @@ def _kill_when_started(command: list[str], env: dict[str, str], runs: Path, seed
     seconds (0-4) into one of the long tasks. Returns the task's name."""
     chooser = random.Random(seed)
     task, delay = chooser.choice(LONG_TASKS), chooser.uniform(0.0, 4.0)
-    process = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 600
-    while not any(runs.glob(f"*/kfp/**/{task}")):
-        assert process.poll() is None, f"the run ended before task {task} started"
-        assert time.monotonic() < deadline, f"task {task} did not start within 10 minutes"
-        time.sleep(0.2)
-    time.sleep(delay)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    process = start(command, env)
+    started = wait_for(process, lambda: any(runs.glob(f"*/kfp/**/{task}")), f"task {task}'s start")
+    assert started, f"the run ended before task {task} started"
+    assert kill_after(process, delay), f"the run ended within {delay:.1f} s of task {task}'s start"
     return task
 
 
