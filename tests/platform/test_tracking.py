@@ -8,6 +8,8 @@ from tckr.platform.tracking import (
     KFP_RUN_ID_TAG,
     Tracking,
     TrackingError,
+    outage_as_error,
+    retry_budget_s,
     stage_run,
     start_pipeline_run,
 )
@@ -82,3 +84,31 @@ def test_a_stage_logs_its_datasets_figures_and_a_described_model_version(trackin
     assert "/data/ingest" in used.dataset.source
     assert [a.path for a in client.list_artifacts(run.info.run_id, "mia")] == ["mia/roc.png"]
     assert client.get_model_version("tckr-test-teacher", version).description == "a described model"
+
+
+def test_a_server_that_stops_answering_is_one_line_naming_it_and_the_reason(monkeypatch):
+    """A real MLflow HTTP client against a port nobody listens on, its retries spent: one line with the server, the
+    retry budget and the reason; any other MLflow error passes through unchanged."""
+    from mlflow.exceptions import MlflowException
+
+    from tckr.platform.services import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    uri = f"http://127.0.0.1:{free_port()}"
+    mlflow.set_tracking_uri(uri)
+    with pytest.raises(TrackingError) as raised, outage_as_error("teacher"):
+        mlflow.MlflowClient().get_experiment_by_name("tckr-test")
+    message = str(raised.value)
+    assert message.startswith(f"the MLflow server {uri} stopped answering during stage teacher (retried for about 0 s")
+    assert "Connection refused" in message and "\n" not in message
+    assert message.endswith("(tckr run --resume, or the same tckr stage command)")
+    with pytest.raises(MlflowException, match="not an outage"), outage_as_error("teacher"):
+        raise MlflowException("not an outage")
+
+
+@pytest.mark.parametrize(("retries", "factor", "seconds"),
+                         [("5", "1", 30), ("3", "1", 6), ("1", "2", 0), ("0", "1", 0)])
+def test_the_retry_budget_follows_urllib3s_backoff(monkeypatch, retries, factor, seconds):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", retries)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", factor)
+    assert retry_budget_s() == seconds

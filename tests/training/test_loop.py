@@ -76,8 +76,9 @@ def assert_same_run(a: tuple[Loop, nn.Module, list], b: tuple[Loop, nn.Module, l
 
 
 @pytest.mark.parametrize(("unit", "kill", "rerun"), [
-    ("epoch", {"kill_epoch": 2}, [3, 4]),  # after epoch 2's checkpoint: epochs 3 and 4 remain
-    ("epoch", {"kill_step": 5}, [2, 3, 4]),  # mid-epoch 2: it is redone from epoch 1's checkpoint
+    # killed while epoch 2 was reported, after its checkpoint: its report again (at least once), then epochs 3 and 4
+    ("epoch", {"kill_epoch": 2}, [2, 3, 4]),
+    ("epoch", {"kill_step": 5}, [1, 2, 3, 4]),  # mid-epoch 2: redone from epoch 1's checkpoint, whose report repeats
     ("step", {"kill_step": 7}, [7, 8, 9, 10]),  # every 3 steps: the checkpoint of step 6 survives
 ])
 def test_killed_run_resumes_bit_identical(tmp_path, unit, kill, rerun):
@@ -198,7 +199,7 @@ def test_a_retried_pod_resumes_from_the_shared_volume(tmp_path, monkeypatch):
     assert not (tmp_path / "pod-1").exists() and (folder / "checkpoint.pt").is_file()
     assert enter_task("tckr", "teacher", dict(identity)) == folder  # the retry: same task, a new pod
     retried = toy_run(tmp_path / "pod-2" / "checkpoint.pt", "epoch")
-    assert retried[2] == [3, 4]
+    assert retried[2] == [2, 3, 4]  # epoch 2, whose report the kill cut short, reported again
     assert_same_run(retried, whole)
     # Another task (another input) has its own folder; a pod without the volume keeps its checkpoint beside it.
     assert enter_task("tckr", "teacher", identity | {"data": "s3://other"}) != folder

@@ -42,9 +42,53 @@ def default_tracking_uri(workdir: Path | None = None) -> str:
     return f"sqlite:///{(Path(workdir or Path.cwd()) / LOCAL_DB).resolve()}"
 
 
-# MLflow's HTTP client retries a failing request 7 times with backoff factor 2 (about 5 minutes when
-# the server's object store is down); these bound it to about 20 s unless the environment says otherwise.
-CLIENT_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+# MLflow's HTTP client retries a failing request 7 times with backoff factor 2 (about 5 minutes when the server's
+# object store is down); these bound it to about 30 s (waits of 0, 2, 4, 8 and 16 s) unless the environment says
+# otherwise: long enough for a restarted server to come back, short enough that a stage never hangs on a dead one.
+CLIENT_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+def retry_budget_s() -> float:
+    """How long one MLflow request keeps retrying (urllib3: no wait before the first retry, then doubling)."""
+    retries = int(os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", CLIENT_RETRIES["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]))
+    factor = float(os.environ.get("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+                                  CLIENT_RETRIES["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"]))
+    return factor * max(0, 2 ** retries - 2)
+
+
+@contextlib.contextmanager
+def outage_as_error(stage: str) -> Iterator[None]:
+    """A tracking server that stops answering mid-stage, as one line. Once its retries are spent MLflow raises a bare
+    MlflowException whose only link to the cause is the HTTP error it was raised while handling; this names the
+    server, how long it was retried, why, and that what the stage finished (checkpoints, shards) is kept."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as error:
+        reason = _unanswered(error)
+        if reason is None:
+            raise
+        import mlflow
+
+        raise TrackingError(
+            f"the MLflow server {mlflow.get_tracking_uri()} stopped answering during stage {stage} (retried for "
+            f"about {retry_budget_s():.0f} s: {reason}); what the stage finished is kept: run it again once the "
+            "server is back (tckr run --resume, or the same tckr stage command)") from None
+
+
+def _unanswered(error: BaseException) -> str | None:
+    """Why the server did not answer (the innermost reason, one line), or None if ``error`` is not about that."""
+    import requests
+
+    seen: BaseException | None = error
+    while seen is not None and not isinstance(seen, requests.exceptions.RequestException):
+        seen = seen.__cause__ or seen.__context__
+    if seen is None:
+        return None
+    reason = seen.args[0] if seen.args else seen
+    reason = getattr(reason, "reason", reason)  # urllib3's MaxRetryError carries the last attempt's error
+    return str(reason).rsplit(": ", 1)[-1].splitlines()[0]
 
 
 def configure(tracking_uri: str, attempts: int = 5, delay: float = 1.0) -> None:

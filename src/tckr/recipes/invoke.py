@@ -15,7 +15,7 @@ from tckr.core import distributed
 from tckr.core.config import format_errors
 from tckr.core.errors import ConfigError
 from tckr.core.stage import ALL_SECTIONS, Stage
-from tckr.platform.tracking import Tracking, stage_run
+from tckr.platform.tracking import Tracking, outage_as_error, stage_run
 from tckr.recipes.config import RECIPES, Recipe, parse_config
 
 
@@ -58,7 +58,9 @@ def invoke(stage: Stage, sections: dict[str, Any], artifacts: dict[str, Any], pa
         function = stage.run
         kwargs |= {"tracking": tracking} if stage.tracked else {}
     count = distributed.processes() if stage.multi_gpu else 1
-    return distributed.run_stage(stage.name, function, kwargs, count, kwargs["runtime"].device if count > 1 else "")
+    with outage_as_error(stage.name):
+        return distributed.run_stage(stage.name, function, kwargs, count,
+                                     kwargs["runtime"].device if count > 1 else "")
 
 
 def call(stage: Stage, tracking: Tracking, /, **kwargs: Any) -> Any:

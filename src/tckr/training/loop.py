@@ -57,6 +57,7 @@ class Loop:
         self.extra = {} if extra is None else extra
         self.desc, self.lead = desc, lead
         self.done = self.steps = 0
+        self.last_record: dict | None = None  # the last epoch's report, kept in the checkpoint
 
     def run_epochs(self, epochs: int, batches: Callable[[int], Iterable], step: Callable[[Any], float],
                    end_epoch: Callable[[int, float], dict | None], *,
@@ -64,8 +65,12 @@ class Loop:
                    on_epoch: Callable[[dict], None] | None = None) -> None:
         """Train epochs ``done + 1 .. epochs``: ``step`` on each of ``batches(epoch)``, then
         ``end_epoch(epoch, mean loss)``, whose record (None: nothing to report) goes to ``on_epoch``
-        after the epoch's checkpoint."""
+        after the epoch's checkpoint. A resumed run hands the last checkpointed record to ``on_epoch`` once more:
+        the kill (or a tracking server that stopped answering) may have come between the checkpoint and the report,
+        so each report arrives at least once, a repeated one with the same values."""
         self._resume("epoch", epochs)
+        if self.last_record is not None and on_epoch and self.lead:
+            on_epoch(self.last_record)
         for epoch in range(self.done + 1, epochs + 1):
             bar = progress(batches(epoch), desc=f"{self.desc} epoch {epoch}/{epochs}", unit="batch",
                            disable=not self.lead)
@@ -76,7 +81,7 @@ class Loop:
                 if on_step and self.lead:
                     on_step(self.steps, loss)
             record = end_epoch(epoch, total / count)
-            self.done = epoch
+            self.done, self.last_record = epoch, record
             self._save()
             if on_epoch and self.lead and record is not None:
                 on_epoch(record)
@@ -122,7 +127,7 @@ class Loop:
                 target.load_state_dict(saved["objects"][name])
         _set_rng_state(saved["rng"])
         self.extra.update(saved["extra"])
-        self.done, self.steps = saved["done"], saved["steps"]
+        self.done, self.steps, self.last_record = saved["done"], saved["steps"], saved.get("last_record")
         if self.lead:
             tqdm.write(f"resuming {self.desc} after {unit} {self.done}/{length}")
 
@@ -138,7 +143,8 @@ class Loop:
         objects = {name: target.get_state() if isinstance(target, torch.Generator) else target.state_dict()
                    for name, target in self.objects.items()}
         torch_save({"recipe": self.recipe, "settings": self.settings, "done": self.done, "steps": self.steps,
-                    "objects": objects, "rng": _rng_state(), "extra": self.extra}, self.path)
+                    "objects": objects, "rng": _rng_state(), "extra": self.extra, "last_record": self.last_record},
+                   self.path)
 
 
 def _rng_state() -> dict[str, Any]:
