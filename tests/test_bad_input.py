@@ -5,8 +5,10 @@ figures will then mean."""
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,9 @@ from PIL import Image
 
 from tckr.cli import main
 from tckr.data.ingest import FASHION_MNIST_CLASSES, load_prepared
+from tckr.generators.config import FinetuneConfig, GeneratorConfig
+from tckr.generators.lora import finetune_pixel_generator
+from tckr.generators.pixel import pretrain_pixel_generator
 from tests.conftest import make_dataset_dict, write_imagefolder
 
 pytestmark = pytest.mark.unit
@@ -122,10 +127,76 @@ ODD_NAMES = ["T-shirt/top", "trousers & jeans", "pull over", "Kleid", "manteau d
              "👟 sneaker", "bag (leather)", "ankle boot"]
 
 
+TINY = GeneratorConfig(block_out_channels=[8, 16], attention_head_dim=4, steps=2, batch_size=8, max_text_tokens=12)
+
+
+@dataclass(frozen=True)
+class Generation:
+    base: Path  # a tiny pixel generator
+    adapter: Path  # a LoRA adapter trained on it
+    foreign_adapter: Path  # one trained on a base of other widths
+    captions: Path  # the prepared dataset's captions, as the caption stage lays them out
+
+
+class Given:
+    """What the cases of later stages start from: the smoke profile's prepared dataset and, built on first use,
+    tiny generators and captions for it."""
+
+    def __init__(self, prepared: Path, root: Path):
+        self.prepared, self.root = prepared, root
+
+    @functools.cached_property
+    def generation(self) -> Generation:
+        splits, info = load_prepared(self.prepared)
+        labels = [int(label) for label in splits["train"]["label"]]
+        captions = self.root / "captions"
+        _write_captions(captions / "train", labels, info.classes)
+        texts = [f"{info.classes[label]}: an item" for label in labels[:24]]
+        pixels = torch.randint(0, 256, (24, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        paths = {}
+        for name, widths in (("base", [8, 16]), ("other", [16, 32])):
+            pretrain_pixel_generator(TINY.model_copy(update={"block_out_channels": widths}), pixels, texts,
+                                     self.root / name, torch.device("cpu"))
+            finetune_pixel_generator(self.root / name, pixels, texts, FinetuneConfig(rank=2, alpha=2, epochs=1,
+                                     batch_size=8, grad_accum=1), self.root / f"{name}-lora", torch.device("cpu"))
+            paths[name] = self.root / name
+        return Generation(paths["base"], self.root / "base-lora", self.root / "other-lora", captions)
+
+
+def _write_captions(split_dir: Path, labels: list[int], classes: list[str]) -> None:
+    """A split's captions as the caption stage writes them (``run.json``, ``captions.jsonl``, by class)."""
+    split_dir.mkdir(parents=True, exist_ok=True)
+    (split_dir / "run.json").write_text(json.dumps({"captioner": "test", "template": "{class_name}: {caption}",
+                                                    "classes": classes, "images": len(labels)}))
+    records = [{"index": i, "label": label, "class_name": classes[label], "caption": "an item",
+                "text": f"{classes[label]}: an item"} for i, label in enumerate(labels)]
+    (split_dir / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    by_class = {name: [r["text"] for r in records if r["class_name"] == name] for name in classes}
+    (split_dir / "captions_by_class.json").write_text(json.dumps(by_class))
+
+
+def _finetune_on_captions(t: Path, p: Given, change: Callable[[list[int]], list[int]]) -> list[str]:
+    """The LoRA stage given captions whose labels ``change`` made from the dataset's own."""
+    splits, info = load_prepared(p.prepared)
+    _write_captions(t / "captions" / "train", change([int(x) for x in splits["train"]["label"]]), info.classes)
+    return ["stage", "finetune", "--profile", "smoke", "--data", str(p.prepared), "--captions", str(t / "captions"),
+            "--base-model", str(p.generation.base), "--adapter", str(t / "out")]
+
+
+def _rolled(labels: list[int]) -> list[int]:
+    return labels[1:] + labels[:1]
+
+
+def _generate(p: Given, adapter: Path, images: Path) -> list[str]:
+    g = p.generation
+    return ["stage", "generate_shard", "--profile", "smoke", "--captions", str(g.captions), "--base-model",
+            str(g.base), "--adapter", str(adapter), "--shard", "0", "--images", str(images)]
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
-    argv: Callable[[Path, Arrays, Path], list[str]]  # (tmp_path, Fashion-MNIST arrays, a prepared dataset) -> CLI
+    argv: Callable[[Path, Arrays, Given], list[str]]  # (tmp_path, Fashion-MNIST arrays, what stages start from) -> CLI
     exit_code: int
     says: str  # a fragment of the error line, or of a warning when exit_code is 0 ("": prepared, nothing to say)
     prepared: Callable[[dict], bool] = lambda info: True  # what dataset.json must then hold
@@ -203,11 +274,20 @@ CASES = [
     Case("odd and unicode class names", lambda t, a, p: _saved(t, _odd_names(a)), 0, "",
          lambda info: info["classes"] == ODD_NAMES and info["warnings"] == []),
     # -- stages past ingest: the teacher on a prepared dataset, its model directory as the output
-    Case("no GPU where the profile asks for one", lambda t, a, p: _teacher(p, t, "runtime.device=cuda"), 1,
+    Case("no GPU where the profile asks for one", lambda t, a, p: _teacher(p.prepared, t, "runtime.device=cuda"), 1,
          "tckr: runtime.device is 'cuda' but no CUDA GPU is visible: run on a GPU node", cpu_only=True),
-    Case("checkpoint of another recipe in the output", lambda t, a, p: _teacher(p, t, before=_foreign_checkpoint), 1,
+    Case("checkpoint of another recipe in the output",
+         lambda t, a, p: _teacher(p.prepared, t, before=_foreign_checkpoint), 1,
          "checkpoint.pt is a checkpoint of 'privimage.pretrain', not of",
          left=lambda out: [path.name for path in out.iterdir()] == ["checkpoint.pt"]),
+    # -- artifacts of earlier stages that do not belong together: refused before any model loads
+    Case("captions in another order than the dataset", lambda t, a, p: _finetune_on_captions(t, p, _rolled), 1,
+         "were not made for this dataset's train split (caption 0 describes a"),
+    Case("captions of another dataset", lambda t, a, p: _finetune_on_captions(t, p, lambda labels: labels[:-5]), 1,
+         "captions for"),
+    Case("LoRA adapter made for another base model",
+         lambda t, a, p: _generate(p, p.generation.foreign_adapter, t / "out"), 1,
+         "was made for another base model than the one in"),
     # -- settings: exit code 2, the setting named, nothing run
     Case("setting typo", lambda t, a, p: ["config", "--profile", "smoke", "--set", "teacher.epohcs=3"], 2,
          "tckr: invalid profile 'smoke': teacher.epohcs: unknown setting (did you mean 'epochs'?)"),
@@ -236,21 +316,21 @@ def tracking_uri(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, tracking_uri) -> Path:
+def given(tmp_path_factory, tracking_uri) -> Given:
     """The smoke profile's dataset, prepared once, for the cases of later stages."""
-    data = tmp_path_factory.mktemp("prepared") / "data"
+    root = tmp_path_factory.mktemp("given")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-        assert main(["stage", "ingest", "--profile", "smoke", "--data", str(data)]) == 0
-    return data
+        assert main(["stage", "ingest", "--profile", "smoke", "--data", str(root / "data")]) == 0
+    return Given(root / "data", root)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
-def test_bad_input(case, tmp_path, fmnist_arrays, prepared, capsys, monkeypatch, tracking_uri):
+def test_bad_input(case, tmp_path, fmnist_arrays, given, capsys, monkeypatch, tracking_uri):
     if case.cpu_only and torch.cuda.is_available():
         pytest.skip("a GPU is visible here")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-    argv = case.argv(tmp_path, fmnist_arrays, prepared)
+    argv = case.argv(tmp_path, fmnist_arrays, given)
     out = tmp_path / "out"
     if argv[:2] == ["stage", "ingest"]:
         argv += ["--data", str(out)]
@@ -287,3 +367,35 @@ def test_images_of_other_modes_are_prepared_as_8_bit_grey_or_rgb(tmp_path, fmnis
                     for image in split["image"]}
     assert {image.mode for split in splits.values() for image in split["image"]} <= {"L", "RGB"}
     assert (156, 156, 156) in first_pixels and (200, 100, 50) in first_pixels  # 40000 / 65535 * 255 = 155.6
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs (mounting one needs root, as in CI's container); skipped where the mount is refused."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_full_disk_during_generation_is_one_line_and_the_shard_is_made_once_there_is_room(
+        given, small_disk, capsys, monkeypatch, tracking_uri):
+    """The disk fills while a shard's images are written: one line, exit 1, no shard (complete or not) published;
+    with room again the same command makes the shard."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    filler = small_disk / "filler"
+    filler.write_bytes(bytes(256 * 1024 - 24 * 1024))  # room for about 5 of the shard's 16 images
+    out = small_disk / "images"
+    argv = _generate(given, given.generation.adapter, out)
+    assert main(argv) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tckr:")]
+    assert len(errors) == 1 and errors[0].startswith("tckr: no space left on the device") \
+        and "during stage generate_shard" in errors[0], errors
+    assert not list(out.rglob("*.arrow")) and not list(out.rglob("*.partial"))
+    filler.unlink()
+    assert main(argv) == 0
+    assert [path.name for path in (out / "shards").iterdir()] == ["shard-00000.arrow"]  # the staged images are gone

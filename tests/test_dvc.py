@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -179,9 +180,10 @@ def dvc_project(tmp_path_factory, s3_store):
     env |= s3_store.credentials.env() | {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlruns.db'}",
                                          "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}
 
-    def run(*command: str, stdout_only: bool = False, cwd: Path = root) -> str:
-        done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
-        assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}"
+    def run(*command: str, stdout_only: bool = False, cwd: Path = root, fails: bool = False) -> str:
+        done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
+        assert (done.returncode != 0) == fails, f"{' '.join(command)} exited {done.returncode}:\n{done.stdout}\n" \
+                                                f"{done.stderr}"
         return done.stdout if stdout_only else done.stdout + done.stderr
 
     (root / ".gitignore").write_text("mlruns.db\nmlartifacts/\n")
@@ -214,8 +216,17 @@ def test_a_teammates_clone_pulls_the_weights_byte_identical(dvc_project, s3_stor
     clone = root.parent / f"{root.name}-teammate"
     run("git", "clone", "-q", str(root), str(clone))
     assert not any((clone / weights).exists() for weights in WEIGHTS) and (clone / "dvc.lock").is_file()
-    run("dvc", "remote", "modify", "--local", "storage", "endpointurl", s3_store.url, cwd=clone)
-    run("make", "--old-file=setup", "--old-file=s3-up", "pull", f"VENV={sys.prefix}", cwd=clone)
+    pull = ("make", "--old-file=setup", "--old-file=s3-up", "pull", f"VENV={sys.prefix}")
+    # The remote unreachable, then its bucket missing: `make pull` says which within seconds and fetches nothing.
+    for setting, value, says in (("endpointurl", "http://127.0.0.1:9", "Could not connect to the"),  # nobody there
+                                 ("url", "s3://no-such-bucket/store", "The specified bucket does not exist")):
+        run("dvc", "remote", "modify", "--local", "storage", "endpointurl", s3_store.url, cwd=clone)
+        run("dvc", "remote", "modify", "--local", "storage", setting, value, cwd=clone)
+        started = time.monotonic()
+        assert says in run(*pull, cwd=clone, fails=True)
+        assert time.monotonic() - started < 90 and not any((clone / weights).exists() for weights in WEIGHTS)
+    run("dvc", "remote", "modify", "--local", "--unset", "storage", "url", cwd=clone)
+    run(*pull, cwd=clone)
     assert _digests(clone) == before
     assert "up to date" in run("dvc", "status", "dvc.yaml", cwd=clone).lower()
     # One parameter changed there: only what is downstream of it is out of date.

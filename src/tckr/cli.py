@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tckr.components import REPOSITORY
 from tckr.core.errors import ConfigError, TckrError
+from tckr.core.progress import close_bars
 from tckr.recipes.config import available_profiles, load_config
 
 
@@ -351,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return args.handler(args)
     except TckrError as error:
+        close_bars()
         print(f"tckr: {error}", file=sys.stderr)
         return error.exit_code
 

@@ -88,8 +88,8 @@ def test_the_tracking_server_down_for_good_fails_the_stage_in_one_line_and_the_s
     waited = time.monotonic() - stopped
     lines = stderr.strip().splitlines()
     assert process.returncode == 1, stderr[-3000:]
-    assert lines[-1].startswith(f"tckr: the MLflow server {tracker.uri} stopped answering during stage teacher "
-                                "(retried for about 30 s: "), stderr[-3000:]
+    assert lines[-1].startswith(f"tckr: the MLflow server {tracker.uri} failed stage teacher's requests (retried "
+                                "for about 30 s: Connection refused): if it is down, start it again"), stderr[-3000:]
     assert "Traceback" not in stderr
     assert 25 < waited < 150, waited
     checkpoints = sorted(p.name for p in model.rglob("*") if p.is_file())

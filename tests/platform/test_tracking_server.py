@@ -1,6 +1,7 @@
 """Tracking through a real MLflow server: when its object store fails, a clear error within bounded
 retries and nothing registered that points at missing artifacts; with a PostgreSQL backend."""
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -131,3 +132,26 @@ def test_the_server_runs_no_job_consumers(tmp_path):
     finally:
         server.stop()
         s3_server.stop()
+
+
+def test_wrong_s3_keys_behind_the_tracking_server_fail_a_stage_in_one_line(tmp_path, monkeypatch, capsys):
+    """The MLflow server's S3 keys are wrong (a rotated secret): it answers every artifact request with 500, and the
+    stage ends, within its retries, with one line that names the server and points at its store."""
+    from tckr.cli import main
+    from tckr.platform.objectstore import S3Credentials
+
+    s3_server, endpoint = start_seaweedfs(tmp_path / "s3")
+    server, uri = start_mlflow(tmp_path / "mlflow", dataclasses.replace(endpoint, credentials=S3Credentials.generate()))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # the default bound (5) waits about 30 s
+    try:
+        code = main(["stage", "ingest", "--profile", "smoke", "--data", str(tmp_path / "data")])
+    finally:
+        server.stop()
+        s3_server.stop()
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tckr:")]
+    assert code == 1
+    # It answers 500, or resets the connection of an upload it refuses: either reason, and both remedies.
+    assert line.startswith(f"tckr: the MLflow server {uri} failed stage ingest's requests (retried for about 0 s: ")
+    assert "too many 500 error responses)" in line or "Connection reset by peer)" in line, line
+    assert "if it answers, its log says why (storing artifacts fails when its S3 store is down, refuses its" in line

@@ -4,10 +4,17 @@ stage safe to kill and resume. Each writes beside the target, then renames into 
 from __future__ import annotations
 
 import contextlib
+import errno
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from tckr.core.errors import TckrError
+
+
+class DiskFullError(TckrError, OSError):
+    """The disk (or quota) a stage writes to is full."""
 
 
 def _partial(path: Path) -> Path:
@@ -46,3 +53,19 @@ def copy_tree(source: Path, target: Path) -> None:
     if target.exists():
         shutil.rmtree(target)
     partial.replace(target)
+
+
+@contextlib.contextmanager
+def disk_full_as_error(stage: str) -> Iterator[None]:
+    """A full disk mid-write as one line. Checkpoints, shards and manifests are written through the functions above,
+    so the write that failed left no partial file and a run once there is space resumes from what was complete."""
+    try:
+        yield
+    except OSError as error:
+        # pyarrow's IO errors carry the errno in their text only
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT) and "[errno 28]" not in str(error).lower():
+            raise
+        where = f" writing {error.filename}" if error.filename else ""
+        raise DiskFullError(f"no space left on the device{where} during stage {stage}: free some (or give the stage "
+                            "an output directory on a larger disk) and run it again; it resumes from its last "
+                            "checkpoint or shard") from None

@@ -19,6 +19,13 @@ def progress(iterable: Any = None, **kwargs: Any) -> tqdm:
     return tqdm(iterable, **kwargs)
 
 
+def close_bars() -> None:
+    """Close the bars a failure left open (tqdm keeps a set of them), so that the error line after them starts a
+    line of its own instead of trailing a half-drawn bar."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def quiet_datasets() -> None:
     """``datasets`` draws a bar per map/cast/save; keep them only at a terminal."""
     if not interactive():

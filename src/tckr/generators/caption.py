@@ -285,6 +285,34 @@ def caption_split(captioner: Captioner, split, classes: list[str], out_dir: Path
             "seconds": seconds, "images_per_second": done / seconds if done and seconds > 0 else 0.0}
 
 
+def read_captions(split_dir: Path, labels: Sequence[int], classes: list[str]) -> list[str]:
+    """The caption texts of one split in dataset order, once checked to be this split's: the same classes, as many
+    images, each record of its image's class. Captions of another dataset (or of this one split with another seed)
+    would pair each image with another image's description."""
+    split_dir = Path(split_dir)
+    try:
+        run = json.loads((split_dir / "run.json").read_text())
+        with open(split_dir / "captions.jsonl", encoding="utf-8") as handle:
+            records = [json.loads(line) for line in handle]
+    except (OSError, ValueError) as error:
+        raise CaptionError(f"no readable captions in {split_dir} ({error}): caption the dataset first "
+                           "(tckr stage caption)") from None
+    labels = [int(label) for label in labels]
+    wrong = next((i for i, (record, label) in enumerate(zip(records, labels, strict=False))
+                  if record["label"] != label), None)
+    if run["classes"] != classes:
+        problem = f"their classes are {run['classes']}, the dataset's {classes}"
+    elif len(records) != len(labels):
+        problem = f"{len(records)} captions for {len(labels)} images"
+    elif wrong is not None:
+        problem = f"caption {wrong} describes a {classes[records[wrong]['label']]}, image {wrong} is a " \
+                  f"{classes[labels[wrong]]}"
+    else:
+        return [record["text"] for record in records]
+    raise CaptionError(f"the captions in {split_dir} were not made for this dataset's {split_dir.name} split "
+                       f"({problem}): caption it (tckr stage caption), or give the captions made for it")
+
+
 def caption_dataset(cfg: CaptionConfig, data_dir: Path, out_dir: Path, device: torch.device) -> dict[str, Any]:
     """Caption each of ``cfg.splits`` the prepared dataset has into ``out_dir/<split>/``.
 

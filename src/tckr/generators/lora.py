@@ -56,14 +56,28 @@ def save_adapter(unet: nn.Module, out_dir: Path) -> Path:
     return Path(out_dir) / ADAPTER_FILE
 
 
-def _require_adapter(adapter_dir: Path) -> None:
+def check_adapter_fits(unet: nn.Module, adapter_dir: Path, generator_dir: Path) -> None:
+    """An adapter trained on another base model names modules this UNet lacks, or widths it does not have: loading
+    it would fail deep inside diffusers with a screen of size mismatches. Checked from the file's shapes alone."""
+    from safetensors import safe_open
+
     if not (Path(adapter_dir) / ADAPTER_FILE).is_file():
         raise GeneratorError(f"no LoRA adapter ({ADAPTER_FILE}) in {adapter_dir}")
-
-
-def load_adapter(unet: nn.Module, adapter_dir: Path) -> None:
-    _require_adapter(adapter_dir)
-    unet.load_lora_adapter(str(adapter_dir), weight_name=ADAPTER_FILE, prefix="unet", adapter_name="tckr")
+    modules = dict(unet.named_modules())
+    with safe_open(str(Path(adapter_dir) / ADAPTER_FILE), "pt") as weights:
+        for key in weights.keys():  # noqa: SIM118 (a safetensors handle is not a mapping)
+            name, _, part = key.removeprefix("unet.").rpartition(".lora.")
+            side = "in" if part.startswith("down") else "out"  # down: [rank, in]; up: [out, rank]
+            shape = weights.get_slice(key).get_shape()
+            found = shape[-1] if side == "in" else shape[0]
+            layer = modules.get(name)
+            expected = getattr(layer, f"{side}_features", getattr(layer, f"{side}_channels", None))
+            if found != expected:
+                what = (f"this base has no module {name}" if layer is None else
+                        f"its {name} has {found} {side}put features, this base's {expected}")
+                raise GeneratorError(f"the LoRA adapter in {adapter_dir} was made for another base model than the "
+                                     f"one in {generator_dir} ({what}): fine-tune an adapter on this base (tckr stage "
+                                     "finetune), or give the base it was made for")
 
 
 def finetune_generator(generator_dir: Path, images: torch.Tensor, texts: list[str], cfg: FinetuneConfig,
@@ -146,10 +160,11 @@ def load_finetuned(generator_dir: Path, adapter_dir: Path, device: torch.device)
     card = read_card(generator_dir)
     if card["kind"] == stable_diffusion.KIND:
         generator = stable_diffusion.StableDiffusionGenerator.load(card, device)
-        _require_adapter(adapter_dir)
+        check_adapter_fits(generator.pipe.unet, adapter_dir, generator_dir)
         generator.pipe.load_lora_weights(str(adapter_dir), weight_name=ADAPTER_FILE, adapter_name="tckr")
         return generator
     generator = PixelGenerator.load(generator_dir, device)
-    load_adapter(generator.unet, adapter_dir)
+    check_adapter_fits(generator.unet, adapter_dir, generator_dir)
+    generator.unet.load_lora_adapter(str(adapter_dir), weight_name=ADAPTER_FILE, prefix="unet", adapter_name="tckr")
     generator.unet.eval()
     return generator

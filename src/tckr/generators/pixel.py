@@ -447,11 +447,6 @@ def steps_for_epochs(num_examples: int, epochs: int, batch_size: int, grad_accum
     return max(1, math.ceil(epochs * num_examples / (batch_size * grad_accum)))
 
 
-def read_texts(captions_jsonl: Path) -> list[str]:
-    with open(captions_jsonl) as handle:
-        return [json.loads(line)["text"] for line in handle]
-
-
 def digest_files(paths: Iterable[Path]) -> str:
     digest = hashlib.sha256()
     for path in paths:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -58,27 +59,30 @@ def retry_budget_s() -> float:
 
 @contextlib.contextmanager
 def outage_as_error(stage: str) -> Iterator[None]:
-    """A tracking server that stops answering mid-stage, as one line. Once its retries are spent MLflow raises a bare
-    MlflowException whose only link to the cause is the HTTP error it was raised while handling; this names the
-    server, how long it was retried, why, and that what the stage finished (checkpoints, shards) is kept."""
+    """A tracking server that stops answering, or keeps failing, mid-stage, as one line. Once its retries are spent
+    MLflow raises a bare MlflowException whose only link to the cause is the HTTP error it was raised while
+    handling. Which of the two it was is not reliably told apart (a server refusing an upload may reset the
+    connection instead of answering 500), so the line gives the reason and both remedies."""
     from mlflow.exceptions import MlflowException
 
     try:
         yield
     except MlflowException as error:
-        reason = _unanswered(error)
+        reason = _http_failure(error)
         if reason is None:
             raise
         import mlflow
 
         raise TrackingError(
-            f"the MLflow server {mlflow.get_tracking_uri()} stopped answering during stage {stage} (retried for "
-            f"about {retry_budget_s():.0f} s: {reason}); what the stage finished is kept: run it again once the "
-            "server is back (tckr run --resume, or the same tckr stage command)") from None
+            f"the MLflow server {mlflow.get_tracking_uri()} failed stage {stage}'s requests (retried for about "
+            f"{retry_budget_s():.0f} s: {reason}): if it is down, start it again; if it answers, its log says why "
+            "(storing artifacts fails when its S3 store is down, refuses its keys or lacks its bucket); what the "
+            "stage finished is kept: run it again (tckr run --resume, or the same tckr stage command)") from None
 
 
-def _unanswered(error: BaseException) -> str | None:
-    """Why the server did not answer (the innermost reason, one line), or None if ``error`` is not about that."""
+def _http_failure(error: BaseException) -> str | None:
+    """What the HTTP client last met, in a few words ("Connection refused", "too many 500 error responses"), or
+    None if ``error`` did not come from the client giving up."""
     import requests
 
     seen: BaseException | None = error
@@ -86,9 +90,15 @@ def _unanswered(error: BaseException) -> str | None:
         seen = seen.__cause__ or seen.__context__
     if seen is None:
         return None
-    reason = seen.args[0] if seen.args else seen
-    reason = getattr(reason, "reason", reason)  # urllib3's MaxRetryError carries the last attempt's error
-    return str(reason).rsplit(": ", 1)[-1].splitlines()[0]
+    reason: BaseException = seen
+    while True:  # requests wraps urllib3's MaxRetryError (.reason) or ProtocolError (the OSError among its args)
+        inner = getattr(reason, "reason", None) or next(
+            (arg for arg in reversed(reason.args) if isinstance(arg, BaseException)), None)
+        if not isinstance(inner, BaseException):
+            break
+        reason = inner
+    text = getattr(reason, "strerror", None) or str(reason).rsplit(": ", 1)[-1].splitlines()[0]
+    return re.sub(r"^\[Errno \d+\] ", "", text)
 
 
 def configure(tracking_uri: str, attempts: int = 5, delay: float = 1.0) -> None:

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from tckr.core import distributed
+from tckr.core.atomic import disk_full_as_error
 from tckr.core.config import format_errors
 from tckr.core.errors import ConfigError
 from tckr.core.stage import ALL_SECTIONS, Stage
@@ -58,7 +59,7 @@ def invoke(stage: Stage, sections: dict[str, Any], artifacts: dict[str, Any], pa
         function = stage.run
         kwargs |= {"tracking": tracking} if stage.tracked else {}
     count = distributed.processes() if stage.multi_gpu else 1
-    with outage_as_error(stage.name):
+    with outage_as_error(stage.name), disk_full_as_error(stage.name):
         return distributed.run_stage(stage.name, function, kwargs, count,
                                      kwargs["runtime"].device if count > 1 else "")
 

@@ -119,12 +119,12 @@ def _pixel_base_generator(cfg: GeneratorConfig, image_size: int, runtime: Runtim
     from tckr.core.errors import ConfigError
     from tckr.data.images import decode_split
     from tckr.data.ingest import load_prepared
+    from tckr.generators.caption import read_captions
     from tckr.generators.pixel import (
         cache_key,
         digest_files,
         generator_cache_dir,
         pretrain_pixel_generator,
-        read_texts,
         training_precision,
     )
 
@@ -133,6 +133,7 @@ def _pixel_base_generator(cfg: GeneratorConfig, image_size: int, runtime: Runtim
         raise ConfigError("the pixel generator is pretrained on the public split, and the prepared dataset "
                           "has none: set ingest.public_fraction > 0")
     public_captions = captions / "public" / "captions.jsonl"
+    texts = read_captions(captions / "public", splits["public"]["label"], info.classes)
     # Keyed on the public split only: a new private set reuses the same pretrained generator.
     device = run_device(runtime)
     key = cache_key(cfg, image_size, info.split_fingerprints["public"], digest_files([public_captions]),
@@ -143,7 +144,7 @@ def _pixel_base_generator(cfg: GeneratorConfig, image_size: int, runtime: Runtim
         copy_tree(cached, out_dir)
     else:
         images = decode_split(splits["public"], image_size, info.channels)
-        pretrain_pixel_generator(cfg, images, read_texts(public_captions), out_dir, device,
+        pretrain_pixel_generator(cfg, images, texts, out_dir, device,
                                  on_step=lambda step, loss: log_every(step, 25, {"pretrain_loss": loss}))
         copy_tree(out_dir, cached)
     mlflow.set_tag("tckr.generator_cache_key", key)
@@ -160,13 +161,14 @@ def finetune(*, image_size: int, finetune: FinetuneConfig, runtime: RuntimeConfi
 
     from tckr.data.images import decode_split
     from tckr.data.ingest import load_prepared
+    from tckr.generators.caption import read_captions
     from tckr.generators.lora import finetune_generator
-    from tckr.generators.pixel import read_card, read_texts
+    from tckr.generators.pixel import read_card
 
-    splits, _ = load_prepared(data)
+    splits, info = load_prepared(data)
+    texts = read_captions(captions / "train", splits["train"]["label"], info.classes)  # before any model loads
     # The channels the generator models: the dataset's for the pixel UNet, RGB for Stable Diffusion's VAE.
     images = decode_split(splits["train"], image_size, read_card(base_model)["channels"])
-    texts = read_texts(captions / "train" / "captions.jsonl")
     summary = finetune_generator(base_model, images, texts, finetune, adapter, run_device(runtime),
                                  on_step=lambda step, loss: log_every(step, 10, {"lora_loss": loss}))
     mlflow.log_artifact(str(adapter / "loss.csv"))
