@@ -20,7 +20,7 @@ WITH_SERVICES := set -a && { [[ ! -f $(STATE_DIR)/env ]] || . $(STATE_DIR)/env; 
 # repository, compile and submit with --image / --cuda-image set to the tags `make images` prints.
 IMAGE_REPO ?= ghcr.io/tckr/tckr
 
-.PHONY: help setup data tools demo demo-privimage run test test-unit lint bench compile images run-local run-local-down mlflow-ui clean \
+.PHONY: help setup data tools demo demo-privimage run test test-long test-faults test-unit lint bench compile images run-local run-local-down mlflow-ui clean \
 	s3-up s3-down mlflow-up mlflow-down rehearse repro repro-privimage publish pull
 
 help:  ## list targets
@@ -51,10 +51,13 @@ demo-privimage: setup  ## run the PrivImage pipeline on the embedded default (ep
 
 run: demo
 
-test: setup  ## run the test suite (unit tests, the smoke pipelines through real servers, DVC, browser; not the kills)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m "not faults"
+test: setup  ## run the test suite (unit tests, the smoke pipelines through real servers and from the compiled YAML, browser)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m "not faults and not long"
 
-test-faults: setup  ## the fault-injection tests: stages and a whole run SIGKILLed and resumed (CI runs them too)
+test-long: setup  ## the long tests CI runs after `make test`: the fault injection, and DVC's team workflow end to end
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m "faults or long"
+
+test-faults: setup  ## the fault-injection tests alone: stages and a whole run SIGKILLed and resumed, outages
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m faults
 
 test-unit: setup  ## the fast tests: no server, no training beyond a few steps (pytest -m unit)

@@ -116,7 +116,7 @@ SMOKE_RUN_MODULES = {"tests/pipelines/test_tckr_pipeline.py", "tests/pipelines/t
 # Modules of minutes (each runs a pipeline from start to end): they, and the smoke runs, start first, so that no
 # worker starts one while the others have run out of work.
 LONG_MODULES = SMOKE_RUN_MODULES | {"tests/test_dvc.py", "tests/platform/test_rehearse.py",
-                                    "tests/faults/test_kill_stages.py"}
+                                    "tests/faults/test_kill_stages.py", "tests/faults/test_outages.py"}
 
 
 def _module(nodeid: str) -> str:

@@ -192,6 +192,7 @@ def dvc_project(tmp_path_factory, s3_store):
     return root, run
 
 
+@pytest.mark.long
 def test_a_teammates_clone_pulls_the_weights_byte_identical(dvc_project, s3_store):
     root, run = dvc_project
     log = run("dvc", "repro")
@@ -246,6 +247,7 @@ def test_a_teammates_clone_pulls_the_weights_byte_identical(dvc_project, s3_stor
     assert "up to date" in run("dvc", "status", "dvc.yaml", cwd=clone).lower()
 
 
+@pytest.mark.long
 def test_changed_generation_reruns_only_downstream(dvc_project):
     """A teammate who pulled the weights changes generation: pretraining and fine-tuning are skipped."""
     root, run = dvc_project
@@ -263,6 +265,7 @@ def test_changed_generation_reruns_only_downstream(dvc_project):
     assert "up to date" in run("dvc", "status", "dvc.yaml").lower()
 
 
+@pytest.mark.long
 def test_edited_code_marks_the_stages_that_run_it(dvc_project):
     """Distillation's code changed: the student is out of date, the teacher and generation are not."""
     root, run = dvc_project
@@ -276,6 +279,7 @@ def test_edited_code_marks_the_stages_that_run_it(dvc_project):
     assert "up to date" in run("dvc", "status", "dvc.yaml").lower()
 
 
+@pytest.mark.long
 def test_privimage_stages_build_on_the_shared_ingest(dvc_project):
     """`dvc repro privimage/dvc.yaml` reuses TCKR's prepared data and spends no more than its target epsilon."""
     root, run = dvc_project
