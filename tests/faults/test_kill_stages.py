@@ -1,7 +1,7 @@
-"""Real kills, stage by stage: each long stage runs as ``tckr stage`` in a subprocess, is sent SIGKILL at a point
-chosen from a seed inside its working time, and is run again with the same command. The result must equal an
-unbroken run's byte for byte (weights, shards, captions, logits; JSON and CSV files compared without their
-timings), with no partial file or stray shard left, and one MLflow run for the killed task."""
+"""Real kills, stage by stage: each long stage of both recipes runs as ``tckr stage`` in a subprocess, is sent
+SIGKILL at a point chosen from a seed inside its working time, and is run again with the same command. The result
+must equal an unbroken run's byte for byte (weights, shards, captions, logits; JSON and CSV files compared without
+their timings), with no partial file or stray shard left, and one MLflow run for the killed task."""
 
 from __future__ import annotations
 
@@ -37,12 +37,23 @@ UNSTABLE = ("seconds", "images_per_second", "model_uri", "resumed_from")  # timi
 SKIPPED = {"metrics.json", "logged_model.json"}  # the stage's metrics (timings), the MLflow model's id
 
 
+# PrivImage's generator stages, long enough to be killed inside (DP-SGD checkpoints every step).
+PRIVIMAGE_SETTINGS = ["--profile", "smoke-privimage", "--set", "pretrain.steps=90", "--set", "privacy.epochs=3"]
+SETTINGS_OF = {"tckr": SETTINGS, "privimage": PRIVIMAGE_SETTINGS}
+
+
 @dataclass(frozen=True)
 class Kill:
     stage: str
-    inputs: dict[str, str]  # port -> the stage (of this table) whose unbroken output it reads
+    inputs: dict[str, str]  # port -> the stage (a name in this table, or a prerequisite) whose unbroken output it reads
     output: str
     params: tuple[str, ...] = ()
+    recipe: str = "tckr"
+
+    @property
+    def name(self) -> str:
+        """Its outputs' folder and its test id: TCKR's stage names plain, another recipe's under the recipe."""
+        return self.stage if self.recipe == "tckr" else f"{self.recipe}/{self.stage}"
 
 
 KILLS = [
@@ -55,6 +66,18 @@ KILLS = [
     # the student's recipe and distillation objective, on real members (the student's own input is the synthetic set)
     Kill("positive_control", {"data": "ingest", "teacher_model": "teacher"}, "model"),
     Kill("shadow_group", {"data": "ingest"}, "shadows", ("--group", "0")),
+    # PrivImage: public pretraining on the selected subset, then DP-SGD fine-tuning on the private set
+    Kill("pretrain", {"data": "privimage/ingest", "public": "privimage/public_pool", "selection": "privimage/query"},
+         "base_model", recipe="privimage"),
+    Kill("finetune", {"data": "privimage/ingest", "selection": "privimage/query", "base_model": "privimage/pretrain"},
+         "generator", recipe="privimage"),
+]
+# What the killed stages read and nobody kills: made once, unbroken, by the module's fixture.
+PREREQUISITES = [
+    Kill("ingest", {}, "data"),
+    Kill("ingest", {}, "data", recipe="privimage"),
+    Kill("public_pool", {"data": "privimage/ingest"}, "public", recipe="privimage"),
+    Kill("query", {"data": "privimage/ingest", "public": "privimage/public_pool"}, "selection", recipe="privimage"),
 ]
 
 
@@ -62,7 +85,8 @@ KILLS = [
 def workdir(tmp_path_factory):
     """The unbroken outputs, each stage's made once and read by the next; one MLflow store for every run."""
     root = tmp_path_factory.mktemp("kills")
-    _run(["stage", "ingest", *SETTINGS, "--data", str(root / "unbroken" / "ingest")], _environment(root / "unbroken"))
+    for prerequisite in PREREQUISITES:
+        _run(_command(prerequisite, root, root / "unbroken" / prerequisite.name), _environment(root / "unbroken"))
     return root
 
 
@@ -82,7 +106,8 @@ def _run(argv: list[str], env: dict[str, str]) -> None:
 def _command(kill: Kill, root: Path, out: Path) -> list[str]:
     inputs = [argument for port, stage in kill.inputs.items()
               for argument in (f"--{port.replace('_', '-')}", str(root / "unbroken" / stage))]
-    return ["stage", kill.stage, *SETTINGS, *inputs, *kill.params, f"--{kill.output.replace('_', '-')}", str(out)]
+    return ["stage", kill.stage, *SETTINGS_OF[kill.recipe], *inputs, *kill.params, f"--{kill.output.replace('_', '-')}",
+            str(out)]
 
 
 def _working_window(command: list[str], env: dict[str, str], out: Path) -> tuple[float, float]:
@@ -135,45 +160,45 @@ def _files(root: Path) -> dict[str, object]:
             if path.is_file() and path.name not in SKIPPED}
 
 
-@pytest.mark.parametrize("kill", KILLS, ids=[kill.stage for kill in KILLS])
+@pytest.mark.parametrize("kill", KILLS, ids=[kill.name for kill in KILLS])
 def test_a_stage_killed_and_run_again_ends_as_an_unbroken_run(kill, workdir):
     from tckr.recipes.config import RECIPES
 
     root = workdir
-    unbroken = root / "unbroken" / kill.stage
+    unbroken = root / "unbroken" / kill.name
     first_write, ended = _working_window(_command(kill, root, unbroken), _environment(root / "unbroken"), unbroken)
-    seed = int(os.environ.get("TCKR_KILL_SEED", "0")) * 1000 + zlib.crc32(kill.stage.encode()) % 1000
+    seed = int(os.environ.get("TCKR_KILL_SEED", "0")) * 1000 + zlib.crc32(kill.name.encode()) % 1000
     fraction = random.Random(seed).uniform(0.1, 0.8)
     # The kill is timed from the killed run's own first write, so a slower start-up (a loaded machine) does not
     # move it; a run faster than the unbroken one is tried again, killed earlier, in fresh folders.
     for attempt in range(3):
         attempt_root = root / "killed" / f"try{attempt}"
-        killed = attempt_root / kill.stage
+        killed = attempt_root / kill.name
         command, env = _command(kill, root, killed), _environment(attempt_root)
         process = start([TCKR, *command], env)
         delay = fraction / 2 ** attempt * (ended - first_write)
-        if wait_for(process, functools.partial(_written, killed), f"{kill.stage}'s first write") \
+        if wait_for(process, functools.partial(_written, killed), f"{kill.name}'s first write") \
                 and kill_after(process, delay):
             break
     else:
-        pytest.fail(f"{kill.stage} ended before each kill (last {delay:.1f} s after its first write)")
-    interrupted = _stage_runs(env, kill.stage)
+        pytest.fail(f"{kill.name} ended before each kill (last {delay:.1f} s after its first write)")
+    interrupted = _stage_runs(env, kill)
     _run(command, env)  # the same command again: it resumes
 
     files = _files(killed)
     assert not [name for name in files if ".partial" in name or name.endswith((".tmp", "checkpoint.pt"))], files
     assert files.keys() == _files(unbroken).keys()
     assert files == _files(unbroken), f"killed {delay:.1f} s after its first write, of {ended - first_write:.1f}"
-    if RECIPES["tckr"].stages[kill.stage].tracked:  # the killed run's MLflow run is continued, not made again
-        after = _stage_runs(env, kill.stage)
+    if RECIPES[kill.recipe].stages[kill.stage].tracked:  # the killed run's MLflow run is continued, not made again
+        after = _stage_runs(env, kill)
         assert set(after.values()) == {"FINISHED"}
         assert len(after) == len(interrupted) + (0 if "RUNNING" in interrupted.values() else 1), (interrupted, after)
 
 
-def _stage_runs(env: dict[str, str], stage: str) -> dict[str, str]:
-    """The status of each MLflow run of ``stage`` in the store ``env`` names."""
+def _stage_runs(env: dict[str, str], kill: Kill) -> dict[str, str]:
+    """The status of each MLflow run of the killed stage in the store ``env`` names."""
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
-    experiment = client.get_experiment_by_name("tckr-fashion-mnist")
+    experiment = client.get_experiment_by_name(f"{kill.recipe}-fashion-mnist")
     runs = [] if experiment is None else client.search_runs(
-        [experiment.experiment_id], filter_string=f"tags.`tckr.stage` = '{stage}'")
+        [experiment.experiment_id], filter_string=f"tags.`tckr.stage` = '{kill.stage}'")
     return {run.info.run_id: run.info.status for run in runs}

@@ -5,6 +5,7 @@ epsilon of the composed history."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -197,7 +198,7 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, capsys):
     unbroken = TinyDenoiser()
     resumed = copy.deepcopy(unbroken)
     unbroken_ema, resumed_ema = copy.deepcopy(unbroken), copy.deepcopy(unbroken)
-    expected = run(unbroken, tmp_path / "a", loss_rows, ema=unbroken_ema, accountant="prv")
+    expected = run(unbroken, tmp_path / "a", loss_rows, ema=unbroken_ema, accountant="prv", steps_per_epoch=2)
 
     calls = 0
 
@@ -209,15 +210,21 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, capsys):
         return loss_rows(model, rows, noise_rng)
 
     with pytest.raises(KeyboardInterrupt):
-        run(resumed, tmp_path / "b", crashing, ema=resumed_ema, accountant="prv")
+        run(resumed, tmp_path / "b", crashing, ema=resumed_ema, accountant="prv", steps_per_epoch=2)
     assert not hasattr(next(resumed.parameters()), "grad_sample")  # handed back without Opacus's hooks
-    got = run(resumed, tmp_path / "b", loss_rows, ema=resumed_ema, accountant="prv")
+    reported = []
+    got = run(resumed, tmp_path / "b", loss_rows, ema=resumed_ema, accountant="prv", steps_per_epoch=2,
+              on_epoch=reported.append)
     assert "resuming DP-SGD after step 2/6" in capsys.readouterr().out
 
     assert all(torch.equal(a, b) for a, b in zip(unbroken.parameters(), resumed.parameters(), strict=True))
     assert all(torch.equal(a, b) for a, b in zip(unbroken_ema.parameters(), resumed_ema.parameters(), strict=True))
     assert got.history == expected.history and got.epsilon == expected.epsilon
     assert got.losses == expected.losses and got.steps == expected.steps == 6
+    # Epoch 1 ended before the crash: the resumed run reports epochs 2 and 3 live, and returns all three as the
+    # unbroken run does (what privacy.json records).
+    assert [row["epoch"] for row in reported] == [2, 3] and got.epochs == expected.epochs
+    assert [row["epoch"] for row in got.epochs] == [1, 2, 3] and got.epochs[-1]["epsilon"] == got.epsilon
 
 
 def test_epsilon_is_the_composed_history_and_empty_batches_still_step(tmp_path):
@@ -234,6 +241,7 @@ def test_epsilon_is_the_composed_history_and_empty_batches_still_step(tmp_path):
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # noise moved them
     assert [record["epoch"] for record in epochs] == [1, 2]
     assert epochs[0]["epsilon"] < epochs[1]["epsilon"] == result.epsilon
+    assert json.dumps(result.epochs) == json.dumps(epochs)  # what it returns is what it reported (NaN included)
 
 
 def test_ema_moves_once_per_logical_step(tmp_path):

@@ -118,6 +118,7 @@ class DPTrainingResult:
     epsilon: float  # of the whole composed history, prior included
     history: History
     steps: int
+    epochs: list[dict]  # each completed epoch's {"epoch", "epsilon", "loss"}, as ``on_epoch`` heard them
 
 
 def train_dp(model: nn.Module, loss_rows: LossRows, *, num_examples: int, sample_rate: float, steps: int,
@@ -191,18 +192,26 @@ def train_dp(model: nn.Module, loss_rows: LossRows, *, num_examples: int, sample
         loop.extra["losses"].append(step_loss)
         return step_loss
 
-    def report_epoch(done: int, _loss: float) -> None:
-        if on_epoch is None or done % steps_per_epoch:
-            return
+    def epoch_row(epoch: int) -> dict:
+        """An epoch's report from what a checkpoint keeps (the step losses) and the accountant's history up to the
+        epoch's last step (the prior entries, then this run's sigma and rate for that many steps), so a resumed
+        run reports the epochs before its kill exactly as an unbroken run does."""
+        done = epoch * steps_per_epoch
+        *prior, (sigma, rate, _) = [tuple(entry) for entry in privacy.history]
         sampled = [loss for loss in loop.extra["losses"][done - steps_per_epoch:done] if not math.isnan(loss)]
-        on_epoch({"epoch": done // steps_per_epoch, "epsilon": epsilon_spent(privacy.history, delta, accountant),
-                  "loss": sum(sampled) / len(sampled) if sampled else math.nan})
+        return {"epoch": epoch, "epsilon": epsilon_spent([*prior, (sigma, rate, done)], delta, accountant),
+                "loss": sum(sampled) / len(sampled) if sampled else math.nan}
+
+    def report_epoch(done: int, _loss: float) -> None:
+        if on_epoch is not None and done % steps_per_epoch == 0:
+            on_epoch(epoch_row(done // steps_per_epoch))
 
     with _per_sample_gradients(model) as wrapped:
         loop.run_steps(steps, step, every=1, on_step=report_epoch)
     history = [tuple(entry) for entry in privacy.history]
     return DPTrainingResult(losses=loop.extra["losses"], epsilon=epsilon_spent(history, delta, accountant),
-                            history=history, steps=loop.steps)
+                            history=history, steps=loop.steps,
+                            epochs=[epoch_row(epoch) for epoch in range(1, loop.steps // steps_per_epoch + 1)])
 
 
 @contextmanager

@@ -129,19 +129,12 @@ def finetune_privately(cfg: FinetuneConfig, image_size: int, data_dir: Path, sel
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    epochs: list[dict] = []
-
-    def record_epoch(row: dict) -> None:
-        epochs.append(row)
-        if on_epoch is not None:
-            on_epoch(row)
-
     result = train_dp(unet, loss_rows, num_examples=num_private, sample_rate=plan.sample_rate, steps=plan.steps,
                       noise_multiplier=plan.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
                       multiplicity=cfg.multiplicity, lr=cfg.lr, physical_batch_size=cfg.physical_batch_size,
                       seed=cfg.seed, device=device, checkpoint=out_dir / "dp-checkpoint.pt", accountant=cfg.accountant,
                       prior_history=query_history(query_sigma), delta=plan.delta, ema=ema, ema_decay=cfg.ema_decay,
-                      on_epoch=record_epoch, recipe="privimage.dp_finetune",
+                      on_epoch=on_epoch, recipe="privimage.dp_finetune",
                       resume_key=json.dumps({"base": digest_files([Path(base_dir) / WEIGHTS]),
                                              "data": info.split_fingerprints.get("train", info.fingerprint),
                                              "label_dropout": cfg.label_dropout, "lora": cfg.lora_targets,
@@ -151,7 +144,7 @@ def finetune_privately(cfg: FinetuneConfig, image_size: int, data_dir: Path, sel
         out_dir, {"finetuning": {"dp_steps": result.steps, "lora_rank": cfg.lora_rank, "private_images": num_private,
                                  "precision": precision_name(dtype)}})
     write_text(out_dir / "privacy.json", json.dumps(plan.as_dict() | {
-        "epsilon_spent": result.epsilon, "history": [list(entry) for entry in result.history], "epochs": epochs,
+        "epsilon_spent": result.epsilon, "history": [list(entry) for entry in result.history], "epochs": result.epochs,
         "covers": "the semantic query (one Gaussian step over the private train split) and every DP-SGD step",
         "does_not_cover": "hyperparameter search, and the public data (assumed public)"}, indent=2) + "\n")
     checkpoint_location(out_dir / "dp-checkpoint.pt").unlink(missing_ok=True)
