@@ -296,6 +296,10 @@ CASES = [
         "privacy.target_epsilon: Input should be greater than 0 (got 0)"),
     Case("delta >= 1", lambda t, a, p: ["config", "--profile", "smoke-privimage", "--set", "privacy.delta=1"], 2,
          "privacy.delta: Input should be less than 1 (got 1)"),
+    Case("delta >= 1/N for the private set", lambda t, a, p: [
+        "stage", "query", "--profile", "smoke-privimage", "--set", "privacy.delta=0.01", "--data", str(p.prepared),
+        "--public", str(t / "pool"), "--selection", str(t / "out")], 2,
+         "delta 0.01 is not in (0, 1/N = 0.0033) for N = 300 private images"),
     Case("synthetic ratio <= 0", lambda t, a, p: ["config", "--profile", "smoke", "--set", "generate.ratio=0"], 2,
          "generate.ratio: Input should be greater than 0 (got 0)"),
     Case("odd shadow count", lambda t, a, p: ["config", "--profile", "smoke", "--set", "attack.shadows=3"], 2,
