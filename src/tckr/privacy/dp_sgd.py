@@ -118,7 +118,7 @@ class DPTrainingResult:
     epsilon: float  # of the whole composed history, prior included
     history: History
     steps: int
-    epochs: list[dict]  # each completed epoch's {"epoch", "epsilon", "loss"}, as ``on_epoch`` heard them
+    epochs: list[dict]  # every completed epoch's {"epoch", "epsilon", "loss"}, the same whether or not it resumed
 
 
 def train_dp(model: nn.Module, loss_rows: LossRows, *, num_examples: int, sample_rate: float, steps: int,
