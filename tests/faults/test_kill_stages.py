@@ -33,6 +33,7 @@ TCKR = str(Path(sys.executable).with_name("tckr"))
 SETTINGS = ["--profile", "smoke", "--set", "teacher.epochs=6", "--set", "teacher.batch_size=16",
             "--set", "student.epochs=6", "--set", "student.batch_size=16", "--set", "generator.steps=90",
             "--set", "finetune.epochs=2", "--set", "finetune.batch_size=8", "--set", "generate.steps=12"]
+KILL_POINTS = 2  # seeded kill points per stage; TCKR_KILL_SEED picks another set
 UNSTABLE = ("seconds", "images_per_second", "model_uri", "resumed_from")  # timings, ids, where it resumed
 SKIPPED = {"metrics.json", "logged_model.json"}  # the stage's metrics (timings), the MLflow model's id
 
@@ -160,19 +161,29 @@ def _files(root: Path) -> dict[str, object]:
             if path.is_file() and path.name not in SKIPPED}
 
 
+@pytest.fixture(scope="module")
+def windows() -> dict[str, tuple[float, float]]:
+    """Each stage's unbroken run, made once for all its seeds: when it first wrote and when it ended."""
+    return {}
+
+
+@pytest.mark.parametrize("point", range(KILL_POINTS), ids=lambda point: f"point{point}")
 @pytest.mark.parametrize("kill", KILLS, ids=[kill.name for kill in KILLS])
-def test_a_stage_killed_and_run_again_ends_as_an_unbroken_run(kill, workdir):
+def test_a_stage_killed_and_run_again_ends_as_an_unbroken_run(kill, point, workdir, windows):
     from tckr.recipes.config import RECIPES
 
     root = workdir
     unbroken = root / "unbroken" / kill.name
-    first_write, ended = _working_window(_command(kill, root, unbroken), _environment(root / "unbroken"), unbroken)
-    seed = int(os.environ.get("TCKR_KILL_SEED", "0")) * 1000 + zlib.crc32(kill.name.encode()) % 1000
+    if kill.name not in windows:
+        windows[kill.name] = _working_window(_command(kill, root, unbroken), _environment(root / "unbroken"), unbroken)
+    first_write, ended = windows[kill.name]
+    run = int(os.environ.get("TCKR_KILL_SEED", "0")) * KILL_POINTS + point
+    seed = run * 1000 + zlib.crc32(kill.name.encode()) % 1000
     fraction = random.Random(seed).uniform(0.1, 0.8)
     # The kill is timed from the killed run's own first write, so a slower start-up (a loaded machine) does not
     # move it; a run faster than the unbroken one is tried again, killed earlier, in fresh folders.
     for attempt in range(3):
-        attempt_root = root / "killed" / f"try{attempt}"
+        attempt_root = root / "killed" / f"point{point}-try{attempt}"
         killed = attempt_root / kill.name
         command, env = _command(kill, root, killed), _environment(attempt_root)
         process = start([TCKR, *command], env)

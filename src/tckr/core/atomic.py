@@ -1,10 +1,12 @@
 """Writes that leave a file or directory complete or absent, never half-written: what makes every
-stage safe to kill and resume. Each writes beside the target, then renames into place."""
+stage safe to kill and resume. Each writes beside the target, flushes it to the disk, renames it into place and
+flushes the directory: a killed process cannot break that, and neither can a node that loses power."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,13 +23,26 @@ def _partial(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's bytes, or a directory's entries, to the disk. Without it a node that loses power can keep the
+    rename and lose the bytes (an empty file where a complete one was), or forget the rename."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a path to write the file at; it becomes ``path`` only if the block completes."""
-    partial = _partial(Path(path))
+    path = Path(path)
+    partial = _partial(path)
     try:
         yield partial
+        _fsync(partial)
         partial.replace(path)
+        _fsync(path.parent)
     finally:
         partial.unlink(missing_ok=True)
 
@@ -50,9 +65,13 @@ def copy_tree(source: Path, target: Path) -> None:
     partial = _partial(target)
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(source, partial)
+    for copied in sorted(partial.rglob("*"), reverse=True):  # files before the folders that hold them
+        _fsync(copied)
+    _fsync(partial)
     if target.exists():
         shutil.rmtree(target)
     partial.replace(target)
+    _fsync(target.parent)
 
 
 @contextlib.contextmanager
