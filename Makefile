@@ -20,7 +20,7 @@ WITH_SERVICES := set -a && { [[ ! -f $(STATE_DIR)/env ]] || . $(STATE_DIR)/env; 
 # repository, compile and submit with --image / --cuda-image set to the tags `make images` prints.
 IMAGE_REPO ?= ghcr.io/tckr/tckr
 
-.PHONY: help setup data tools demo demo-privimage run test test-long test-faults test-unit lint bench compile images run-local run-local-down mlflow-ui clean \
+.PHONY: help setup data tools demo demo-privimage run test test-long test-faults test-unit lint bench tradeoff scaling cluster-cost compile images run-local run-local-down mlflow-ui clean \
 	s3-up s3-down mlflow-up mlflow-down rehearse repro repro-privimage publish pull
 
 help:  ## list targets
@@ -70,6 +70,15 @@ lint: setup  ## ruff, hadolint, the import contracts (pyproject.toml [tool.impor
 
 bench: setup  ## the benchmark suite: each stage against its baseline, peak memory, MFU (bench/results.json)
 	$(BIN)/python bench/suite.py
+
+tradeoff: repro  ## the demo's time against its quality bars, one setting at a time, on make repro's outputs (bench/tradeoff.*)
+	$(BIN)/python bench/tradeoff.py
+
+scaling: repro  ## how the demo's wall time grows with the private set, the synthetic ratio, the shadows (bench/scaling.*)
+	$(BIN)/python bench/scaling.py
+
+cluster-cost: setup  ## pods, model FLOPs and GPU-hours of the paper profile on a cluster (bench/cluster.json)
+	$(BIN)/python bench/cluster.py
 
 compile: setup  ## compile pipelines to the YAML committed beside them
 	$(BIN)/tckr compile

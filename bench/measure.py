@@ -7,6 +7,7 @@ import ctypes
 import ctypes.util
 import gc
 import os
+import platform
 import threading
 import time
 from collections.abc import Callable
@@ -172,3 +173,14 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...]
                 break
         rates[n] = 2 * n**3 * products / spent
     return rates
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

@@ -44,7 +44,7 @@ from common import (
     synchronize,
     train_shadows,
 )
-from measure import count_flops, matmul_peak, measure
+from measure import count_flops, cpu_model, matmul_peak, measure
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -481,17 +481,6 @@ class Machine:
                 "peak_gflops": {name: peak / 1e9 for name, peak in self.peaks.items()},
                 "matmul_probe_gflops": {name: {str(n): rate / 1e9 for n, rate in rates.items()}
                                         for name, rates in self.probe.items()}}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def probe_machine(device: torch.device, quick: bool) -> Machine:

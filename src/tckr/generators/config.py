@@ -63,6 +63,8 @@ class GeneratorConfig(Section):
     lr: float = Field(1e-3, gt=0)
     caption_dropout: float = Field(0.1, ge=0, lt=1, description="empty prompt rate: enables guidance")
     ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_warmup: bool = Field(True, description="pixel: the EMA's decay ramps up over the first steps (as "
+                             "diffusers' EMAModel); without it the saved weights keep 0.999^steps of the random init")
     mixed_precision: bool = Field(True, description=MIXED_PRECISION)
     seed: int = 0
 

@@ -167,7 +167,8 @@ def train_denoiser(unet: nn.Module, parameters: list[nn.Parameter], data: Denois
                    steps: int, batch_size: int, grad_accum: int, lr: float, weight_decay: float,
                    max_grad_norm: float, caption_dropout: float, random_flip: bool, seed: int,
                    device: torch.device, checkpoint: Path, mixed_precision: bool = False,
-                   ema: nn.Module | None = None, ema_decay: float = 0.0, desc: str = "train",
+                   ema: nn.Module | None = None, ema_decay: float = 0.0, ema_warmup: bool = False,
+                   desc: str = "train",
                    on_step: Callable[[int, float], None] | None = None, recipe: str = "tckr.denoiser",
                    resume_key: str = "") -> list[float]:
     """Denoising-loss training of ``parameters`` (all of the UNet, or only its LoRA adapter).
@@ -175,7 +176,9 @@ def train_denoiser(unet: nn.Module, parameters: list[nn.Parameter], data: Denois
     ``caption_dropout`` is the rate at which a sample's condition (caption or class label) is replaced by
     the null one. The loss target follows the scheduler's ``prediction_type`` (epsilon or v). Batches come from a
     per-epoch permutation derived from ``(seed, epoch)``, so a resumed run draws exactly the batches
-    an uninterrupted one would. ``checkpoint`` is rewritten atomically every 50 steps and at the end;
+    an uninterrupted one would. ``ema`` follows the weights at ``ema_decay`` (with ``ema_warmup``, at
+    :func:`ema_decay_at`'s lower decay over the first steps). ``checkpoint`` is rewritten atomically every 50
+    steps and at the end;
     it says it was made by ``recipe`` (the trainer calling: pretraining, LoRA), and by these arguments
     and ``resume_key`` (what else the caller knows determines the run). Returns the loss per optimiser step.
     """
@@ -188,6 +191,7 @@ def train_denoiser(unet: nn.Module, parameters: list[nn.Parameter], data: Denois
         "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr, "weight_decay": weight_decay,
         "max_grad_norm": max_grad_norm, "caption_dropout": caption_dropout, "random_flip": random_flip,
         "seed": seed, "precision": precision_name(dtype), "ema_decay": ema_decay if ema is not None else None,
+        **({"ema_warmup": True} if ema is not None and ema_warmup else {}),
         "samples": list(data.samples.shape), "parameters": sum(p.numel() for p in parameters),
         "resume_key": resume_key})
     objects = {"unet": _Trainable(unet, trainable), "optimizer": optimizer, "scaler": scaler}
@@ -216,7 +220,7 @@ def train_denoiser(unet: nn.Module, parameters: list[nn.Parameter], data: Denois
         scaler.step(optimizer)
         scaler.update()
         if ema is not None:
-            _ema_update(ema, unet, ema_decay)
+            _ema_update(ema, unet, ema_decay_at(index, ema_decay) if ema_warmup else ema_decay)
         loop.extra["losses"].append(step_loss)
         return step_loss
 
@@ -270,6 +274,13 @@ def denoising_target(noise_scheduler, samples: torch.Tensor, noise: torch.Tensor
     if noise_scheduler.config.prediction_type == "v_prediction":
         return noise_scheduler.get_velocity(samples, noise, timesteps)
     return noise
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """The EMA's decay after optimiser step ``step`` (from 0) with warm-up, as diffusers' ``EMAModel``:
+    ``min(decay, (1 + step) / (10 + step))``. Without it an EMA of a model trained from scratch keeps
+    ``decay ** steps`` of its random initialisation (at 0.999: 37 % after 1,000 steps, 61 % after 500)."""
+    return min(decay, (1 + step) / (10 + step))
 
 
 @torch.no_grad()
@@ -430,7 +441,8 @@ def pretrain_pixel_generator(cfg: GeneratorConfig, images: torch.Tensor, texts: 
         unet, list(unet.parameters()), data, scheduler, steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=1,
         lr=cfg.lr, weight_decay=0.0, max_grad_norm=1.0, caption_dropout=cfg.caption_dropout, random_flip=False,
         seed=cfg.seed, device=device, checkpoint=out_dir / "pretrain-checkpoint.pt", ema=ema,
-        ema_decay=cfg.ema_decay, desc="pretrain generator", on_step=on_step, recipe="tckr.pretrain",
+        ema_decay=cfg.ema_decay, ema_warmup=cfg.ema_warmup, desc="pretrain generator", on_step=on_step,
+        recipe="tckr.pretrain",
         resume_key=cfg.model_dump_json(), mixed_precision=cfg.mixed_precision)
     seconds = time.perf_counter() - started
     generator = PixelGenerator(ema, encoder, dict(scheduler.config), image_size, channels)
