@@ -107,6 +107,7 @@ def plot(results: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
     for ax, (name, axis) in zip(axes[0], results.items(), strict=True):
@@ -118,6 +119,7 @@ def plot(results: dict, path: Path) -> None:
                       label=f"{stage} ({axis['exponent'][stage]:.2f})")
         low, high = min(sizes), max(sizes)
         ax.set_xticks(sizes, [f"{s:.0f}" for s in sizes], minor=False)
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlim(low / math.sqrt(2), high * math.sqrt(2))
         ax.set_title(f"{name}: {axis['key']}", fontsize=10)
         ax.set_xlabel(axis["size"])

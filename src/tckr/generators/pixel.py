@@ -178,9 +178,9 @@ def train_denoiser(unet: nn.Module, parameters: list[nn.Parameter], data: Denois
     per-epoch permutation derived from ``(seed, epoch)``, so a resumed run draws exactly the batches
     an uninterrupted one would. ``ema`` follows the weights at ``ema_decay`` (with ``ema_warmup``, at
     :func:`ema_decay_at`'s lower decay over the first steps). ``checkpoint`` is rewritten atomically every 50
-    steps and at the end;
-    it says it was made by ``recipe`` (the trainer calling: pretraining, LoRA), and by these arguments
-    and ``resume_key`` (what else the caller knows determines the run). Returns the loss per optimiser step.
+    steps and at the end; it says it was made by ``recipe`` (the trainer calling: pretraining, LoRA), and by
+    these arguments and ``resume_key`` (what else the caller knows determines the run). Returns the loss per
+    optimiser step.
     """
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
     dtype = autocast_dtype(device, mixed_precision)
@@ -442,8 +442,7 @@ def pretrain_pixel_generator(cfg: GeneratorConfig, images: torch.Tensor, texts: 
         lr=cfg.lr, weight_decay=0.0, max_grad_norm=1.0, caption_dropout=cfg.caption_dropout, random_flip=False,
         seed=cfg.seed, device=device, checkpoint=out_dir / "pretrain-checkpoint.pt", ema=ema,
         ema_decay=cfg.ema_decay, ema_warmup=cfg.ema_warmup, desc="pretrain generator", on_step=on_step,
-        recipe="tckr.pretrain",
-        resume_key=cfg.model_dump_json(), mixed_precision=cfg.mixed_precision)
+        recipe="tckr.pretrain", resume_key=cfg.model_dump_json(), mixed_precision=cfg.mixed_precision)
     seconds = time.perf_counter() - started
     generator = PixelGenerator(ema, encoder, dict(scheduler.config), image_size, channels)
     summary = {"steps": cfg.steps, "final_loss": float(np.mean(losses[-50:])), "seconds": seconds,
