@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 from stages import ROOT, Point, provenance
 
-# Agreement is measured on 640 samples (~14 min of generation less per point than the demo's 5,000): its binomial
+# Agreement is measured on 640 samples (minutes of generation less per point than the demo's whole set): its binomial
 # standard error there is ~1.6 points, so the curve is read for its trend, and the chosen setting in a full demo.
 AGREEMENT_SAMPLES = {"generate.ratio": 0.064}
 
