@@ -15,6 +15,7 @@ compiled pipeline's tasks, with the two fan-outs expanded as the plan stages exp
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 from pathlib import Path
@@ -101,6 +102,7 @@ def blip2_flops(new_tokens: int) -> float:
                     lambda m: m(inputs_embeds=torch.randn(1, sequence, 2560), attention_mask=None)))
 
 
+@functools.cache  # the paper's student is the teacher's architecture: counted once
 def classifier_flops(name: str, num_classes: int, image_size: int) -> dict[str, float]:
     """A timm classifier's forward pass, and a training step as three forwards (the backward computes gradients
     for activations and weights, each the forward's cost). Not the counter's backward: torch's conv backward

@@ -6,7 +6,7 @@ exponent of wall time against size (the slope on log-log axes) says what a bigge
 means fixed costs (start-up, model loading, tracking) still weigh. Results go to ``bench/scaling.json`` and
 ``bench/scaling.png``, and a table to stdout.
 
-    python bench/scaling.py [--inputs outputs] [--work /tmp/tckr-tradeoff] [--only private,ratio,shadows]
+    python bench/scaling.py [--inputs outputs] [--work /tmp/tckr-studies] [--only private,ratio,shadows]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from stages import ROOT, Point, provenance
+from stages import Point, provenance, study_arguments
 
 
 @dataclass(frozen=True)
@@ -54,24 +54,18 @@ AXES = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--inputs", type=Path, default=ROOT / "outputs", help="a finished `make repro`'s outputs/")
-    parser.add_argument("--profile", type=Path, default=ROOT / "params.yaml", help="the profile those were made with")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/tckr-tradeoff"))
-    parser.add_argument("--only", default="", help="comma-separated axes: private, ratio, shadows")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "scaling.json")
+    study_arguments(parser, "scaling.json", only="comma-separated axes: private, ratio, shadows")
     args = parser.parse_args()
     chosen = set(filter(None, args.only.split(",")))
     results = json.loads(args.out.read_text()).get("axes", {}) if args.out.exists() else {}
-    run = provenance(args.inputs.resolve(), args.profile.resolve())
+    inputs, profile_path = args.inputs.resolve(), args.profile.resolve()
+    run = provenance(inputs, profile_path)
     for axis in AXES:
         if chosen and axis.name not in chosen:
             continue
         rows = []
         for value in axis.values:
-            settings = {**axis.fixed, axis.key: value}
-            point = Point(f"{axis.key}={value}" + "".join(f",{k}={v}" for k, v in sorted(axis.fixed.items())),
-                          axis.stages, tuple(sorted(settings.items())))
-            made = point.run(args.inputs.resolve(), args.work, args.profile.resolve())
+            made = Point.varying(axis.key, value, axis.stages, axis.fixed).run(inputs, args.work, profile_path)
             rows.append({"setting": value, "size": made["metrics"][axis.size], "stage_seconds": made["seconds"],
                          "seconds": round(sum(made["seconds"].values()), 1),
                          "figures": {name: made["metrics"][name] for name in axis.figures}})

@@ -8,6 +8,7 @@ metrics file exists is not run again, so a study resumes where it stopped.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -23,6 +24,16 @@ from measure import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def study_arguments(parser: argparse.ArgumentParser, out: str, only: str) -> None:
+    """The options every study takes: where the finished demo's outputs are, with which profile they were made,
+    the work folder its points run in, which part to run (``only``: its help) and where its JSON goes."""
+    parser.add_argument("--inputs", type=Path, default=ROOT / "outputs", help="a finished `make repro`'s outputs/")
+    parser.add_argument("--profile", type=Path, default=ROOT / "params.yaml", help="the profile those were made with")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/tckr-studies"))
+    parser.add_argument("--only", default="", help=only)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / out)
 
 
 def provenance(inputs: Path, profile: Path) -> dict:
@@ -70,6 +81,12 @@ class Point:
     name: str
     stages: tuple[str, ...]
     settings: tuple[tuple[str, object], ...]
+
+    @classmethod
+    def varying(cls, key: str, value: object, stages: tuple[str, ...], fixed: dict) -> Point:
+        """The point where ``key`` is ``value`` and ``fixed`` holds, named after both (its work folder)."""
+        name = f"{key}={value}" + "".join(f",{k}={v}" for k, v in sorted(fixed.items()))
+        return cls(name, stages, tuple(sorted({**fixed, key: value}.items())))
 
     def command(self, stage: str, inputs: Path, folder: Path, profile: Path) -> list[str]:
         remade = set().union(*(produced_by(s) for s in self.stages[: self.stages.index(stage) + 1]))

@@ -8,7 +8,7 @@ Results go to ``bench/tradeoff.json`` and ``bench/tradeoff.png`` (time against t
 table to stdout. A knob's time is the wall time of the stages it changes; what else it scales is said beside it
 (the shadows and the negative control train with the teacher's recipe, the positive control with the student's).
 
-    python bench/tradeoff.py [--inputs outputs] [--work /tmp/tradeoff] [--only generator.steps,attack.shadows]
+    python bench/tradeoff.py [--inputs outputs] [--work /tmp/tckr-studies] [--only generator.steps,attack.shadows]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from stages import ROOT, Point, provenance
+from stages import ROOT, Point, provenance, study_arguments
 
 # Agreement is measured on 640 samples (minutes of generation less per point than the demo's whole set): its binomial
 # standard error there is ~1.6 points, so the curve is read for its trend, and the chosen setting in a full demo.
@@ -37,6 +37,8 @@ class Knob:
     bar: float
     also_scales: str = ""
     fixed: dict = field(default_factory=dict)
+    # The stages whose time the knob changes (its cost); None: the first it re-runs (the rest only measure it).
+    timed: tuple[str, ...] | None = None
     # The demo's own value is not re-run (minutes each): its figure is the finished demo's (``metrics/``, made with
     # the inputs), its time the straight line through the measured points (time is linear in steps and shadows).
     default_from_demo: bool = False
@@ -53,7 +55,8 @@ KNOBS = [
     Knob("student.epochs", (10, 15, 30), ("student",), "student_teacher_ratio", 0.90,
          also_scales="the positive control (the student's recipe)"),
     Knob("generate.ratio", (0.125, 0.25, 0.5), ("generate", "student"), "student_teacher_ratio", 0.90,
-         also_scales="the audit (it reads every synthetic image)", default_from_demo=True),
+         timed=("generate", "student"), also_scales="the audit (it reads every synthetic image)",
+         default_from_demo=True),
     Knob("attack.shadows", (2, 4, 8), ("attack",), "teacher_minus_student_auc", 0.0, default_from_demo=True),
 ]
 
@@ -71,14 +74,13 @@ def figure(knob: Knob, metrics: dict, demo: dict) -> dict:
 
 def stage_seconds(knob: Knob, run: dict, demo_images: int) -> float:
     """The wall time the knob's own stages would take in the demo: generation scaled from the measured sample
-    rate to the demo's synthetic set, the knob's upstream stages counted only where the knob changes them."""
+    rate to the demo's synthetic set."""
     seconds = dict(run["seconds"])
     if "generate" in seconds and knob.fixed == AGREEMENT_SAMPLES:
         rate = run["metrics"]["synthetic.images_per_second"]
         sampled = run["metrics"]["synthetic.images"]
         seconds["generate"] += (demo_images - sampled) / rate
-    changed = knob.stages if knob.key.split(".")[0] == "generate" else knob.stages[:1]
-    return sum(seconds[s] for s in changed if s in seconds)
+    return sum(seconds[stage] for stage in knob.timed or knob.stages[:1])
 
 
 def demo_metrics(folder: Path) -> dict:
@@ -98,20 +100,17 @@ def from_demo(knob: Knob, default, rows: list[dict], metrics: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--inputs", type=Path, default=ROOT / "outputs", help="a finished `make repro`'s outputs/")
-    parser.add_argument("--profile", type=Path, default=ROOT / "params.yaml", help="the profile those were made with")
+    study_arguments(parser, "tradeoff.json", only="comma-separated knob keys")
     parser.add_argument("--metrics", type=Path, default=ROOT / "metrics",
                         help="the metrics/ of the run that made --inputs (its figures for the demo's own values)")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/tckr-tradeoff"))
-    parser.add_argument("--only", default="", help="comma-separated knob keys")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "tradeoff.json")
     args = parser.parse_args()
     profile = yaml.safe_load(args.profile.read_text())
     demo = demo_metrics(args.metrics)
     demo_images = int(round(profile["generate"]["ratio"] * demo["data.train_images"]))
     chosen = set(filter(None, args.only.split(",")))
     results = json.loads(args.out.read_text()).get("knobs", {}) if args.out.exists() else {}
-    run = provenance(args.inputs.resolve(), args.profile.resolve())
+    inputs, profile_path = args.inputs.resolve(), args.profile.resolve()
+    run = provenance(inputs, profile_path)
     for knob in KNOBS:
         if chosen and knob.key not in chosen:
             continue
@@ -121,9 +120,7 @@ def main() -> None:
         for value in knob.values:
             if knob.default_from_demo and value == default:
                 continue
-            settings = {**knob.fixed, knob.key: value}
-            point = Point(f"{knob.key}={value}", knob.stages, tuple(sorted(settings.items())))
-            made = point.run(args.inputs.resolve(), args.work, args.profile.resolve())
+            made = Point.varying(knob.key, value, knob.stages, knob.fixed).run(inputs, args.work, profile_path)
             rows.append({"setting": value, "demo_default": value == default, "source": "measured",
                          "seconds": round(stage_seconds(knob, made, demo_images), 1),
                          "stage_seconds": made["seconds"], **figure(knob, made["metrics"], demo)})
