@@ -98,6 +98,7 @@ def captioning(s: Settings) -> Bench:
 
     cfg = s.tckr().caption
     captioner = build_captioner(cfg, s.device)
+    straightforward = build_captioner(cfg.model_copy(update={"mixed_precision": False}), s.device)
     batch, singles = s.size(cfg.batch_size, 8), s.size(32, 4)
     images, _ = fashion_mnist(batch)  # 28 px, as ingest stores them
     pictures = [Image.fromarray(image[0].numpy()) for image in images]
@@ -108,11 +109,11 @@ def captioning(s: Settings) -> Bench:
 
     def one_by_one() -> int:
         for picture in pictures[:singles]:
-            captioner.caption([picture])
+            straightforward.caption([picture])
         return singles
 
-    return Bench("images", f"{captioner.name}, {batch} images per call", "one image per captioner call", batched,
-                 one_by_one, None, {"batch": batch, "image_px": 28})
+    return Bench("images", f"{captioner.name}, {batch} images per call", "one image per fp32 captioner call",
+                 batched, one_by_one, autocast_dtype(s.device, cfg.mixed_precision), {"batch": batch, "image_px": 28})
 
 
 # ---------------------------------------------------------------------------------- denoiser training

@@ -28,7 +28,6 @@ from tckr.generators.pixel import (
     TextEncoder,
     build_noise_scheduler,
     build_unet,
-    ema_decay_at,
     pretrain_pixel_generator,
     sample_pixel_images,
     text_encoder_path,
@@ -319,12 +318,3 @@ def test_two_ranks_make_the_same_shards_as_one(tmp_path, base_generator, monkeyp
         assert _shard_table(tmp_path / "ranks" / "shards" / shard.name).equals(_shard_table(shard)), shard.name
     assert sorted(p.name for p in (tmp_path / "ranks" / "shards").iterdir()) == \
         sorted(p.name for p in (tmp_path / "one" / "shards").iterdir())
-
-
-@pytest.mark.unit
-def test_ema_warm_up_forgets_the_random_initialisation():
-    assert ema_decay_at(0, 0.999) == pytest.approx(0.1) and ema_decay_at(100_000, 0.999) == 0.999
-    kept_with, kept_without = 1.0, 0.999 ** 500
-    for step in range(500):
-        kept_with *= ema_decay_at(step, 0.999)
-    assert kept_without > 0.6 and kept_with < 1e-6  # share of the initial weights left in the EMA after 500 steps

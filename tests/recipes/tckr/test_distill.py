@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from tckr.data.ingest import IngestConfig, load_prepared, prepare
+from tckr.recipes.config import load_config
 from tckr.recipes.tckr.config import DistillConfig
-from tckr.recipes.tckr.distill import distillation_objective, gkd_loss, kl_loss, train_student
+from tckr.recipes.tckr.distill import (
+    distillation_objective,
+    gkd_loss,
+    kl_loss,
+    positive_control_recipe,
+    train_student,
+)
 from tckr.training.classifier import load_classifier, train_classifier
 from tckr.training.config import ClassifierConfig
 
@@ -43,6 +50,14 @@ def test_objective_runs_the_frozen_teacher_on_the_student_batch():
     objective(student_logits, images, torch.zeros(4, dtype=torch.long)).backward()
     assert seen[0] is images  # the very augmented batch, not a re-augmented copy
     assert teacher.weight.grad is None and student_logits.grad is not None
+
+
+def test_positive_control_is_the_students_recipe_for_the_teachers_epochs():
+    demo = load_config("demo")
+    recipe = positive_control_recipe(demo.student, demo.teacher)
+    assert demo.student.epochs > demo.teacher.epochs  # the demo's student makes up for a quarter-size set
+    assert recipe.epochs == demo.teacher.epochs
+    assert recipe.model_dump(exclude={"epochs"}) == demo.student.model_dump(exclude={"epochs"})
 
 
 def test_student_learns_from_the_teacher_on_images_it_never_labels(tmp_path, saved_dataset_dir):

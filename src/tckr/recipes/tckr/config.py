@@ -32,7 +32,7 @@ class ControlsConfig(Section):
         "member and no holdout image, so every attack must score it at chance (needs ingest.public_fraction > 0)")
     positive: bool = Field(
         True, description="the student's recipe distilled from the teacher on the real members instead of "
-        "synthetic images: how much of the teacher's leak distillation alone hides")
+        "synthetic images, for the teacher's epochs: how much of the teacher's leak distillation alone hides")
 
 
 class TckrRun(RunBase):

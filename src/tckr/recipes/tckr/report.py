@@ -49,8 +49,8 @@ TARGETS = {"teacher": "teacher", "student": "student", "negative_control": "nega
 CONTROLS_NOTE = ("Controls: the negative control is the teacher's recipe trained on as many public images (no member, "
                  "no holdout image): every attack must score it inside the null band, or the attack is broken. The "
                  "positive control is the student's recipe distilled from the teacher on the real members instead "
-                 "of synthetic images: beside the teacher it shows how much distillation alone hides, beside the "
-                 "student what the synthetic data adds.")
+                 "of synthetic images, for the teacher's epochs: beside the teacher it shows how much distillation "
+                 "alone hides, beside the student what the synthetic data adds.")
 # The paper's Table 2 columns (header, metric suffix per role), all shown in percent.
 TABLE2_COLUMNS = (("Accuracy", "test_accuracy"), ("AUC_MIA", "mia.auc"), ("TPR@0.1%FPR", "mia.tpr_at_0.1pct_fpr"),
                   ("TPR@1%FPR", "mia.tpr_at_1pct_fpr"), ("AOP", "aop"))

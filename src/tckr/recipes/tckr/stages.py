@@ -326,24 +326,27 @@ def negative_control(*, image_size: int, teacher: ClassifierConfig, controls: Co
     return training_metrics("negative_control", result)
 
 
-@stage(sections=("image_size", "student", "distill", "controls", "runtime"),
+@stage(sections=("image_size", "teacher", "student", "distill", "controls", "runtime"),
        inputs={"data": DATASET, "teacher_model": MODEL}, outputs={"model": MODEL},
        multi_gpu=True, resources=resources("8", "16", "32Gi", "48Gi", gpus=1, shm="8Gi"))
-def positive_control(*, image_size: int, student: ClassifierConfig, distill: DistillConfig, controls: ControlsConfig,
-                     runtime: RuntimeConfig, data: Path, teacher_model: Path, model: Path) -> Metrics:
-    """The student's recipe distilled from the teacher on the real members instead of synthetic images. Its leak,
-    beside the teacher's, is what distillation alone hides; beside the student's, what the synthetic data adds."""
+def positive_control(*, image_size: int, teacher: ClassifierConfig, student: ClassifierConfig,
+                     distill: DistillConfig, controls: ControlsConfig, runtime: RuntimeConfig, data: Path,
+                     teacher_model: Path, model: Path) -> Metrics:
+    """The student's recipe distilled from the teacher on the real members instead of synthetic images, for the
+    teacher's epochs (:func:`~tckr.recipes.tckr.distill.positive_control_recipe`). Its leak, beside the teacher's,
+    is what distillation alone hides; beside the student's, what the synthetic data adds."""
     from tckr.data.ingest import load_prepared
     from tckr.generators.pixel import digest_files
-    from tckr.recipes.tckr.distill import train_student
+    from tckr.recipes.tckr.distill import positive_control_recipe, train_student
 
     if not controls.positive:
         model.mkdir(parents=True, exist_ok=True)  # an empty output: no control to attack
         return {}
     splits, info = load_prepared(data)
     sources = digest_files([teacher_model / "model.safetensors"]) + info.split_fingerprints["train"]
-    result = train_student(student, distill, splits["train"], splits, info, image_size, teacher_model, model,
-                           run_device(runtime), sources_key=sources, on_epoch=log_epoch, name="positive_control")
+    result = train_student(positive_control_recipe(student, teacher), distill, splits["train"], splits, info,
+                           image_size, teacher_model, model, run_device(runtime), sources_key=sources,
+                           on_epoch=log_epoch, name="positive_control")
     if result is None:  # not the lead rank
         return {}
     log_private_splits(info, data, {"train": "training", "validation": "validation", "test": "test"})
