@@ -75,6 +75,12 @@ def test_shadow_benchmark_prints_ratios():
     assert "one at a time" in result.stdout and "stack, vmap speed-up" in result.stdout
 
 
+def test_caption_benchmark_prints_the_bf16_speed_up_and_the_captions_it_changes():
+    result = subprocess.run([sys.executable, str(BENCH / "bench_caption.py"), "--images", "8", "--batch-size", "4"],
+                            capture_output=True, text=True, timeout=300, check=True)
+    assert "bf16 speed-up" in result.stdout and "same first category as float32" in result.stdout
+
+
 def test_fid_benchmark_prints_the_bf16_speed_up_and_its_cost():
     result = subprocess.run([sys.executable, str(BENCH / "bench_fid.py"), "--images", "4", "--batch-size", "2"],
                             capture_output=True, text=True, timeout=300, check=True)

@@ -42,8 +42,8 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
     """Autocast to ``dtype`` on ``device`` (``None``: disabled). When training in bf16 on a CPU, attention takes
     PyTorch's math kernel: the fused CPU one's backward runs bf16 slower than fp32 (a text UNet's training step
     1.32 s against 0.85 s with the math kernel and 1.10 s in fp32; bench/suite.py ``generator_step`` 0.80x ->
-    1.47x against fp32, bench/results.json). Sampling (no grad) keeps the fused kernel, within noise of the
-    math one there."""
+    1.3-1.5x against fp32 across runs, bench/results.json). Sampling (no grad) keeps the fused kernel, within noise
+    of the math one there."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None))
         if device.type == "cpu" and dtype == torch.bfloat16 and torch.is_grad_enabled():

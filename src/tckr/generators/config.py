@@ -27,8 +27,8 @@ class CaptionConfig(Section):
     input_size: int = Field(112, ge=32, description="imagenet captioner: resolution fed to MobileNetV2")
     mixed_precision: bool = Field(
         True, description=f"{MIXED_PRECISION} (BLIP-2: its weights in that dtype, the reference's fp16 on CUDA). "
-        "The imagenet captioner runs 1.8x faster in bf16 on the demo's machine (bench/results.json); 77% of its "
-        "captions are fp32's word for word and 92% name the same first label (the rest swap near-tied labels)")
+        "The imagenet captioner runs 1.6x faster in bf16 on the demo's machine (bench/bench_caption.py); 77% of its "
+        "captions are fp32's word for word and 91% name the same first category (the rest swap near-tied ones)")
     template: str = Field("{class_name}: {caption}", description="the text a generator is conditioned on")
     splits: list[str] = Field(default_factory=lambda: ["train", "public"],
                               description="splits to caption (absent ones are skipped)")
