@@ -64,13 +64,15 @@ def _paths(entries: list) -> list[str]:
 
 
 @pytest.mark.unit
-def test_the_committed_lock_is_this_pipelines_and_hashes_every_output():
-    """dvc.lock (the demo's last `make repro`, its outputs sent to the remote with `make publish`) records every
-    stage dvc.yaml declares with the command and parameter sections it runs, and a hash for each of its outputs:
-    what `make pull` fetches. Its code and parameter hashes may lag the working tree; `dvc status` then names the
-    stages `make repro` would re-run."""
-    lock = yaml.safe_load((REPO / "dvc.lock").read_text())
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+@pytest.mark.parametrize("recipe", DVC_RECIPES)
+def test_the_committed_lock_is_this_pipelines_and_hashes_every_output(recipe):
+    """Each recipe's dvc.lock (its demo's last `make repro`, the outputs sent to the remote with `make publish`)
+    records every stage its dvc.yaml declares with the command and parameter sections it runs, and a hash for each
+    of its outputs: what `make pull` fetches. Its code and parameter hashes may lag the working tree; `dvc status`
+    then names the stages `make repro` would re-run."""
+    directory, _ = DVC_RECIPES[recipe]
+    lock = yaml.safe_load((REPO / directory / "dvc.lock").read_text())
+    stages = yaml.safe_load((REPO / directory / "dvc.yaml").read_text())["stages"]
     assert set(lock["stages"]) == set(stages)
     for name, stage in stages.items():
         locked = lock["stages"][name]
