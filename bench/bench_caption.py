@@ -12,10 +12,9 @@ is a near-tied second label or category).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-from common import fashion_mnist, pick_device
+from common import fashion_mnist, in_turns, pick_device
 from PIL import Image
 
 from tckr.generators.caption import build_captioner
@@ -42,14 +41,8 @@ def main() -> None:
                 "bfloat16": build_captioner(CaptionConfig(mixed_precision=True), device)}
     for captioner in variants.values():
         captioner.caption(pictures[:args.batch_size])  # warm-up: oneDNN picks its kernels on the first call
-    seconds = dict.fromkeys(variants, 0.0)
-    captions: dict[str, list[str]] = {name: [] for name in variants}
-    for start in range(0, args.images, args.batch_size):  # alternate: a shared CPU's speed drifts
-        for name, captioner in variants.items():
-            started = time.perf_counter()
-            captions[name] += captioner.caption(pictures[start:start + args.batch_size])
-            seconds[name] += time.perf_counter() - started
-    rates = {name: args.images / spent for name, spent in seconds.items()}
+    rates, captions = in_turns({name: lambda start, stop, captioner=captioner: captioner.caption(pictures[start:stop])
+                                for name, captioner in variants.items()}, args.images, args.batch_size)
     for name, rate in rates.items():
         print(f"{variants[name].name:>44}: {rate:8.1f} images/s")
     fp32_rate, bf16_rate = rates.values()

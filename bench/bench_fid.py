@@ -11,11 +11,10 @@ variant's features: the change is what choosing bf16 costs a score.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
-from common import fashion_mnist, pick_device
+from common import fashion_mnist, in_turns, pick_device
 
 from tckr.generators.fid import FeatureStatistics, InceptionFeatures, frechet_distance
 
@@ -41,21 +40,15 @@ def main() -> None:
     for inception in variants.values():
         for _ in range(2):  # TorchScript profiles its first calls before it optimises
             inception(images[:args.batch_size])
-    seconds = dict.fromkeys(variants, 0.0)
-    features: dict[str, list[np.ndarray]] = {name: [] for name in variants}
-    for start in range(0, args.images, args.batch_size):  # alternate: a shared CPU's speed drifts
-        for name, inception in variants.items():
-            started = time.perf_counter()
-            features[name].append(inception(images[start:start + args.batch_size]))
-            seconds[name] += time.perf_counter() - started
-    rates = {name: args.images / spent for name, spent in seconds.items()}
+    rates, features = in_turns({name: lambda start, stop, inception=inception: list(inception(images[start:stop]))
+                                for name, inception in variants.items()}, args.images, args.batch_size)
     for name, rate in rates.items():
         print(f"{name:>24}: {rate:8.1f} images/s")
     fp32_rate, bf16_rate = rates.values()
     print(f"{'bf16 speed-up':>24}: {bf16_rate / fp32_rate:8.2f}x  ({args.images} images, {args.size} px -> 299, "
           f"batch {args.batch_size}, {device.type}, {torch.get_num_threads()} threads)")
 
-    fp32, bf16 = (np.concatenate(batches) for batches in features.values())
+    fp32, bf16 = (np.stack(rows) for rows in features.values())
     fp32_fid, bf16_fid = halves_fid(fp32), halves_fid(bf16)
     print(f"{'feature change':>24}: {np.abs(bf16 - fp32).max() / np.abs(fp32).max():8.2%} of the largest feature")
     print(f"{'FID halves, float32':>24}: {fp32_fid:8.3f}")

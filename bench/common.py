@@ -4,6 +4,8 @@ ways of sampling, the shadow-training workload. The scripts import it as ``commo
 from __future__ import annotations
 
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,6 +39,21 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work, so that a clock read after it counts that work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def in_turns(variants: dict[str, Callable[[int, int], list]], count: int,
+             batch_size: int) -> tuple[dict[str, float], dict[str, list]]:
+    """Each variant's items per second over items ``0 .. count`` and what it returned for them: every batch goes
+    through each variant in turn (a shared CPU's speed drifts; turns spread the drift over all of them). A variant
+    is called with a batch's ``start`` and ``stop`` and returns a list with one entry per item."""
+    seconds = dict.fromkeys(variants, 0.0)
+    outputs: dict[str, list] = {name: [] for name in variants}
+    for start in range(0, count, batch_size):
+        for name, variant in variants.items():
+            started = time.perf_counter()
+            outputs[name] += variant(start, min(start + batch_size, count))
+            seconds[name] += time.perf_counter() - started
+    return {name: count / spent for name, spent in seconds.items()}, outputs
 
 
 def fashion_mnist(count: int, size: int | None = None, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
