@@ -85,3 +85,10 @@ def test_fid_benchmark_prints_the_bf16_speed_up_and_its_cost():
     result = subprocess.run([sys.executable, str(BENCH / "bench_fid.py"), "--images", "4", "--batch-size", "2"],
                             capture_output=True, text=True, timeout=300, check=True)
     assert "bf16 speed-up" in result.stdout and "FID halves, bfloat16" in result.stdout
+
+
+def test_process_benchmark_prints_the_split_against_one_process():
+    result = subprocess.run([sys.executable, str(BENCH / "bench_processes.py"), "--profile", "smoke", "--processes",
+                             "2", "--shadows", "2", "--epochs", "1", "--rounds", "1"],
+                            capture_output=True, text=True, timeout=300, check=True)
+    assert "2 process(es)" in result.stdout and "speed-up" in result.stdout and "same predicted class" in result.stdout

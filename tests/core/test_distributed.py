@@ -1,19 +1,24 @@
-"""Stages given several GPUs run as one process per GPU under torchrun: here two CPU processes (gloo)."""
+"""Stages given several GPUs run as one process per GPU under torchrun: here two CPU processes (gloo). Without a
+GPU, stages of independent items run as several CPU processes, each on its share of the cores."""
 
 import csv
 import json
+import os
+from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 
+from tckr.core import distributed
 from tckr.core.distributed import PROCESSES_ENV, StageProcessFailed, run_stage
 from tckr.core.errors import ConfigError
 from tckr.data.images import BatchAugment, ImageSplit
 from tckr.data.ingest import IngestConfig, load_prepared, prepare
 from tckr.platform.tracking import Tracking
 from tckr.recipes.config import load_config
-from tckr.recipes.invoke import invoke, sections_of
+from tckr.recipes.invoke import invoke, process_count, sections_of
 from tckr.recipes.tckr.stages import STAGES
 from tckr.training.classifier import accuracy, load_classifier, predict_logits
 
@@ -66,8 +71,6 @@ def test_a_rank_that_fails_fails_the_stage(tmp_path):
 def test_the_launcher_runs_a_multi_gpu_stage_as_one_process_per_gpu_of_its_pod(tmp_path, monkeypatch, tracking_uri):
     """The pod's TCKR_PROCESSES (compiled in from kubernetes.stages.<stage>.gpus) decides; one-device stages
     ignore it."""
-    from tckr.core import distributed
-
     counts = []
     monkeypatch.setattr(distributed, "run_stage", lambda stage, function, kwargs, count, device: counts.append(count))
     monkeypatch.setenv(distributed.PROCESSES_ENV, "4")
@@ -86,3 +89,67 @@ def test_the_launcher_runs_a_multi_gpu_stage_as_one_process_per_gpu_of_its_pod(t
 def test_several_gpus_only_where_the_stage_uses_them(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config("smoke", overrides)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("cores", "setting", "expected"), [
+    (2, "auto", 1),   # below 8 cores: one process, all the cores
+    (8, "auto", 2),   # one per 4 cores
+    (64, "auto", 2),  # never more than the group's shadows (the smoke profile groups them in twos)
+    (2, 2, 2),
+    (2, 5, 2),
+])
+def test_without_a_gpu_a_shadow_group_runs_as_cpu_processes(monkeypatch, cores, setting, expected):
+    monkeypatch.setattr(distributed, "usable_cores", lambda: cores)
+    cfg = load_config("smoke", ["runtime.device=cpu", f"runtime.cpu_processes={setting}"])
+    stage = STAGES["shadow_group"]
+    assert process_count(stage, sections_of(cfg, stage) | {"group": 0}) == expected
+
+
+@pytest.mark.unit
+def test_cpu_processes_only_divide_independent_items(monkeypatch):
+    """A shard's sampler batches divide; a classifier's training does not (its batches' statistics depend on the
+    split) and runs as one process; a GPU pod's TCKR_PROCESSES overrides the CPU setting."""
+    monkeypatch.setattr(distributed, "usable_cores", lambda: 64)
+    cfg = load_config("smoke", ["runtime.device=cpu", "generate.batch_size=4", "generate.shard_size=10"])
+    counts = {name: process_count(STAGES[name], sections_of(cfg, STAGES[name]) | {"shard": 0, "group": 0})
+              for name in ("generate_shard", "generate", "teacher", "caption")}
+    assert counts == {"generate_shard": 3, "generate": 3, "teacher": 1, "caption": 1}  # 10 images: batches 4, 4, 2
+    monkeypatch.setenv(PROCESSES_ENV, "4")
+    assert process_count(STAGES["shadow_group"], sections_of(cfg, STAGES["shadow_group"]) | {"group": 0}) == 4
+
+
+def _thread_count() -> int:
+    """What a rank runs: its torch thread count."""
+    return torch.get_num_threads()
+
+
+def test_cpu_ranks_share_the_cores(monkeypatch):
+    """Two ranks on four cores take two threads each (torchrun alone would give them one; torch never takes more
+    threads than the machine has cores)."""
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[2]))  # the ranks unpickle the helper
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(distributed, "usable_cores", lambda: 4)
+    assert run_stage("shadow_group", _thread_count, {}, count=2, device="cpu") == min(2, os.cpu_count())
+
+
+def test_a_shadow_group_in_two_cpu_processes_trains_the_shadows_one_process_trains(
+        tmp_path, saved_dataset_dir, monkeypatch):
+    """Through the launcher's own path (invoke): two ranks, one shadow each, files identical to a single process's."""
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[2]))
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # the same float arithmetic in every run
+    prepare(IngestConfig(source="disk", name=str(saved_dataset_dir), validation_fraction=0.1, holdout_fraction=0.5),
+            tmp_path / "data", "fm", min_train_images=32)
+    counts = []
+    real_run_stage = distributed.run_stage
+    monkeypatch.setattr(distributed, "run_stage", lambda stage, function, kwargs, count, device: (
+        counts.append(count), real_run_stage(stage, function, kwargs, count, device))[1])
+    stage = STAGES["shadow_group"]
+    for processes in (1, 2):
+        cfg = load_config("smoke", ["runtime.device=cpu", f"runtime.cpu_processes={processes}"])
+        invoke(stage, sections_of(cfg, stage), {"data": tmp_path / "data", "shadows": tmp_path / str(processes)},
+               {"group": 0}, None)
+    assert counts == [1, 2]
+    for index in (0, 1):
+        name = f"shadow-{index:04d}/logits.npy"
+        assert np.array_equal(np.load(tmp_path / "1" / name), np.load(tmp_path / "2" / name)), name

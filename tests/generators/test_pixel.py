@@ -12,14 +12,7 @@ from tckr.core.errors import ConfigError
 from tckr.data.images import ImageSplit
 from tckr.data.ingest import FASHION_MNIST_CLASSES
 from tckr.generators.config import FinetuneConfig, GenerateConfig, GeneratorConfig
-from tckr.generators.generate import (
-    GenerationError,
-    finalize,
-    gather_shards,
-    generate_shards,
-    load_synthetic,
-    plan_generation,
-)
+from tckr.generators.generate import finalize, gather_shards, generate_shards, load_synthetic
 from tckr.generators.lora import ADAPTER_FILE, finetune_pixel_generator, load_finetuned
 from tckr.generators.pixel import (
     DenoiserData,
@@ -33,6 +26,7 @@ from tckr.generators.pixel import (
     text_encoder_path,
     train_denoiser,
 )
+from tckr.generators.plan import GenerationError, plan_generation
 from tckr.recipes.config import load_config
 
 CPU = torch.device("cpu")

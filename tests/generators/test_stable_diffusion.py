@@ -13,9 +13,10 @@ import torch
 from tckr.data.ingest import FASHION_MNIST_CLASSES
 from tckr.generators import pixel as generator_module
 from tckr.generators.config import FinetuneConfig, GenerateConfig, GeneratorConfig
-from tckr.generators.generate import finalize, generate_shards, load_synthetic, plan_generation
+from tckr.generators.generate import finalize, generate_shards, load_synthetic
 from tckr.generators.lora import ADAPTER_FILE, finetune_generator, load_finetuned
 from tckr.generators.pixel import DenoiserData, PromptBank, read_card
+from tckr.generators.plan import plan_generation
 from tckr.generators.stable_diffusion import GeneratorUnavailableError, StableDiffusionGenerator, save_card
 from tckr.recipes.config import load_config
 

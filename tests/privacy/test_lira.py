@@ -292,36 +292,22 @@ def test_killed_shadow_group_resumes_to_the_same_models(world, tmp_path, monkeyp
     assert train_shadow_group(recipe, [0, 1], keep, population, validation, INFO, killed, CPU, False) == []
 
 
-def _train_shadow_group_0(*, cfg, population, validation, out_dir) -> list[int]:
-    """What each rank of a shadow_group task given two GPUs runs (its share of group 0)."""
-    from tckr.privacy.attack import shadow_recipe, train_shadows
-
-    return train_shadows(shadow_recipe(cfg.teacher, cfg.attack), cfg.attack, population, validation, INFO, out_dir,
-                         CPU, groups=[0])
-
-
-def test_two_ranks_split_a_shadow_group_and_each_shadow_is_the_one_trained_alone(world, tmp_path, monkeypatch):
-    from pathlib import Path
-
-    from tckr.core.distributed import run_stage
-    from tckr.privacy.attack import shadow_recipe
+@pytest.mark.parametrize("overrides", [[], ["teacher.mixup_alpha=0.8", "teacher.augmix=true"]],
+                         ids=["crops-flips-dropout", "mixup-augmix"])
+def test_a_shadow_is_the_same_model_whichever_group_trains_it(world, tmp_path, overrides):
+    """Every random draw of a shadow is its own stream, so neither attack.shadows_per_group nor the processes a group
+    is split over (GPUs, runtime.cpu_processes: tests/core/test_distributed.py) change a shadow."""
     from tckr.privacy.shadows import keep_matrix
 
     population, validation, _ = world
-    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[2]))  # the ranks unpickle the helper
-    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # the same float arithmetic as here
-    cfg = load_config("smoke", ["runtime.device=cpu"])
-    assert cfg.attack.shadows_per_group == 2
-    trained_by_rank_0 = run_stage("shadow_group", _train_shadow_group_0, {
-        "cfg": cfg, "population": population, "validation": validation, "out_dir": tmp_path / "ranks"},
-        count=2, device="cpu")
-    assert trained_by_rank_0 == [0]
-    keep = keep_matrix(cfg.attack, len(population))
-    for index in (0, 1):  # rank 0 trained shadow 0, rank 1 shadow 1: each from its own seeds
-        train_shadow_group(shadow_recipe(cfg.teacher, cfg.attack), [index], keep, population, validation, INFO,
-                           tmp_path / "alone", CPU, vectorize=False)
+    cfg = load_config("smoke", ["runtime.device=cpu", *overrides])
+    recipe, keep = shadow_recipe(cfg.teacher, cfg.attack), keep_matrix(cfg.attack, len(population))
+    train_shadow_group(recipe, [0, 1], keep, population, validation, INFO, tmp_path / "pair", CPU, vectorize=False)
+    for index in (0, 1):
+        train_shadow_group(recipe, [index], keep, population, validation, INFO, tmp_path / "alone", CPU,
+                           vectorize=False)
         name = f"shadow-{index:04d}/logits.npy"
-        assert np.array_equal(np.load(tmp_path / "ranks" / name), np.load(tmp_path / "alone" / name))
+        assert np.array_equal(np.load(tmp_path / "pair" / name), np.load(tmp_path / "alone" / name)), name
 
 
 @pytest.mark.unit

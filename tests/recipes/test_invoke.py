@@ -51,3 +51,38 @@ def test_a_tracked_stage_reads_its_tracking_section_inside_its_own_run(tmp_path)
     (run,) = mlflow.MlflowClient(uri).search_runs([mlflow.MlflowClient(uri).get_experiment_by_name("sections")
                                                    .experiment_id])
     assert run.data.tags["tckr.stage"] == "shows" and run.data.params["tracking.log_real_images"] == "True"
+
+
+PLANS_WITHOUT_TORCH = """
+import json, sys
+from pathlib import Path
+from tckr.recipes.config import RECIPES, load_config
+
+folder = Path(sys.argv[1])
+(folder / "captions" / "train").mkdir(parents=True)
+(folder / "captions" / "train" / "run.json").write_text(json.dumps({"classes": ["a", "b"], "images": 64}))
+(folder / "captions" / "train" / "captions_by_class.json").write_text(json.dumps({"a": ["an a"], "b": ["a b"]}))
+(folder / "generator").mkdir()
+(folder / "generator" / "generator.json").write_text(json.dumps({"classes": ["a", "b"],
+                                                                 "finetuning": {"private_images": 64}}))
+tckr, privimage = load_config("smoke"), load_config("smoke-privimage")
+plans = [RECIPES["tckr"].stages["shadow_plan"].run(attack=tckr.attack),
+         RECIPES["tckr"].stages["generation_plan"].run(generate=tckr.generate, captions=folder / "captions"),
+         RECIPES["privimage"].stages["sample_plan"].run(sample=privimage.sample, generator=folder / "generator")]
+imported = [name for name in ("torch", "timm", "diffusers") if name in sys.modules]
+print(json.dumps({"plans": plans, "imported": imported}))
+"""
+
+
+def test_the_fan_out_plans_start_without_torch(tmp_path):
+    """A plan task only counts shards and shadow groups: importing torch (and timm) would make it start in 5 s
+    instead of 1.4 (``time tckr stage shadow_plan``, every run)."""
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", PLANS_WITHOUT_TORCH, str(tmp_path)], capture_output=True, text=True,
+                            check=True, timeout=120)
+    found = json.loads(result.stdout)
+    assert found["imported"] == []
+    assert all(plan and plan == list(range(len(plan))) for plan in found["plans"]), found["plans"]

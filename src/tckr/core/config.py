@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tckr.core.errors import ConfigError
 
@@ -46,7 +46,20 @@ MIXED_PRECISION = ("autocast where the device has a fast path: fp16 (loss-scaled
 
 class RuntimeConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    torch_threads: int = Field(0, ge=0, description="0: torch's default")
+    torch_threads: int = Field(0, ge=0, description="threads per process; 0: torch's default (the process's share "
+                               "of the cores)")
+    cpu_processes: int | Literal["auto"] = Field(
+        "auto", description="without a GPU, how many processes a stage whose work is independent items (a shadow "
+        "group's models, a shard's sampling batches) runs as, each on an equal share of the cores and never more "
+        "than it has items; each item is made as one process makes it (up to floating-point summation order). "
+        "auto: one per 4 usable cores (1 below 8)")
+
+    @field_validator("cpu_processes", mode="before")
+    @classmethod
+    def _count_or_auto(cls, value: Any) -> Any:
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError("a number of processes (1 or more), or auto")
+        return value
 
 
 # Kubernetes quantities: CPU in cores or millicores, memory in bytes with an SI or binary suffix.

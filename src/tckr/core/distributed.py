@@ -1,12 +1,14 @@
-"""Several GPUs in one pod: a stage given ``kubernetes.stages.<stage>.gpus = n > 1`` runs as n processes.
+"""Several GPUs in one pod: a stage given ``kubernetes.stages.<stage>.gpus = n > 1`` runs as n processes; and,
+without a GPU, a stage whose work is independent items may run as several processes on a many-core machine.
 
 The stage launcher calls :func:`run_stage`. With one device it calls the stage in its own process; with n it
 launches ``torch.distributed.run --standalone --nproc-per-node=n`` on this module, which runs the same
-stage function in every process (rank), one device each. Rank 0, the lead, does whatever must happen
-once: MLflow, validation, checkpoints, manifests, the returned metrics. The others do their share of the
-work: classifier training is DistributedDataParallel (:func:`tckr.training.classifier.train_classifier`), generation
-splits every shard's batches across ranks (:func:`tckr.generators.generate.generate_shards`), a shadow group splits
-its shadows (:func:`tckr.privacy.attack.train_shadows`). NCCL on GPUs; gloo on CPUs runs the same code (tests).
+stage function in every process (rank), one device (or an equal share of the cores) each. Rank 0, the lead,
+does whatever must happen once: MLflow, validation, checkpoints, manifests, the returned metrics. The others
+do their share of the work: classifier training is DistributedDataParallel
+(:func:`tckr.training.classifier.train_classifier`), generation splits every shard's batches across ranks
+(:func:`tckr.generators.generate.generate_shards`), a shadow group splits its shadows
+(:func:`tckr.privacy.attack.train_shadows`). NCCL on GPUs; gloo on CPUs runs the same code.
 
 Rank and world size are read from the environment torchrun sets, so code that only asks "am I the
 lead?" (tracking) does not have to import torch.
@@ -67,9 +69,26 @@ def processes() -> int:
     return max(1, int(os.environ.get(PROCESSES_ENV, "1")))
 
 
+CORES_PER_CPU_PROCESS = 4
+"""``runtime.cpu_processes: auto`` gives each process this many cores: a small model's batch keeps a few cores
+busy, not dozens, so a many-core machine runs its independent items side by side instead."""
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (what a container's cpuset or ``taskset`` leaves it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpu_processes(setting: int | str, items: int) -> int:
+    """How many CPU processes a stage of ``items`` independent items runs as under ``runtime.cpu_processes``."""
+    wanted = max(1, usable_cores() // CORES_PER_CPU_PROCESS) if setting == "auto" else int(setting)
+    return max(1, min(wanted, items))
+
+
 def run_stage(stage: str, function: Callable[..., Any], kwargs: dict[str, Any], count: int, device: str) -> Any:
     """``function(**kwargs)`` in this process, or in ``count`` ranks under torchrun; returns what rank 0
-    returned. ``device`` (``runtime.device``) picks NCCL for GPUs, gloo otherwise."""
+    returned. ``device`` (``runtime.device``) picks NCCL for GPUs, gloo otherwise; gloo ranks share the cores
+    equally (``OMP_NUM_THREADS``, unless the environment sets it)."""
     if count == 1:
         return function(**kwargs)
     import torch
@@ -83,7 +102,10 @@ def run_stage(stage: str, function: Callable[..., Any], kwargs: dict[str, Any], 
         job.write_bytes(pickle.dumps((function, kwargs, backend)))
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={count}",
                    "-m", "tckr.core.distributed", str(job), str(result)]
-        returncode = subprocess.run(command, check=False).returncode
+        environment = dict(os.environ)
+        if backend == "gloo":
+            environment.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // count)))
+        returncode = subprocess.run(command, check=False, env=environment).returncode
         if returncode != 0:
             raise StageProcessFailed(f"stage {stage} failed in one of its {count} processes (exit code {returncode}); "
                                      "the failing rank's error is printed above")

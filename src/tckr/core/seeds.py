@@ -5,6 +5,9 @@ initial weights, and a shadow's initial-weight seed was another epoch's augmenta
 from __future__ import annotations
 
 import hashlib
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 def derive_seed(seed: int, *stream: str | int) -> int:
@@ -18,3 +21,27 @@ def section_seed(root: int, section: str) -> int:
     """A config section's seed under the run's root seed: 31 bits, so that it fits every RNG's seed argument and
     the arithmetic some streams do on it (``seed * 100_003 + epoch``) stays within 64 bits."""
     return derive_seed(root, "section", section) >> 32
+
+
+@contextmanager
+def own_stream(seed: int, device=None) -> Iterator[None]:
+    """Run the block on random streams of its own, all seeded from ``seed`` (torch's on the CPU and on ``device``,
+    NumPy's and Python's global ones, which MixUp and AugMix draw from), and give the caller's streams back
+    afterwards: what the block draws depends on ``seed`` alone, not on whatever drew before it."""
+    import numpy as np
+    import torch
+
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    devices = [device] if device is not None and device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.random.default_generator.manual_seed(seed)
+            for cuda in devices:
+                with torch.cuda.device(cuda):
+                    torch.cuda.manual_seed(seed)
+            np.random.seed(seed % 2**32)
+            random.seed(seed)
+            yield
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)

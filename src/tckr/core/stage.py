@@ -1,11 +1,12 @@
 """How a stage is declared: once, beside its function, and everything else is derived from that.
 
 A :class:`Stage` names the config sections the stage reads, the artifacts it consumes and produces,
-its plain parameters, whether it divides its work across several GPUs, whether it tracks to MLflow
-and what it asks Kubernetes for by default. From it come the KFP component (``tckr.components``: a
-typed signature whose body is one call), ``tckr stage <name>`` (the CLI, DVC's entry point), the DVC
-stage's ``params:`` list, the Kubernetes resource defaults and the pipeline task's inputs: a task
-receives only its own sections, so a setting of a later stage never changes an earlier task's cache key.
+its plain parameters, whether it divides its work across several GPUs (and, when that work is independent
+items, across several CPU processes), whether it tracks to MLflow and what it asks Kubernetes for by default.
+From it come the KFP component (``tckr.components``: a typed signature whose body is one call), ``tckr stage
+<name>`` (the CLI, DVC's entry point), the DVC stage's ``params:`` list, the Kubernetes resource defaults and
+the pipeline task's inputs: a task receives only its own sections, so a setting of a later stage never changes
+an earlier task's cache key.
 
 Stage functions take keyword arguments only: each section by name (the validated section model), each
 artifact by port name (a directory path; a list of them for a fan-in; a ``dict`` of floats for metrics) and
@@ -78,6 +79,7 @@ class Stage:
     own_run: bool = True
     multi_gpu: bool = False
     cache: bool = True
+    parallel_items: Callable[[dict[str, Any]], int] | None = None
 
     @property
     def doc(self) -> str:
@@ -97,16 +99,21 @@ class StageRegistry:
     def declare(self, *, sections: tuple[str, ...], resources: dict[str, Any], inputs: dict[str, Port] | None = None,
                 outputs: dict[str, Port] | None = None, params: dict[str, type] | None = None,
                 returns: Literal["metrics", "fan-out", "nothing"] = "metrics", tracked: bool = True,
-                own_run: bool = True, multi_gpu: bool = False, cache: bool = True) -> Callable[[Callable], Callable]:
+                own_run: bool = True, multi_gpu: bool = False, cache: bool = True,
+                parallel_items: Callable[[dict[str, Any]], int] | None = None) -> Callable[[Callable], Callable]:
         """``tracked``: the stage logs to MLflow. With ``own_run`` (the default) it is called inside its own run,
         nested under the pipeline's, which logs its sections as params, its returned metrics and
         ``stage.<name>.seconds`` (:func:`tckr.recipes.invoke.call`): the function logs only what is particular to
         it (artifacts, tags, curves) to the active run. Without, it receives ``tracking`` and manages runs itself
-        (the pipeline's parent run). ``cache``: False for the bookkeeping stages a cluster must run every time."""
+        (the pipeline's parent run). ``cache``: False for the bookkeeping stages a cluster must run every time.
+        ``parallel_items``: for a ``multi_gpu`` stage whose ranks make independent items (shadow models, sampling
+        batches), each the same whichever rank makes it, how many items a call's arguments hold: without a GPU
+        it may then run as up to that many processes (``runtime.cpu_processes``)."""
 
         def register(function: Callable) -> Callable:
             stage = Stage(function.__name__, function, tuple(sections), dict(inputs or {}), dict(outputs or {}),
-                          resources, dict(params or {}), returns, tracked, own_run and tracked, multi_gpu, cache)
+                          resources, dict(params or {}), returns, tracked, own_run and tracked, multi_gpu, cache,
+                          parallel_items)
             _check_signature(stage)
             self._stages[stage.name] = stage
             return function
@@ -136,3 +143,5 @@ def _check_signature(stage: Stage) -> None:
         raise TypeError(f"stage {stage.name}: every parameter must be keyword-only")
     if set(parameters) != expected:
         raise TypeError(f"stage {stage.name} takes {sorted(parameters)}, its declaration gives {sorted(expected)}")
+    if stage.parallel_items is not None and not (stage.multi_gpu and "runtime" in stage.sections):
+        raise TypeError(f"stage {stage.name}: parallel_items needs a multi_gpu stage that reads runtime")

@@ -1,7 +1,7 @@
 """Stage 5: k x synthetic generation, balanced per class, seeded per image, in resumable shards.
 
-The plan is a pure function of (captions, private train size, config): image ``i`` has class
-``i mod K``, cycles through that class's captions, and starts from noise seeded by ``(seed, i)``.
+The plan (:mod:`tckr.generators.plan`) is a pure function of (captions, private train size, config): image ``i``
+has class ``i mod K``, cycles through that class's captions, and starts from noise seeded by ``(seed, i)``.
 Shard ``s`` holds images ``[s * shard_size, (s + 1) * shard_size)`` as one Arrow file (``datasets``' own format,
 so the trainer memory-maps it: one object per shard in a KFP artifact store or a DVC remote, not one per image;
 a tar or Parquet shard would need a decode or a copy before random access). It is packed beside its final name and
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Protocol
 
@@ -26,60 +26,13 @@ from PIL import Image
 
 from tckr.core import distributed
 from tckr.core.atomic import atomic_path, write_text
-from tckr.core.errors import TckrError
 from tckr.core.precision import autocast, autocast_dtype, precision_name
 from tckr.core.progress import progress
 from tckr.generators.config import GenerateConfig
+from tckr.generators.plan import GenerationError, PlannedImage, shard_ranges
 
 SHARD_METADATA = b"tckr.shard"  # the shard's summary (images, seconds), in its Arrow schema's metadata
 PACK_ROWS = 256  # images per Arrow record batch: bounds the memory packing takes
-
-
-class GenerationError(TckrError, ValueError):
-    """The inputs cannot make a generation plan, or the shards do not make a complete set."""
-
-
-@dataclass(frozen=True)
-class PlannedImage:
-    index: int
-    label: int
-    class_name: str
-    prompt: str
-    seed: int
-
-    @property
-    def file_name(self) -> str:
-        return f"{self.index:07d}.png"
-
-
-def image_seed(base_seed: int, index: int) -> int:
-    """A distinct 64-bit noise seed per image, stable across shardings and batch sizes."""
-    return (base_seed << 32) + index
-
-
-def plan_generation(captions_by_class: dict[str, list[str]], classes: list[str], num_private: int,
-                    cfg: GenerateConfig) -> list[PlannedImage]:
-    """``ratio x num_private`` images, ``N // K`` per class, prompts cycling each class's captions."""
-    if not captions_by_class:
-        raise GenerationError("the caption file is empty: caption the private train split first")
-    missing = [name for name in classes if not captions_by_class.get(name)]
-    if missing:
-        raise GenerationError(f"classes with no captions to prompt with: {missing}")
-    per_class = int(round(cfg.ratio * num_private)) // len(classes)
-    if per_class < 1:
-        raise GenerationError(f"ratio {cfg.ratio} x {num_private} private images is less than one image per "
-                              f"class ({len(classes)} classes): raise generate.ratio")
-    plan = []
-    for index in range(per_class * len(classes)):
-        label, turn = index % len(classes), index // len(classes)
-        name = classes[label]
-        prompts = captions_by_class[name]
-        plan.append(PlannedImage(index, label, name, prompts[turn % len(prompts)], image_seed(cfg.seed, index)))
-    return plan
-
-
-def shard_ranges(total: int, shard_size: int) -> list[range]:
-    return [range(start, min(start + shard_size, total)) for start in range(0, total, shard_size)]
 
 
 def shard_path(out_dir: Path, shard: int) -> Path:

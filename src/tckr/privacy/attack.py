@@ -51,7 +51,6 @@ from tckr.privacy.shadows import (
     provenance,
     query_logits,
     shadow_dir,
-    shadow_groups,
     train_shadow_group,
     use_vmap,
 )
@@ -93,7 +92,7 @@ def train_shadows(recipe: ClassifierConfig, cfg: AttackConfig, population: Popul
     keep = keep_matrix(cfg, len(population))
     queries = training_queries(cfg.query_shift)
     made_for = [provenance(recipe, keep, index, population, queries) for index in range(cfg.shadows)]
-    all_groups = shadow_groups(cfg)
+    all_groups = cfg.groups()
     wanted = range(len(all_groups)) if groups is None else groups
     sources = [Path(out_dir), *map(Path, done_elsewhere)]
     trained = []

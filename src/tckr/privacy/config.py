@@ -43,6 +43,11 @@ class AttackConfig(Section):
             raise ValueError(f"shadows must be even, so every example is IN for exactly half (got {self.shadows})")
         return self
 
+    def groups(self) -> list[list[int]]:
+        """Shadow indices per group (one fan-out task each): consecutive runs of ``shadows_per_group``."""
+        return [list(range(start, min(start + self.shadows_per_group, self.shadows)))
+                for start in range(0, self.shadows, self.shadows_per_group)]
+
 
 class DPConfig(Section):
     """DP-SGD with Opacus, under one end-to-end (epsilon, delta) that also covers every other private step of the

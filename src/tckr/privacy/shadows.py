@@ -13,6 +13,7 @@ shadow's outputs are written the moment its group finishes, so finished shadows 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from tckr.core.progress import progress
-from tckr.core.seeds import derive_seed
+from tckr.core.seeds import derive_seed, own_stream
 from tckr.data.images import BatchAugment
 from tckr.data.ingest import DatasetInfo
 from tckr.privacy.config import AttackConfig
@@ -126,12 +127,6 @@ def keep_matrix(cfg: AttackConfig, population_size: int) -> np.ndarray:
     return balanced_keep_matrix(cfg.shadows, population_size, cfg.seed)
 
 
-def shadow_groups(cfg: AttackConfig) -> list[list[int]]:
-    """Shadow indices per group: consecutive runs of ``shadows_per_group``."""
-    return [list(range(start, min(start + cfg.shadows_per_group, cfg.shadows)))
-            for start in range(0, cfg.shadows, cfg.shadows_per_group)]
-
-
 def use_vmap(cfg: AttackConfig, device: torch.device) -> bool:
     return cfg.vectorize == "on" or (cfg.vectorize == "auto" and device.type == "cuda")
 
@@ -142,8 +137,9 @@ class ModelStack(nn.Module):
 
     ``forward(x)`` maps ``[M, B, ...]`` (or a shared ``[B, ...]``) to ``[M, B, K]``. With ``vectorize``
     all models run as one vmap-ed call; without, one after another on slices of the same stacked
-    tensors. Either way the optimiser sees one tensor per parameter name: AdamW is elementwise, so
-    stepping the stack equals stepping every model on its own.
+    tensors, model ``m`` drawing its randomness (dropout) from ``seeds[m]`` when given. Either way the
+    optimiser sees one tensor per parameter name: AdamW is elementwise, so stepping the stack equals
+    stepping every model on its own.
     """
 
     def __init__(self, models: list[nn.Module], vectorize: bool) -> None:
@@ -169,14 +165,17 @@ class ModelStack(nn.Module):
         state = dict(zip(self.names, params, strict=True)) | dict(zip(self.buffer_names, buffers, strict=True))
         return functional_call(self.template[0], state, (x,))
 
-    def forward(self, x: torch.Tensor, shared: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, shared: bool = False, seeds: list[int] | None = None) -> torch.Tensor:
         self.template[0].train(self.training)
         params, buffers = list(self.stacked), self._buffers_stacked()
         if self.vectorize:
             return torch.vmap(self._call_one, in_dims=(0, 0, None if shared else 0), randomness="different")(
                 params, buffers, x)
-        return torch.stack([self._call_one([p[m] for p in params], [b[m] for b in buffers], x if shared else x[m])
-                            for m in range(self.size)])
+        outputs = []
+        for m in range(self.size):
+            with own_stream(seeds[m], x.device) if seeds else contextlib.nullcontext():
+                outputs.append(self._call_one([p[m] for p in params], [b[m] for b in buffers], x if shared else x[m]))
+        return torch.stack(outputs)
 
     @torch.no_grad()
     def copy_model(self, source: ModelStack, m: int) -> None:
@@ -244,10 +243,13 @@ def train_shadow_group(cfg: ClassifierConfig, indices: list[int], keep: np.ndarr
                        on_epoch: Callable[[dict], None] | None = None) -> list[int]:
     """Train shadows ``indices`` (rows of ``keep``) as one stack; returns those written now.
 
-    Model ``m`` starts from its own seed and draws its own batch order per epoch, both derived from
-    ``(recipe seed, "shadow", index)`` (:func:`tckr.core.seeds.derive_seed`: never a target's streams); a
-    checkpoint per epoch makes a killed group resume where it was (and one that another trainer left in ``out_dir``
-    is refused). A finished shadow made for another attack (:func:`provenance`) is trained again.
+    Every random draw of model ``m`` is its own, derived from ``(recipe seed, "shadow", index)``
+    (:func:`tckr.core.seeds.derive_seed`: never a target's streams): its initial weights, its batch order per epoch
+    and, per step, its augmentations, MixUp and dropout. So a shadow is the same model whichever group or process
+    trains it, up to floating-point summation order (a stack's one vmap-ed call draws dropout for all its models
+    at once, and a CUDA loss scaler skips a step for all of them together). A checkpoint per epoch makes a killed
+    group resume where it was (and one that another trainer left in ``out_dir`` is refused). A finished shadow made
+    for another attack (:func:`provenance`) is trained again.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -281,29 +283,35 @@ def train_shadow_group(cfg: ClassifierConfig, indices: list[int], keep: np.ndarr
                 {"best_val": [-1.0] * len(indices), "best_epoch": [0] * len(indices), "history": []},
                 desc=f"shadows {indices[0]}-{indices[-1]}")
     state = loop.extra
-    shape = population.images.shape[1:]
 
-    def batches(epoch: int) -> tuple[torch.Tensor, ...]:
-        """Each step's rows ``[M, batch]``: model ``m``'s own permutation of its members this epoch."""
+    def batches(epoch: int) -> list[tuple[int, int, torch.Tensor]]:
+        """Each step's epoch, number and rows ``[M, batch]``: model ``m``'s own permutation of its members."""
         stack.train()
         orders = torch.stack([
             rows[torch.randperm(per_model, generator=torch.Generator().manual_seed(
                 derive_seed(cfg.seed, "shadow", index, "order", epoch)))]
             for rows, index in zip(members, indices, strict=True)])
-        return orders[:, :steps * cfg.batch_size].split(cfg.batch_size, dim=1)
+        return [(epoch, number, rows)
+                for number, rows in enumerate(orders[:, :steps * cfg.batch_size].split(cfg.batch_size, dim=1))]
 
-    def step(rows: torch.Tensor) -> float:
-        images = population.images[rows.reshape(-1)]
+    def model_batch(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One model's augmented images and targets (MixUp per model: never one shadow's data in another's)."""
+        images = population.images[rows]
         if augmix is not None:
             images = torch.stack([augmix(image) for image in images])
-        images = augment(images.to(device, non_blocking=True), train=True).view(len(indices), -1, *shape)
-        targets = population.labels[rows].to(device)
-        if recipe.mixup is not None:  # per model: MixUp must never blend one shadow's data into another's
-            mixed = [recipe.mixup(images[m], targets[m]) for m in range(len(indices))]
-            images = torch.stack([x for x, _ in mixed])
-            targets = torch.stack([t for _, t in mixed])
+        images, targets = augment(images.to(device, non_blocking=True), train=True), population.labels[rows].to(device)
+        return recipe.mixup(images, targets) if recipe.mixup is not None else (images, targets)
+
+    def step(batch: tuple[int, int, torch.Tensor]) -> float:
+        epoch, number, rows = batch
+        made = []
+        for m, index in enumerate(indices):
+            with own_stream(derive_seed(cfg.seed, "shadow", index, "augment", epoch, number), device):
+                made.append(model_batch(rows[m]))
+        images, targets = torch.stack([x for x, _ in made]), torch.stack([t for _, t in made])
+        dropout = [derive_seed(cfg.seed, "shadow", index, "dropout", epoch, number) for index in indices]
         with recipe.autocast(device):
-            logits = stack(images)
+            logits = stack(images, seeds=dropout)
             loss = sum(recipe.objective(logits[m], images[m], targets[m]) for m in range(len(indices)))
         recipe.optimizer.zero_grad(set_to_none=True)
         recipe.scaler.scale(loss).backward()

@@ -58,9 +58,18 @@ def ingest(*, dataset: str, ingest: IngestConfig, data: Path) -> Metrics:
 
 def shadow_plan(*, attack: AttackConfig) -> list[int]:
     """The shadow-model groups, for the ParallelFor fan-out."""
-    from tckr.privacy.shadows import shadow_groups
+    return list(range(len(attack.groups())))
 
-    return list(range(len(shadow_groups(attack))))
+
+def shadows_in_group(arguments: dict[str, Any]) -> int:
+    """A shadow-group task's independent items: its shadow models (``parallel_items`` of the shadow stages)."""
+    return len(arguments["attack"].groups()[int(arguments["group"])])
+
+
+def sampling_batches(section: str) -> Callable[[dict[str, Any]], int]:
+    """A generation task's independent items: the sampler batches of a shard of ``section`` (a generation
+    config; ``parallel_items`` of the sampling stages)."""
+    return lambda arguments: math.ceil(arguments[section].shard_size / arguments[section].batch_size)
 
 
 SHARED_STAGES: dict[str, tuple[Callable, dict[str, Any]]] = {

@@ -1,6 +1,7 @@
 """Calling a declared stage: its sections typed, its artifacts and parameters passed by keyword, its
-processes launched (one per GPU for a multi-GPU stage). The KFP launcher and ``tckr stage`` both go
-through :func:`invoke`, so a stage runs the same way in a pod, in DVC and in a test."""
+processes launched (one per GPU for a multi-GPU stage; on a many-core CPU, several for a stage of independent
+items). The KFP launcher and ``tckr stage`` both go through :func:`invoke`, so a stage runs the same way in a pod,
+in DVC and in a test."""
 
 from __future__ import annotations
 
@@ -51,17 +52,33 @@ def parse_sections(recipe: Recipe, stage: Stage, values: dict[str, Any]) -> dict
 
 def invoke(stage: Stage, sections: dict[str, Any], artifacts: dict[str, Any], params: dict[str, Any],
            tracking: Tracking | None) -> Any:
-    """Run ``stage``: in this process, or (multi-GPU stages) in :func:`tckr.core.distributed.processes` ranks."""
+    """Run ``stage``: in this process, or in :func:`process_count` ranks (:mod:`tckr.core.distributed`)."""
     kwargs = {**sections, **artifacts, **params}
     if stage.own_run:  # the stage runs inside its run; ``tracking`` may then be a section it reads
         function = functools.partial(call, stage, tracking)
     else:
         function = stage.run
         kwargs |= {"tracking": tracking} if stage.tracked else {}
-    count = distributed.processes() if stage.multi_gpu else 1
+    count = process_count(stage, kwargs)
     with outage_as_error(stage.name), disk_full_as_error(stage.name):
         return distributed.run_stage(stage.name, function, kwargs, count,
                                      kwargs["runtime"].device if count > 1 else "")
+
+
+def process_count(stage: Stage, kwargs: dict[str, Any]) -> int:
+    """A multi-GPU stage: one process per GPU of its pod (``TCKR_PROCESSES``, compiled in by the cluster). Without
+    a GPU, a stage of independent items (``parallel_items``): ``runtime.cpu_processes``, at most one per item.
+    Any other: one."""
+    if not stage.multi_gpu or distributed.processes() > 1:
+        return distributed.processes() if stage.multi_gpu else 1
+    if stage.parallel_items is None:
+        return 1
+    from tckr.core.device import resolve_device
+
+    runtime = kwargs["runtime"]
+    if resolve_device(runtime.device).type != "cpu":
+        return 1
+    return distributed.cpu_processes(runtime.cpu_processes, stage.parallel_items(kwargs))
 
 
 def call(stage: Stage, tracking: Tracking, /, **kwargs: Any) -> Any:

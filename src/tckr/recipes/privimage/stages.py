@@ -39,6 +39,8 @@ from tckr.recipes.common import (
     log_private_splits,
     run_attack,
     run_device,
+    sampling_batches,
+    shadows_in_group,
 )
 from tckr.recipes.privimage.config import (
     DownstreamConfig,
@@ -131,7 +133,7 @@ def _sampling_plan(sample: GenerateConfig, generator: Path):
     scales), so a shard's pod gets the generator and never the private dataset."""
     import json
 
-    from tckr.generators.generate import plan_generation
+    from tckr.generators.plan import plan_generation
 
     card = json.loads((generator / "generator.json").read_text())
     classes = card["classes"]
@@ -144,7 +146,7 @@ def _sampling_plan(sample: GenerateConfig, generator: Path):
        resources=resources("250m", "1", "1Gi", "2Gi"))
 def sample_plan(*, sample: GenerateConfig, generator: Path) -> list[int]:
     """The shard numbers of the synthetic set, for the ParallelFor fan-out."""
-    from tckr.generators.generate import shard_ranges
+    from tckr.generators.plan import shard_ranges
 
     plan, _ = _sampling_plan(sample, generator)
     return list(range(len(shard_ranges(len(plan), sample.shard_size))))
@@ -152,7 +154,7 @@ def sample_plan(*, sample: GenerateConfig, generator: Path) -> list[int]:
 
 @stage(sections=("sample", "runtime"), params={"shard": int}, inputs={"generator": MODEL},
        outputs={"images": DATASET}, returns="nothing", tracked=False, multi_gpu=True,
-       resources=resources("4", "8", "16Gi", "24Gi", gpus=1))
+       parallel_items=sampling_batches("sample"), resources=resources("4", "8", "16Gi", "24Gi", gpus=1))
 def sample_shard(*, sample: GenerateConfig, runtime: RuntimeConfig, shard: int, generator: Path,
                  images: Path) -> None:
     """One shard of the synthetic set (one task of the fan-out), resumable like any shard."""
@@ -165,7 +167,8 @@ def sample_shard(*, sample: GenerateConfig, runtime: RuntimeConfig, shard: int, 
 
 
 @stage(sections=("sample", "runtime"), inputs={"generator": MODEL, "shards": collected(DATASET)},
-       outputs={"synthetic": DATASET}, multi_gpu=True, resources=resources("4", "8", "16Gi", "24Gi", gpus=1))
+       outputs={"synthetic": DATASET}, multi_gpu=True, parallel_items=sampling_batches("sample"),
+       resources=resources("4", "8", "16Gi", "24Gi", gpus=1))
 def sample(*, sample: GenerateConfig, runtime: RuntimeConfig, generator: Path, shards: list[Path],
            synthetic: Path) -> Metrics:
     """The labelled synthetic set: the fan-out's shards gathered, any missing one sampled here, the whole
@@ -236,7 +239,7 @@ declare_shared(STAGES, "shadow_plan")
 
 
 @stage(sections=("image_size", "classifier", "attack", "runtime"), params={"group": int}, inputs={"data": DATASET},
-       outputs={"shadows": MODEL}, returns="nothing", tracked=False, multi_gpu=True,
+       outputs={"shadows": MODEL}, returns="nothing", tracked=False, multi_gpu=True, parallel_items=shadows_in_group,
        resources=resources("8", "16", "32Gi", "48Gi", gpus=1, shm="8Gi"))
 def shadow_group(*, image_size: int, classifier: ClassifierConfig, attack: AttackConfig, runtime: RuntimeConfig,
                  group: int, data: Path, shadows: Path) -> None:

@@ -39,6 +39,8 @@ from tckr.recipes.common import (
     log_private_splits,
     run_attack,
     run_device,
+    sampling_batches,
+    shadows_in_group,
     training_metrics,
 )
 from tckr.recipes.synthetic import AUDIT_STAGE, audit, log_sample_grid, log_synthetic_set
@@ -181,7 +183,7 @@ def _generation_plan(cfg: GenerateConfig, captions: Path):
     shard's pod gets the caption text and never the private dataset."""
     import json
 
-    from tckr.generators.generate import plan_generation
+    from tckr.generators.plan import plan_generation
 
     card = json.loads((captions / "train" / "run.json").read_text())
     by_class = json.loads((captions / "train" / "captions_by_class.json").read_text())
@@ -192,7 +194,7 @@ def _generation_plan(cfg: GenerateConfig, captions: Path):
        resources=resources("500m", "2", "4Gi", "8Gi"))
 def generation_plan(*, generate: GenerateConfig, captions: Path) -> list[int]:
     """The shard numbers of the generation plan, for the ParallelFor fan-out."""
-    from tckr.generators.generate import shard_ranges
+    from tckr.generators.plan import shard_ranges
 
     plan = _generation_plan(generate, captions)
     return list(range(len(shard_ranges(len(plan), generate.shard_size))))
@@ -201,6 +203,7 @@ def generation_plan(*, generate: GenerateConfig, captions: Path) -> list[int]:
 @stage(sections=("generate", "runtime"), params={"shard": int},
        inputs={"captions": ARTIFACT, "base_model": MODEL, "adapter": MODEL},
        outputs={"images": DATASET}, returns="nothing", tracked=False, multi_gpu=True,
+       parallel_items=sampling_batches("generate"),
        resources=resources("4", "8", "24Gi", "32Gi", gpus=1, scratch="20Gi"))
 def generate_shard(*, generate: GenerateConfig, runtime: RuntimeConfig, shard: int, captions: Path,
                    base_model: Path, adapter: Path, images: Path) -> None:
@@ -216,7 +219,7 @@ def generate_shard(*, generate: GenerateConfig, runtime: RuntimeConfig, shard: i
 @stage(sections=("image_size", "generate", "runtime"),
        inputs={"data": DATASET, "captions": ARTIFACT, "base_model": MODEL, "adapter": MODEL, "teacher_model": MODEL,
                "shards": collected(DATASET)},
-       outputs={"synthetic": DATASET}, multi_gpu=True,
+       outputs={"synthetic": DATASET}, multi_gpu=True, parallel_items=sampling_batches("generate"),
        resources=resources("8", "16", "32Gi", "48Gi", gpus=1, scratch="20Gi"))  # missing shards + the teacher
 def generate(*, image_size: int, generate: GenerateConfig, runtime: RuntimeConfig, data: Path, captions: Path,
              base_model: Path, adapter: Path, teacher_model: Path, shards: list[Path], synthetic: Path) -> Metrics:
@@ -357,7 +360,7 @@ declare_shared(STAGES, "shadow_plan")
 
 
 @stage(sections=("image_size", "teacher", "attack", "runtime"), params={"group": int}, inputs={"data": DATASET},
-       outputs={"shadows": MODEL}, returns="nothing", tracked=False, multi_gpu=True,
+       outputs={"shadows": MODEL}, returns="nothing", tracked=False, multi_gpu=True, parallel_items=shadows_in_group,
        resources=resources("8", "16", "32Gi", "48Gi", gpus=1, shm="8Gi"))
 def shadow_group(*, image_size: int, teacher: ClassifierConfig, attack: AttackConfig, runtime: RuntimeConfig,
                  group: int, data: Path, shadows: Path) -> None:
