@@ -20,7 +20,7 @@ WITH_SERVICES := set -a && { [[ ! -f $(STATE_DIR)/env ]] || . $(STATE_DIR)/env; 
 # repository, compile and submit with --image / --cuda-image set to the tags `make images` prints.
 IMAGE_REPO ?= ghcr.io/tckr/tckr
 
-.PHONY: help setup data tools demo demo-privimage run test test-long test-faults test-unit lint bench tradeoff scaling cluster-cost compile images run-local run-local-down mlflow-ui clean \
+.PHONY: help setup data tools demo demo-privimage run test test-long test-faults test-unit lint bench tradeoff scaling shadow-draws cluster-cost compile images run-local run-local-down mlflow-ui clean \
 	s3-up s3-down mlflow-up mlflow-down rehearse repro repro-privimage publish pull
 
 help:  ## list targets
@@ -76,6 +76,9 @@ tradeoff: repro  ## the demo's time against its quality bars, one setting at a t
 
 scaling: repro  ## how the demo's wall time grows with the private set, the synthetic ratio, the shadows (bench/scaling.*)
 	$(BIN)/python bench/scaling.py
+
+shadow-draws: repro  ## how far the attack's own randomness moves its figures: the attack under other seeds (bench/shadow_draws.json)
+	$(BIN)/python bench/shadow_draws.py
 
 cluster-cost: setup  ## pods, model FLOPs and GPU-hours of the paper profile on a cluster (bench/cluster.json)
 	$(BIN)/python bench/cluster.py

@@ -26,13 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
-def study_arguments(parser: argparse.ArgumentParser, out: str, only: str) -> None:
+def study_arguments(parser: argparse.ArgumentParser, out: str, only: str | None = None) -> None:
     """The options every study takes: where the finished demo's outputs are, with which profile they were made,
-    the work folder its points run in, which part to run (``only``: its help) and where its JSON goes."""
+    the work folder its points run in, which part to run (``only``: its help; None, a study run whole) and where
+    its JSON goes."""
     parser.add_argument("--inputs", type=Path, default=ROOT / "outputs", help="a finished `make repro`'s outputs/")
     parser.add_argument("--profile", type=Path, default=ROOT / "params.yaml", help="the profile those were made with")
     parser.add_argument("--work", type=Path, default=Path("/tmp/tckr-studies"))
-    parser.add_argument("--only", default="", help=only)
+    if only is not None:
+        parser.add_argument("--only", default="", help=only)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / out)
 
 

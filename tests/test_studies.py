@@ -145,3 +145,29 @@ def test_cluster_flops_match_published_counts():
     counts = cluster.classifier_flops("mobilenetv3_large_100", 1000, 224)
     assert counts["forward"] == pytest.approx(2 * 0.217e9, rel=0.05)
     assert counts["train"] == 3 * counts["forward"]
+
+
+def test_shadow_draws_summarise_the_spread_that_one_interval_does_not_cover():
+    import shadow_draws
+
+    def metrics(teacher: float, student: float) -> dict:
+        found = {}
+        for target in shadow_draws.TARGETS:
+            for attack in shadow_draws.ATTACKS:
+                value = {"teacher": teacher, "student": student}.get(target, 0.5)
+                found |= {f"{target}.{attack}.auc": value, f"{target}.{attack}.auc_ci_low": value - 0.01,
+                          f"{target}.{attack}.auc_ci_high": value + 0.01}
+        for attack in shadow_draws.ATTACKS:
+            found |= {f"delta.{attack}.auc_ci_low": student - teacher - 0.02,
+                      f"delta.{attack}.auc_ci_high": student - teacher + 0.02}
+        return found
+
+    draws = [{"figures": shadow_draws.figures(metrics(teacher, 0.50))} for teacher in (0.51, 0.54, 0.525)]
+    assert draws[1]["figures"]["delta.mia.auc"]["value"] == pytest.approx(-0.04)
+    summary = shadow_draws.summarise(draws)
+    teacher = summary["teacher.mia.auc"]
+    assert teacher["mean"] == pytest.approx(0.525) and teacher["sd"] == pytest.approx(0.015)
+    assert (teacher["min"], teacher["max"]) == pytest.approx((0.51, 0.54))
+    assert teacher["interval_width"] == pytest.approx(0.02)
+    assert teacher["intervals_holding_mean"] == 1  # 0.525 lies in [0.515, 0.535] only
+    assert summary["student.rmia.auc"]["sd"] == 0
