@@ -69,10 +69,10 @@ def process_count(stage: Stage, kwargs: dict[str, Any]) -> int:
     """A multi-GPU stage: one process per GPU of its pod (``TCKR_PROCESSES``, compiled in by the cluster). Without
     a GPU, a stage of independent items (``parallel_items``): ``runtime.cpu_processes``, at most one per item.
     Any other: one."""
-    if not stage.multi_gpu or distributed.processes() > 1:
-        return distributed.processes() if stage.multi_gpu else 1
-    if stage.parallel_items is None:
+    if not stage.multi_gpu:
         return 1
+    if distributed.processes() > 1 or stage.parallel_items is None:
+        return distributed.processes()
     from tckr.core.device import resolve_device
 
     runtime = kwargs["runtime"]
