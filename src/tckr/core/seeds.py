@@ -23,25 +23,50 @@ def section_seed(root: int, section: str) -> int:
     return derive_seed(root, "section", section) >> 32
 
 
-@contextmanager
-def own_stream(seed: int, device=None) -> Iterator[None]:
-    """Run the block on random streams of its own, all seeded from ``seed`` (torch's on the CPU and on ``device``,
-    NumPy's and Python's global ones, which MixUp and AugMix draw from), and give the caller's streams back
-    afterwards: what the block draws depends on ``seed`` alone, not on whatever drew before it."""
+def rng_state(device=None) -> dict:
+    """Every global generator a step may draw from: torch's on the CPU and on ``device`` (a CUDA device, or the
+    current one when CUDA is in use), NumPy's (timm's MixUp) and Python's."""
     import numpy as np
     import torch
 
-    numpy_state, python_state = np.random.get_state(), random.getstate()
-    devices = [device] if device is not None and device.type == "cuda" else []
+    if device is not None and device.type == "cuda":
+        cuda = torch.cuda.get_rng_state(device)
+    else:  # the current device's, once CUDA is in use (asking before would initialise it)
+        cuda = torch.cuda.get_rng_state() if device is None and torch.cuda.is_initialized() else None
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": cuda}
+
+
+def set_rng_state(state: dict, device=None) -> None:
+    """Put back what :func:`rng_state` took. A state without Python's generator (checkpoints written before it
+    was saved) leaves that one as it is."""
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    if "python" in state:
+        random.setstate(state["python"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"], device if device is not None and device.type == "cuda" else "cuda")
+
+
+@contextmanager
+def own_stream(seed: int, device=None) -> Iterator[None]:
+    """Run the block on random streams of its own, all seeded from ``seed`` (torch's on the CPU and on ``device``,
+    NumPy's and Python's global ones), and give the caller's streams back afterwards: what the block draws depends
+    on ``seed`` alone, not on whatever drew before it."""
+    import numpy as np
+    import torch
+
+    saved = rng_state(device)
     try:
-        with torch.random.fork_rng(devices=devices):
-            torch.random.default_generator.manual_seed(seed)
-            for cuda in devices:
-                with torch.cuda.device(cuda):
-                    torch.cuda.manual_seed(seed)
-            np.random.seed(seed % 2**32)
-            random.seed(seed)
-            yield
+        torch.random.default_generator.manual_seed(seed)
+        if device is not None and device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+        yield
     finally:
-        np.random.set_state(numpy_state)
-        random.setstate(python_state)
+        set_rng_state(saved, device)

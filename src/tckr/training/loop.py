@@ -20,13 +20,13 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from tckr.core.atomic import torch_save
 from tckr.core.errors import TckrError
 from tckr.core.progress import progress
+from tckr.core.seeds import rng_state, set_rng_state
 from tckr.core.volume import checkpoint_location
 
 
@@ -125,7 +125,7 @@ class Loop:
                 target.set_state(saved["objects"][name])
             else:
                 target.load_state_dict(saved["objects"][name])
-        _set_rng_state(saved["rng"])
+        set_rng_state(saved["rng"])
         self.extra.update(saved["extra"])
         self.done, self.steps, self.last_record = saved["done"], saved["steps"], saved.get("last_record")
         if self.lead:
@@ -143,19 +143,6 @@ class Loop:
         objects = {name: target.get_state() if isinstance(target, torch.Generator) else target.state_dict()
                    for name, target in self.objects.items()}
         torch_save({"recipe": self.recipe, "settings": self.settings, "done": self.done, "steps": self.steps,
-                    "objects": objects, "rng": _rng_state(), "extra": self.extra, "last_record": self.last_record},
+                    "objects": objects, "rng": rng_state(), "extra": self.extra, "last_record": self.last_record},
                    self.path)
 
-
-def _rng_state() -> dict[str, Any]:
-    """The global generators a step may draw from: torch's (on the CPU and the current CUDA device) and
-    NumPy's (timm's MixUp)."""
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
