@@ -569,7 +569,14 @@ def main() -> None:
                         help="measured seconds per variant and stage (default 8; --quick: 0.2)")
     parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu or cuda")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--show", action="store_true", help="print the table of the results in --out, measuring "
+                        "nothing (the README quotes it)")
     args = parser.parse_args()
+    if args.show:
+        if not args.out.is_file():
+            parser.error(f"{args.out} does not exist: run the suite first")
+        print(table(json.loads(args.out.read_text())), end="")
+        return
 
     names = [name.strip() for name in args.only.split(",") if name.strip()] or list(STAGES)
     unknown = sorted(set(names) - set(STAGES))

@@ -92,3 +92,14 @@ def test_process_benchmark_prints_the_split_against_one_process():
                              "2", "--shadows", "2", "--epochs", "1", "--rounds", "1"],
                             capture_output=True, text=True, timeout=300, check=True)
     assert "2 process(es)" in result.stdout and "speed-up" in result.stdout and "same predicted class" in result.stdout
+
+
+def test_the_readme_quotes_the_committed_results():
+    """The figures in the README are the ones in bench/results.json: its table is what `suite.py --show` prints."""
+    shown = subprocess.run([sys.executable, str(BENCH / "suite.py"), "--show"], capture_output=True, text=True,
+                           timeout=120, check=True).stdout
+    assert "| captioning " in shown
+    assert f"```\n{shown}```" in (BENCH.parent / "README.md").read_text()
+    missing = subprocess.run([sys.executable, str(BENCH / "suite.py"), "--show", "--out", str(BENCH / "none.json")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "does not exist: run the suite first" in missing.stderr

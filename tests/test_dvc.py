@@ -84,6 +84,16 @@ def test_the_committed_lock_is_this_pipelines_and_hashes_every_output(recipe):
         assert all(out["md5"] and out["size"] > 0 for out in outs.values()), name
 
 
+@pytest.mark.unit
+def test_a_code_dependency_is_hashed_from_its_sources_alone():
+    """Bytecode records each source's modification time: a lock that hashed ``__pycache__`` would call every stage
+    stale on any other clone of the same commit."""
+    bytecode, source = "src/tckr/core/__pycache__/seeds.cpython-312.pyc", "src/tckr/core/seeds.py"
+    checked = subprocess.run([str(Path(sys.prefix) / "bin" / "dvc"), "check-ignore", bytecode, source], cwd=REPO,
+                             capture_output=True, text=True, check=True)
+    assert checked.stdout.split() == [bytecode]
+
+
 CONCERNS = ("core", "data", "training", "generators", "privacy", "platform")  # a DVC dep is the whole package
 
 
