@@ -87,6 +87,13 @@ def test_fid_benchmark_prints_the_bf16_speed_up_and_its_cost():
     assert "bf16 speed-up" in result.stdout and "FID halves, bfloat16" in result.stdout
 
 
+def test_text_encoder_benchmark_prints_the_bf16_speed_up_and_its_error():
+    result = subprocess.run([sys.executable, str(BENCH / "bench_text_encoder.py"), "--images", "8", "--batch-size",
+                             "4"], capture_output=True, text=True, timeout=300, check=True)
+    assert "bf16 speed-up" in result.stdout and "relative error of bf16, stored in fp16" in result.stdout
+    assert "lowest cosine similarity of a prompt" in result.stdout
+
+
 def test_process_benchmark_prints_the_split_against_one_process():
     result = subprocess.run([sys.executable, str(BENCH / "bench_processes.py"), "--profile", "smoke", "--processes",
                              "2", "--shadows", "2", "--epochs", "1", "--rounds", "1"],
