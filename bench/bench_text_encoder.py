@@ -51,7 +51,7 @@ def main() -> None:
 
     def encode(dtype: torch.dtype | None):
         def call(start: int, stop: int) -> list[torch.Tensor]:
-            with autocast(device, dtype):
+            with torch.no_grad(), autocast(device, dtype):  # as pixel.encode_prompts and the sampler encode
                 return list(encoder.encode(prompts[start:stop], args.batch_size))
         return call
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tckr.core.errors import ConfigError
+from tckr.core.precision import autocast, autocast_dtype, cpu_computes_bf16
 from tckr.data.images import ImageSplit
 from tckr.data.ingest import FASHION_MNIST_CLASSES
 from tckr.generators.config import FinetuneConfig, GenerateConfig, GeneratorConfig
@@ -21,6 +22,7 @@ from tckr.generators.pixel import (
     TextEncoder,
     build_noise_scheduler,
     build_unet,
+    encode_prompts,
     pretrain_pixel_generator,
     sample_pixel_images,
     text_encoder_path,
@@ -63,6 +65,22 @@ def test_base_generator_round_trip(base_generator):
     assert not (base_generator / "pretrain-checkpoint.pt").exists()
     generator = PixelGenerator.load(base_generator, CPU)
     assert generator.text_encoder.dim == 384  # the real all-MiniLM-L6-v2
+
+
+@pytest.mark.unit
+def test_a_generator_trains_on_the_prompt_states_it_is_sampled_with(base_generator, pairs):
+    """Pretraining and LoRA encode their prompts under the training autocast; generation encodes its own inside the
+    sampler's (bf16 where the CPU computes it): the rows of the training bank are the states sampling conditions on."""
+    _, texts, _ = pairs
+    generator = PixelGenerator.load(base_generator, CPU)
+    unique = sorted(set(texts))
+    sampled: dict[str, torch.Tensor] = {}
+    with torch.no_grad(), autocast(CPU, autocast_dtype(CPU, True)):  # as generate_shards samples
+        sample_pixel_images(generator, unique, list(range(len(unique))), 1, 2.0, CPU, sampled)
+    bank = encode_prompts(generator.text_encoder, texts, CPU, mixed_precision=True)
+    assert torch.equal(bank.states, torch.stack([sampled[text] for text in ["", *unique]]).half())
+    if cpu_computes_bf16():  # the states in fp32 differ: what pretraining encoded before
+        assert not torch.equal(bank.states, encode_prompts(generator.text_encoder, texts, CPU, False).states)
 
 
 def test_denoiser_training_resumes_exactly(tmp_path, pairs):

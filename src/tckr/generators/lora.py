@@ -24,7 +24,15 @@ from tckr.core.volume import checkpoint_location
 from tckr.generators import stable_diffusion
 from tckr.generators.config import FinetuneConfig, GeneratorError
 from tckr.generators.generate import ImageGenerator
-from tckr.generators.pixel import DenoiserData, PixelGenerator, PromptBank, read_card, steps_for_epochs, train_denoiser
+from tckr.generators.pixel import (
+    DenoiserData,
+    PixelGenerator,
+    PromptBank,
+    encode_prompts,
+    read_card,
+    steps_for_epochs,
+    train_denoiser,
+)
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
 
@@ -97,7 +105,7 @@ def finetune_pixel_generator(generator_dir: Path, images: torch.Tensor, texts: l
 
     _check_pairs(images, texts)
     generator = PixelGenerator.load(generator_dir, device)
-    data = DenoiserData(images, PromptBank.build(generator.text_encoder, texts))
+    data = DenoiserData(images, encode_prompts(generator.text_encoder, texts, device, cfg.mixed_precision))
     return train_adapter(generator.unet, data, DDPMScheduler.from_config(generator.scheduler_config), cfg, out_dir,
                          device, on_step)
 
