@@ -1,6 +1,7 @@
 """The generator stack on a tiny pixel UNet: pretraining, LoRA round trip, sharded generation."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from tckr.core.precision import autocast, autocast_dtype, cpu_computes_bf16
 from tckr.data.images import ImageSplit
 from tckr.data.ingest import FASHION_MNIST_CLASSES
 from tckr.generators.config import FinetuneConfig, GenerateConfig, GeneratorConfig
-from tckr.generators.generate import finalize, gather_shards, generate_shards, load_synthetic
+from tckr.generators.generate import finalize, gather_shards, generate_shards, load_synthetic, sampler_key
 from tckr.generators.lora import ADAPTER_FILE, finetune_pixel_generator, load_finetuned
 from tckr.generators.pixel import (
     DenoiserData,
@@ -34,6 +35,7 @@ from tckr.recipes.config import load_config
 CPU = torch.device("cpu")
 TINY = GeneratorConfig(block_out_channels=[8, 16], attention_head_dim=4, steps=4, batch_size=16, max_text_tokens=12)
 CLASSES = FASHION_MNIST_CLASSES[:3]
+MADE_BY = "the tiny base generator"  # a sampler key (generate.sampler_key) for tests of one generator
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +178,7 @@ def test_ratio_must_be_positive():
 
 def run_generation(generator, captions, classes, num_private, cfg, out_dir):
     plan = plan_generation(captions, classes, num_private, cfg)
-    generate_shards(generator, plan, out_dir, cfg)
+    generate_shards(generator, plan, out_dir, cfg, MADE_BY)
     return finalize(out_dir, plan, cfg)
 
 
@@ -210,12 +212,12 @@ def test_killed_generation_resumes_to_the_same_set(tmp_path, base_generator):
 
     plan = plan_generation(CAPTIONS, CLASSES, 12, cfg)
     with pytest.raises(KeyboardInterrupt):  # batches of 4: shard 0 takes 2 calls, the 3rd call is in shard 1
-        generate_shards(_KilledAfter(generator, calls=2), plan, tmp_path / "cut", cfg)
+        generate_shards(_KilledAfter(generator, calls=2), plan, tmp_path / "cut", cfg, MADE_BY)
     assert (tmp_path / "cut" / "shards" / "shard-00000.arrow").is_file()
     assert (tmp_path / "cut" / "shards" / "shard-00001.staging").is_dir()
     with pytest.raises(GenerationError, match="2 of 3 shards are missing"):
         finalize(tmp_path / "cut", plan, cfg)
-    written = generate_shards(generator, plan, tmp_path / "cut", cfg)
+    written = generate_shards(generator, plan, tmp_path / "cut", cfg, MADE_BY)
     assert written == [1, 2]
     finalize(tmp_path / "cut", plan, cfg)
 
@@ -262,12 +264,40 @@ def test_a_persisted_directory_from_another_plan_is_regenerated(tmp_path, base_g
                    out_dir)
     reseeded = GenerateConfig(ratio=0.5, steps=2, shard_size=4, seed=6)
     plan = plan_generation(CAPTIONS, CLASSES, 12, reseeded)
-    assert generate_shards(generator, plan, out_dir, reseeded) == [0, 1]
+    assert generate_shards(generator, plan, out_dir, reseeded, MADE_BY) == [0, 1]
     assert finalize(out_dir, plan, reseeded)["images"] == 6
     assert sorted(p.name for p in (out_dir / "shards").iterdir()) == ["shard-00000.arrow", "shard-00001.arrow"]
     run_generation(generator, CAPTIONS, CLASSES, 12, reseeded, tmp_path / "fresh")
     assert (out_dir / "manifest.jsonl").read_text() == (tmp_path / "fresh" / "manifest.jsonl").read_text()
-    assert generate_shards(generator, plan, out_dir, reseeded) == []  # now current: nothing redone
+    assert generate_shards(generator, plan, out_dir, reseeded, MADE_BY) == []  # now current: nothing redone
+
+
+@pytest.mark.unit
+def test_a_persisted_directory_from_another_generator_is_regenerated(tmp_path, base_generator):
+    """The same plan sampled by another generator (a new adapter or base model) or with other sampling settings
+    makes other images: DVC's persisted directory must not hand the student the earlier generator's shards, and a
+    fan-out shard of the current generator replaces one of an earlier generator when gathered."""
+    cfg = GenerateConfig(ratio=1.0, steps=2, shard_size=4, seed=5)
+    generator = PixelGenerator.load(base_generator, CPU)
+    plan = plan_generation(CAPTIONS, CLASSES, 12, cfg)
+    retrained = tmp_path / "retrained"
+    shutil.copytree(base_generator, retrained)
+    weights = retrained / "unet" / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # one byte of the weights differs
+    key = sampler_key(cfg, [base_generator])
+    assert key == sampler_key(cfg, [base_generator])  # a resumed run finds its own shards
+    others = {sampler_key(cfg, [retrained]), sampler_key(cfg.model_copy(update={"steps": 3}), [base_generator]),
+              sampler_key(cfg.model_copy(update={"guidance": cfg.guidance + 1}), [base_generator])}
+    assert len(others) == 3 and key not in others
+    out_dir = tmp_path / "syn"
+    assert generate_shards(generator, plan, out_dir, cfg, key) == [0, 1, 2]
+    assert generate_shards(generator, plan, out_dir, cfg, key) == []
+    other = sampler_key(cfg, [retrained])
+    assert generate_shards(generator, plan, out_dir, cfg, other, shards=[1]) == [1]  # made by "another generator"
+    assert generate_shards(generator, plan, out_dir, cfg, key) == [1]  # not taken for this one's
+    generate_shards(generator, plan, tmp_path / "pod", cfg, other, shards=[0])
+    assert gather_shards([tmp_path / "pod"], out_dir) == [0]  # the fan-out's shard replaces the earlier one
 
 
 @pytest.mark.unit
@@ -277,9 +307,9 @@ def test_shards_made_by_parallel_workers_are_gathered(tmp_path, base_generator):
     generator = PixelGenerator.load(base_generator, CPU)
     plan = plan_generation(CAPTIONS, CLASSES, 12, cfg)
     for shard in (0, 2):  # two "pods"; shard 1 is left for the gatherer to make itself
-        generate_shards(generator, plan, tmp_path / f"pod{shard}", cfg, shards=[shard])
+        generate_shards(generator, plan, tmp_path / f"pod{shard}", cfg, MADE_BY, shards=[shard])
     assert gather_shards([tmp_path / "pod0", tmp_path / "pod2"], tmp_path / "all") == [0, 2]
-    assert generate_shards(generator, plan, tmp_path / "all", cfg) == [1]
+    assert generate_shards(generator, plan, tmp_path / "all", cfg, MADE_BY) == [1]
     finalize(tmp_path / "all", plan, cfg)
     reference = tmp_path / "ref"
     run_generation(generator, CAPTIONS, CLASSES, 12, cfg, reference)
@@ -304,7 +334,7 @@ def _generate_every_shard(*, generator_dir, cfg: GenerateConfig, out_dir) -> tup
     """What each rank runs: load the generator, make its share of every shard; the shards written and
     how many images this rank sampled."""
     generator = _Counting(PixelGenerator.load(generator_dir, CPU))
-    written = generate_shards(generator, plan_generation(CAPTIONS, CLASSES, 12, cfg), out_dir, cfg)
+    written = generate_shards(generator, plan_generation(CAPTIONS, CLASSES, 12, cfg), out_dir, cfg, MADE_BY)
     return written, generator.images
 
 

@@ -13,7 +13,7 @@ import torch
 from tckr.data.ingest import FASHION_MNIST_CLASSES
 from tckr.generators import pixel as generator_module
 from tckr.generators.config import FinetuneConfig, GenerateConfig, GeneratorConfig
-from tckr.generators.generate import finalize, generate_shards, load_synthetic
+from tckr.generators.generate import finalize, generate_shards, load_synthetic, sampler_key
 from tckr.generators.lora import ADAPTER_FILE, finetune_generator, load_finetuned
 from tckr.generators.pixel import DenoiserData, PromptBank, read_card
 from tckr.generators.plan import plan_generation
@@ -242,7 +242,8 @@ def test_shards_and_manifest(tmp_path, base_dir, adapter_dir):
     captions = {name: [f"{name}: a dark item", f"{name}: a bright item"] for name in CLASSES}
     cfg = GenerateConfig(ratio=1.0, steps=2, batch_size=2, shard_size=4, seed=5)
     plan = plan_generation(captions, CLASSES, 9, cfg)
-    assert generate_shards(load_finetuned(base_dir, adapter_dir, CPU), plan, tmp_path, cfg) == [0, 1, 2]
+    assert generate_shards(load_finetuned(base_dir, adapter_dir, CPU), plan, tmp_path, cfg,
+                           sampler_key(cfg, [base_dir, adapter_dir])) == [0, 1, 2]
     summary = finalize(tmp_path, plan, cfg)
     assert summary["images"] == 9 and summary["shards"] == 3
     rows = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]

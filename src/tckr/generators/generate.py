@@ -7,11 +7,13 @@ so the trainer memory-maps it: one object per shard in a KFP artifact store or a
 a tar or Parquet shard would need a decode or a copy before random access). It is packed beside its final name and
 renamed into place, so a shard is either complete or absent. A killed run therefore resumes by skipping complete
 shards and produces exactly the same set; shards are independent, so pods can produce them in parallel (KFP
-ParallelFor).
+ParallelFor). A shard records what made it (:func:`sampler_key`: the generator's weights and the sampling settings),
+so a persisted directory's shards of an earlier generator are made again, never reused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -31,7 +33,7 @@ from tckr.core.progress import progress
 from tckr.generators.config import GenerateConfig
 from tckr.generators.plan import GenerationError, PlannedImage, shard_ranges
 
-SHARD_METADATA = b"tckr.shard"  # the shard's summary (images, seconds), in its Arrow schema's metadata
+SHARD_METADATA = b"tckr.shard"  # the shard's summary (images, seconds, made_by), in its Arrow schema's metadata
 PACK_ROWS = 256  # images per Arrow record batch: bounds the memory packing takes
 
 
@@ -48,8 +50,30 @@ def _shard_features():
                               "prompt": datasets.Value("string"), "seed": datasets.Value("uint64")})
 
 
+def sampler_key(cfg: GenerateConfig, model_dirs: list[Path]) -> str:
+    """What decides a shard's images besides its plan rows: every file of the directories the generator is loaded
+    from (base model and adapter; read once per task, a few seconds for Stable Diffusion's weights) and the sampling
+    settings. ``dvc repro`` keeps the synthetic directory so that a killed run resumes: with a new adapter, or other
+    steps or guidance, its shards are an earlier generator's."""
+    digest = hashlib.sha256(json.dumps({"steps": cfg.steps, "guidance": cfg.guidance,
+                                        "mixed_precision": cfg.mixed_precision}, sort_keys=True).encode())
+    for directory in model_dirs:
+        for path in sorted(p for p in Path(directory).rglob("*") if p.is_file()):
+            digest.update(path.relative_to(directory).as_posix().encode())
+            with path.open("rb") as stream:
+                while chunk := stream.read(1 << 24):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def _shard_summary(path: Path) -> dict:
+    """A shard's summary, from its schema alone."""
+    with pa.memory_map(str(path)) as source:
+        return json.loads(pa.ipc.open_stream(source).schema.metadata[SHARD_METADATA])
+
+
 def _read_shard(out_dir: Path, shard: int) -> tuple[dict, list[dict]]:
-    """A complete shard's summary (images, seconds) and its plan rows, without reading the images."""
+    """A complete shard's summary (images, seconds, made_by) and its plan rows, without reading the images."""
     with pa.memory_map(str(shard_path(out_dir, shard))) as source:
         reader = pa.ipc.open_stream(source)
         summary = json.loads(reader.schema.metadata[SHARD_METADATA])
@@ -62,12 +86,14 @@ def _planned(entry: dict) -> tuple:
     return entry["index"], entry["label"], entry["prompt"], entry["seed"]
 
 
-def made_for(out_dir: Path, shard: int, items: list[PlannedImage]) -> bool:
-    """Whether the shard is complete and holds exactly these planned images, not ones a previous plan
-    (another seed, ratio or caption set) left in a persisted output directory."""
+def made_for(out_dir: Path, shard: int, items: list[PlannedImage], made_by: str) -> bool:
+    """Whether the shard is complete and holds exactly these planned images made by the sampler ``made_by``
+    (:func:`sampler_key`), not ones a previous plan (another seed, ratio or caption set) or generator left in a
+    persisted output directory."""
     if not shard_path(out_dir, shard).is_file():
         return False
-    return [_planned(row) for row in _read_shard(out_dir, shard)[1]] == [_planned(asdict(item)) for item in items]
+    summary, rows = _read_shard(out_dir, shard)
+    return summary.get("made_by") == made_by and [_planned(row) for row in rows] == [_planned(asdict(i)) for i in items]
 
 
 def _pack(staging: Path, items: list[PlannedImage], target: Path, summary: dict) -> None:
@@ -97,8 +123,9 @@ class ImageGenerator(Protocol):
 
 
 def generate_shards(generator: ImageGenerator, plan: list[PlannedImage], out_dir: Path, cfg: GenerateConfig,
-                    shards: list[int] | None = None) -> list[int]:
-    """Produce the given shards (default: every incomplete one); returns the shards written now.
+                    made_by: str, shards: list[int] | None = None) -> list[int]:
+    """Produce the given shards (default: every one not complete and made by ``made_by``, the generator's
+    :func:`sampler_key`); returns the shards written now.
 
     On several ranks (:mod:`tckr.core.distributed`) rank ``r`` of ``n`` samples batches ``r, r + n, ...`` of
     every shard (the same batches one process would sample, so the same images) into a staging folder, and
@@ -109,7 +136,7 @@ def generate_shards(generator: ImageGenerator, plan: list[PlannedImage], out_dir
     ranges = shard_ranges(len(plan), cfg.shard_size)
     wanted = range(len(ranges)) if shards is None else shards
     # The same list on every rank: no shard can be published before all ranks reach its first barrier.
-    todo = [s for s in wanted if not made_for(out_dir, s, [plan[i] for i in ranges[s]])]
+    todo = [s for s in wanted if not made_for(out_dir, s, [plan[i] for i in ranges[s]], made_by)]
     batches = {s: [ranges[s][start:start + cfg.batch_size]
                    for start in range(0, len(ranges[s]), cfg.batch_size)][rank::ranks] for s in todo}
     bar = progress(total=sum(len(b) for s in todo for b in batches[s]), desc="generate", unit="img",
@@ -137,20 +164,21 @@ def generate_shards(generator: ImageGenerator, plan: list[PlannedImage], out_dir
         items = [plan[i] for i in ranges[shard]]
         # Device-seconds, the compute the shard took: every rank was busy for (about) its wall time.
         _pack(staging, items, final, {"images": len(items), "seconds": (time.perf_counter() - started) * ranks,
-                                      "precision": precision_name(dtype)})
+                                      "precision": precision_name(dtype), "made_by": made_by})
         shutil.rmtree(staging)
     bar.close()
     return todo
 
 
 def gather_shards(sources: list[Path], out_dir: Path) -> list[int]:
-    """Copy complete shards produced elsewhere (one folder per fan-out task) into ``out_dir``."""
+    """Copy complete shards produced elsewhere (one folder per fan-out task) into ``out_dir``, in place of any shard
+    there that another sampler made."""
     gathered = []
     for source in sources:
         for shard in sorted((Path(source) / "shards").glob("shard-?????.arrow")):
             number = int(shard.stem.removeprefix("shard-"))
             target = shard_path(out_dir, number)
-            if not target.is_file():
+            if not target.is_file() or _shard_summary(target).get("made_by") != _shard_summary(shard).get("made_by"):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_path(target) as partial:
                     shutil.copyfile(shard, partial)

@@ -159,11 +159,11 @@ def sample_shard(*, sample: GenerateConfig, runtime: RuntimeConfig, shard: int, 
                  images: Path) -> None:
     """One shard of the synthetic set (one task of the fan-out), resumable like any shard."""
     from tckr.generators.conditional import ClassConditionalGenerator
-    from tckr.generators.generate import generate_shards
+    from tckr.generators.generate import generate_shards, sampler_key
 
     plan, _ = _sampling_plan(sample, generator)
     model = ClassConditionalGenerator.load(generator, run_device(runtime))
-    generate_shards(model, plan, images, sample, shards=[int(shard)])
+    generate_shards(model, plan, images, sample, sampler_key(sample, [generator]), shards=[int(shard)])
 
 
 @stage(sections=("sample", "runtime"), inputs={"generator": MODEL, "shards": collected(DATASET)},
@@ -177,12 +177,13 @@ def sample(*, sample: GenerateConfig, runtime: RuntimeConfig, generator: Path, s
 
     from tckr.core import distributed
     from tckr.generators.conditional import ClassConditionalGenerator
-    from tckr.generators.generate import finalize, gather_shards, generate_shards
+    from tckr.generators.generate import finalize, gather_shards, generate_shards, sampler_key
 
     plan, classes = _sampling_plan(sample, generator)
     gathered = gather_shards(shards, synthetic) if distributed.is_lead() else []
     distributed.barrier()
-    made_here = generate_shards(ClassConditionalGenerator.load(generator, run_device(runtime)), plan, synthetic, sample)
+    made_here = generate_shards(ClassConditionalGenerator.load(generator, run_device(runtime)), plan, synthetic, sample,
+                                sampler_key(sample, [generator]))
     if not distributed.is_lead():
         return {}
     summary = finalize(synthetic, plan, sample)

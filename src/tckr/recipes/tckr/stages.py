@@ -208,12 +208,13 @@ def generation_plan(*, generate: GenerateConfig, captions: Path) -> list[int]:
 def generate_shard(*, generate: GenerateConfig, runtime: RuntimeConfig, shard: int, captions: Path,
                    base_model: Path, adapter: Path, images: Path) -> None:
     """One shard of the synthetic set (one task of the fan-out), resumable like any shard."""
-    from tckr.generators.generate import generate_shards
+    from tckr.generators.generate import generate_shards, sampler_key
     from tckr.generators.lora import load_finetuned
 
     plan = _generation_plan(generate, captions)
     generator = load_finetuned(base_model, adapter, run_device(runtime))
-    generate_shards(generator, plan, images, generate, shards=[int(shard)])
+    generate_shards(generator, plan, images, generate, sampler_key(generate, [base_model, adapter]),
+                    shards=[int(shard)])
 
 
 @stage(sections=("image_size", "generate", "runtime"),
@@ -229,7 +230,7 @@ def generate(*, image_size: int, generate: GenerateConfig, runtime: RuntimeConfi
 
     from tckr.data.images import BatchAugment, ImageSplit
     from tckr.data.ingest import DatasetInfo
-    from tckr.generators.generate import finalize, gather_shards, generate_shards, load_synthetic
+    from tckr.generators.generate import finalize, gather_shards, generate_shards, load_synthetic, sampler_key
     from tckr.generators.lora import load_finetuned
     from tckr.training.classifier import accuracy, load_classifier, predict_logits
 
@@ -237,7 +238,8 @@ def generate(*, image_size: int, generate: GenerateConfig, runtime: RuntimeConfi
     device = run_device(runtime)
     gathered = gather_shards(shards, synthetic) if distributed.is_lead() else []
     distributed.barrier()  # the gathered shards are in place before any rank looks for missing ones
-    made_here = generate_shards(load_finetuned(base_model, adapter, device), plan, synthetic, generate)
+    made_here = generate_shards(load_finetuned(base_model, adapter, device), plan, synthetic, generate,
+                                sampler_key(generate, [base_model, adapter]))
     if not distributed.is_lead():
         return {}
     summary = finalize(synthetic, plan, generate)
