@@ -113,7 +113,7 @@ def encode_prompts(encoder: PromptEncoder, texts: list[str], device: torch.devic
                    mixed_precision: bool) -> PromptBank:
     """The training prompts' bank, encoded under the autocast the denoiser trains in: what generation does too
     (the sampler encodes its prompts inside its autocast), so a generator is trained on the states it is sampled
-    with; bf16 encodes 1.55x faster on a CPU that computes it (bench/bench_text_encoder.py)."""
+    with; bf16 encodes 1.91x faster on a CPU that computes it (bench/bench_text_encoder.py)."""
     with torch.no_grad(), autocast(device, autocast_dtype(device, mixed_precision)):  # the sampler's kernels too
         return PromptBank.build(encoder, texts)
 
