@@ -1,5 +1,6 @@
 """Prompt encoding: the demo generator's frozen text encoder (all-MiniLM-L6-v2, padded to the generator's
-``max_text_tokens``) in float32, as every TCKR generator stage runs it, vs under bfloat16 autocast, same prompts.
+``max_text_tokens``) in float32 vs under bfloat16 autocast, as the generator stages encode it with mixed precision
+on a CPU that computes bf16 (``pixel.encode_prompts``, and the sampler), same prompts.
 
 The prompts are the demo's: real Fashion-MNIST images captioned by the demo's captioner and put in its template
 (``{class_name}: {caption}``), deduplicated as ``PromptBank`` does. Both variants encode them batch by batch in

@@ -66,19 +66,21 @@ def sampler_key(cfg: GenerateConfig, model_dirs: list[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
+def _summary(reader: pa.ipc.RecordBatchStreamReader) -> dict:
+    return json.loads(reader.schema.metadata[SHARD_METADATA])
+
+
 def _shard_summary(path: Path) -> dict:
     """A shard's summary, from its schema alone."""
     with pa.memory_map(str(path)) as source:
-        return json.loads(pa.ipc.open_stream(source).schema.metadata[SHARD_METADATA])
+        return _summary(pa.ipc.open_stream(source))
 
 
 def _read_shard(out_dir: Path, shard: int) -> tuple[dict, list[dict]]:
     """A complete shard's summary (images, seconds, made_by) and its plan rows, without reading the images."""
     with pa.memory_map(str(shard_path(out_dir, shard))) as source:
         reader = pa.ipc.open_stream(source)
-        summary = json.loads(reader.schema.metadata[SHARD_METADATA])
-        plan = reader.read_all().drop_columns(["image"]).to_pylist()
-    return summary, plan
+        return _summary(reader), reader.read_all().drop_columns(["image"]).to_pylist()
 
 
 def _planned(entry: dict) -> tuple:
